@@ -1,0 +1,239 @@
+"""Training data: loading, column checks, paired transforms, caption choice, sampling order and collation.
+
+Framework-neutral: rows come out as numpy arrays (CHW float32, target in [-1, 1], control image in [0, 1]) so the
+PyTorch and Flax trainers read the same pipeline. All randomness (data order, caption dropout, caption choice) is
+a pure function of (seed, epoch, row), which makes resume exact and independent of worker processes.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .arguments import InputError
+
+INTERPOLATION = {
+    "nearest": Image.Resampling.NEAREST,
+    "nearest_exact": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def load_train_split(args) -> Any:
+    """The train split named by --dataset_name / --train_data_dir (imagefolder, parquet or save_to_disk)."""
+    import datasets
+
+    data_dir = args.train_data_dir
+    if data_dir is not None and args.dataset_name is None:
+        folder = Path(data_dir)
+        if not folder.is_dir():
+            raise InputError(f"--train_data_dir {data_dir}: no such folder")
+        if (folder / "dataset_dict.json").exists() or (folder / "state.json").exists():
+            loaded = datasets.load_from_disk(str(folder))
+        else:
+            try:
+                loaded = datasets.load_dataset(str(folder), cache_dir=args.cache_dir)
+            except (ValueError, FileNotFoundError) as error:
+                raise InputError(f"--train_data_dir {data_dir}: cannot load it as an imagefolder (with "
+                                 f"metadata.jsonl), parquet or save_to_disk folder ({error})") from error
+    else:
+        loaded = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir,
+                                       data_dir=data_dir)
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise InputError(f"the dataset has no 'train' split (splits: {', '.join(loaded)})")
+        loaded = loaded["train"]
+    if len(loaded) == 0:
+        raise InputError(f"the training dataset {args.dataset_name or data_dir} is empty")
+    return loaded
+
+
+@dataclass(frozen=True)
+class Columns:
+    image: str
+    conditioning_image: str
+    caption: str
+
+
+def resolve_columns(column_names: Sequence[str], args) -> Columns:
+    """Check the three column flags against the dataset; unset ones fall back to positions 0, 2, 1."""
+    names = list(column_names)
+    chosen = {}
+    for flag, position in (("image_column", 0), ("conditioning_image_column", 2), ("caption_column", 1)):
+        value = getattr(args, flag)
+        if value is None:
+            if len(names) <= position:
+                raise InputError(f"--{flag} is unset and the dataset has only columns: {', '.join(names)}")
+            value = names[position]
+        elif value not in names:
+            raise InputError(f"--{flag} '{value}' is not a dataset column; columns are: {', '.join(names)}")
+        chosen[flag] = value
+    return Columns(chosen["image_column"], chosen["conditioning_image_column"], chosen["caption_column"])
+
+
+def _open_image(value: Any) -> Image.Image:
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return Image.open(io.BytesIO(value["bytes"]))
+        return Image.open(value["path"])
+    if isinstance(value, (str, Path)):
+        return Image.open(value)
+    raise TypeError(f"unsupported image value {type(value).__name__}")
+
+
+def _describe(value: Any, column: str, row: int) -> str:
+    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, (str, Path)) else None
+    return f"image file {path}" if path else f"row {row} of column '{column}'"
+
+
+def check_images(dataset, columns: Columns) -> None:
+    """Open and verify every image without decoding pixels, so a bad file fails now and not hours in."""
+    import datasets
+
+    raw = dataset.select_columns([columns.image, columns.conditioning_image])
+    for column in (columns.image, columns.conditioning_image):
+        if isinstance(raw.features[column], datasets.Image):
+            raw = raw.cast_column(column, datasets.Image(decode=False))
+    for row, values in enumerate(raw):
+        for column, value in values.items():
+            try:
+                with _open_image(value) as image:
+                    image.verify()
+            except Exception as error:  # PIL raises many types for broken files
+                raise InputError(f"{_describe(value, column, row)} is not a readable image ({error}); "
+                                 f"fix or remove it") from error
+
+
+def select_samples(dataset, max_train_samples: int | None, seed: int):
+    if max_train_samples is None:
+        return dataset
+    return dataset.shuffle(seed=seed).select(range(min(max_train_samples, len(dataset))))
+
+
+# ------------------------------------------------------------------------------------------------ transforms
+@dataclass(frozen=True)
+class PairedTransform:
+    """Shorter side to `resolution`, centre crop, CHW float32; target normalised to [-1, 1], control in [0, 1]."""
+
+    resolution: int
+    interpolation: str = "bilinear"
+
+    def crop_box(self, width: int, height: int) -> tuple[int, int, int, int, int, int]:
+        """(resized width, height, crop left, top, right, bottom), as torchvision Resize+CenterCrop compute them."""
+        short, long = (width, height) if width <= height else (height, width)
+        new_long = int(self.resolution * long / short)
+        new_w, new_h = (self.resolution, new_long) if width <= height else (new_long, self.resolution)
+        top = int(round((new_h - self.resolution) / 2.0))
+        left = int(round((new_w - self.resolution) / 2.0))
+        return new_w, new_h, left, top, left + self.resolution, top + self.resolution
+
+    def resize_crop(self, image: Image.Image) -> Image.Image:
+        image = image.convert("RGB")
+        new_w, new_h, *box = self.crop_box(*image.size)
+        if (new_w, new_h) != image.size:
+            image = image.resize((new_w, new_h), INTERPOLATION[self.interpolation])
+        return image.crop(tuple(box))
+
+    @staticmethod
+    def to_array(image: Image.Image) -> np.ndarray:
+        return np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+
+    def __call__(self, image: Image.Image, conditioning: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+        target = self.to_array(self.resize_crop(image)) * 2.0 - 1.0
+        control = self.to_array(self.resize_crop(conditioning))
+        return target, control
+
+
+def pick_caption(value: Any, rng: random.Random, proportion_empty: float) -> str:
+    """Caption dropout first (rng.random() < p gives ""), then a random element of a caption list."""
+    if rng.random() < proportion_empty:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, np.ndarray)) and len(value) > 0:
+        return str(rng.choice(list(value)))
+    raise InputError(f"caption column should contain strings or lists of strings, found {type(value).__name__}")
+
+
+# ------------------------------------------------------------------------------------------------ order
+def row_rng(seed: int, epoch: int, index: int) -> random.Random:
+    return random.Random(f"{seed}/{epoch}/{index}")
+
+
+class EpochSampler:
+    """Shuffled row order that depends only on (seed, epoch); yields (epoch, row) so rows know their epoch."""
+
+    def __init__(self, num_rows: int, seed: int, shuffle: bool = True):
+        self.num_rows, self.seed, self.shuffle, self.epoch = num_rows, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_rows)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return iter([(epoch, int(i)) for i in self.order(epoch)])
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+
+class ControlNetDataset:
+    """Map-style dataset over a datasets.Dataset; indexed by (epoch, row) from EpochSampler (or a plain row)."""
+
+    def __init__(self, rows, columns: Columns, transform: PairedTransform, seed: int, proportion_empty: float = 0.0):
+        self.rows, self.columns, self.transform = rows, columns, transform
+        self.seed, self.proportion_empty = seed, proportion_empty
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        row = self.rows[index]
+        image = _open_image(row[self.columns.image])
+        conditioning = _open_image(row[self.columns.conditioning_image])
+        target, control = self.transform(image, conditioning)
+        caption = pick_caption(row[self.columns.caption], row_rng(self.seed, epoch, index), self.proportion_empty)
+        return {"pixel_values": target, "conditioning_pixel_values": control, "caption": caption, "index": index}
+
+
+class Collator:
+    """Stack rows and tokenise captions in one batched call per tokenizer (input_ids, input_ids_2, …)."""
+
+    def __init__(self, tokenizers: Sequence[Any], as_torch: bool = True):
+        self.tokenizers, self.as_torch = list(tokenizers), as_torch
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        captions = [row["caption"] for row in rows]
+        batch = {
+            "pixel_values": np.stack([row["pixel_values"] for row in rows]),
+            "conditioning_pixel_values": np.stack([row["conditioning_pixel_values"] for row in rows]),
+            "index": np.asarray([row["index"] for row in rows], dtype=np.int64),
+        }
+        for i, tokenizer in enumerate(self.tokenizers):
+            key = "input_ids" if i == 0 else f"input_ids_{i + 1}"
+            batch[key] = tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length",
+                                   truncation=True, return_tensors="np").input_ids.astype(np.int64)
+        if self.as_torch:
+            import torch
+
+            batch = {key: torch.from_numpy(value) for key, value in batch.items()}
+        return batch

@@ -1,0 +1,324 @@
+"""Offline fixtures: a tiny (or SD1.5-size) random-weight SD 1.x pipeline and a synthetic fill-style dataset.
+
+Nothing here touches the network. The pipeline folder is written in diffusers layout and loads with
+`StableDiffusionPipeline.from_pretrained`; the dataset mimics fusing/fill50k (a filled circle of one colour on a
+background of another, the control image its white outline on black) and is written as an imagefolder with
+`metadata.jsonl`, as parquet, and as a `save_to_disk` folder.
+
+    python -m controlnet_training.fixtures pipeline fixtures/tiny-sd
+    python -m controlnet_training.fixtures dataset fixtures/fill --rows 64 --resolution 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 60),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 40),
+    "cyan": (40, 210, 220),
+    "magenta": (210, 40, 200),
+    "orange": (245, 140, 20),
+    "purple": (120, 40, 170),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+    "brown": (120, 75, 35),
+    "pink": (250, 160, 190),
+    "grey": (128, 128, 128),
+}
+
+CAPTION_WORDS = [*COLOURS, "circle", "with", "background", "a", "photo", "of", "cat", "the", "on", "and"]
+
+
+# --------------------------------------------------------------------------------------------- tokenizer
+@lru_cache(maxsize=1)
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte → printable-unicode table (the byte-level alphabet of its BPE)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in codes)))
+
+
+def small_clip_vocab(words: list[str] = CAPTION_WORDS) -> tuple[dict[str, int], list[str]]:
+    """A CLIP-style BPE vocabulary: the byte alphabet (plain and word-final) plus merges that spell `words`."""
+    alphabet = list(_bytes_to_unicode().values())
+    tokens = alphabet + [c + "</w>" for c in alphabet]
+    merges: list[str] = []
+    for word in words:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            merge = f"{parts[0]} {parts[1]}"
+            if merge not in merges:
+                merges.append(merge)
+                tokens.append(parts[0] + parts[1])
+            parts = [parts[0] + parts[1], *parts[2:]]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
+    return vocab, merges
+
+
+def real_clip_vocab(bpe_gz: str | Path) -> tuple[dict[str, int], list[str]]:
+    """The 49,408-token CLIP vocabulary, from `bpe_simple_vocab_16e6.txt.gz` (shipped by open-clip-torch)."""
+    lines = gzip.open(bpe_gz, "rt", encoding="utf-8").read().split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    alphabet = list(_bytes_to_unicode().values())
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(tokens)}, merges
+
+
+def find_open_clip_vocab() -> Path | None:
+    try:
+        import open_clip  # noqa: F401 - only used to locate its data file
+    except ImportError:
+        return None
+    path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    return path if path.exists() else None
+
+
+def make_tokenizer(real_vocab: str | Path | None = None):
+    from transformers import CLIPTokenizer
+
+    vocab, merges = real_clip_vocab(real_vocab) if real_vocab else small_clip_vocab()
+    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=77)
+
+
+# --------------------------------------------------------------------------------------------- pipeline
+@dataclass(frozen=True)
+class PipelineSize:
+    unet: dict
+    vae: dict
+    text: dict
+
+
+TINY = PipelineSize(
+    unet=dict(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+    ),
+    vae=dict(
+        sample_size=64,
+        block_out_channels=(32, 32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        latent_channels=4,
+    ),
+    text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=5, num_attention_heads=4, projection_dim=32),
+)
+
+SD15 = PipelineSize(
+    unet=dict(
+        sample_size=64,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    ),
+    vae=dict(
+        sample_size=512,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+    ),
+    text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768),
+)
+
+SIZES = {"tiny": TINY, "sd15": SD15}
+
+
+def make_pipeline(size: str = "tiny", prediction_type: str = "epsilon", seed: int = 0, real_vocab=None):
+    """Build a random-weight StableDiffusionPipeline (no safety checker) in memory."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    spec = SIZES[size]
+    tokenizer = make_tokenizer(real_vocab)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **spec.unet)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, **spec.vae)
+    text_config = CLIPTextConfig(
+        vocab_size=max(len(tokenizer), 49408 if size != "tiny" else 0),
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **spec.text,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def write_pipeline(out_dir: str | Path, size: str = "tiny", prediction_type: str = "epsilon", seed: int = 0,
+                   real_vocab: str | Path | None = None) -> Path:
+    out_dir = Path(out_dir)
+    make_pipeline(size, prediction_type, seed, real_vocab).save_pretrained(out_dir)
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------------- dataset
+def draw_fill_sample(rng: random.Random, resolution: int) -> tuple[Image.Image, Image.Image, str]:
+    """One fill-style row: (target image, control outline, caption)."""
+    fill, background = rng.sample(sorted(COLOURS), 2)
+    radius = rng.uniform(resolution / 8, resolution / 3)
+    cx = rng.uniform(radius, resolution - radius)
+    cy = rng.uniform(radius, resolution - radius)
+    box = (cx - radius, cy - radius, cx + radius, cy + radius)
+    image = Image.new("RGB", (resolution, resolution), COLOURS[background])
+    ImageDraw.Draw(image).ellipse(box, fill=COLOURS[fill])
+    control = Image.new("RGB", (resolution, resolution), (0, 0, 0))
+    ImageDraw.Draw(control).ellipse(box, outline=(255, 255, 255), width=max(1, math.ceil(resolution / 32)))
+    return image, control, f"{fill} circle with {background} background"
+
+
+def write_dataset(out_dir: str | Path, rows: int = 64, resolution: int = 64, seed: int = 0,
+                  formats: tuple[str, ...] = ("imagefolder", "parquet", "disk")) -> dict[str, Path]:
+    """Write `rows` synthetic rows; returns the folder of each requested format."""
+    out_dir = Path(out_dir)
+    rng = random.Random(seed)
+    samples = [draw_fill_sample(rng, resolution) for _ in range(rows)]
+    written: dict[str, Path] = {}
+
+    if "imagefolder" in formats:
+        folder = out_dir / "imagefolder"
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        (folder / "conditioning_images").mkdir(parents=True, exist_ok=True)
+        with open(folder / "metadata.jsonl", "w") as meta:
+            for i, (image, control, caption) in enumerate(samples):
+                image.save(folder / "images" / f"{i:05d}.png")
+                control.save(folder / "conditioning_images" / f"{i:05d}.png")
+                meta.write(json.dumps({
+                    "file_name": f"images/{i:05d}.png",
+                    "conditioning_image_file_name": f"conditioning_images/{i:05d}.png",
+                    "text": caption,
+                }) + "\n")
+        written["imagefolder"] = folder
+
+    if {"parquet", "disk"} & set(formats):
+        import datasets
+
+        features = datasets.Features({
+            "image": datasets.Image(),
+            "conditioning_image": datasets.Image(),
+            "text": datasets.Value("string"),
+        })
+        table = datasets.Dataset.from_dict(
+            {
+                "image": [s[0] for s in samples],
+                "conditioning_image": [s[1] for s in samples],
+                "text": [s[2] for s in samples],
+            },
+            features=features,
+        )
+        if "parquet" in formats:
+            folder = out_dir / "parquet"
+            folder.mkdir(parents=True, exist_ok=True)
+            table.to_parquet(str(folder / "train-00000-of-00001.parquet"))
+            written["parquet"] = folder
+        if "disk" in formats:
+            folder = out_dir / "disk"
+            datasets.DatasetDict({"train": table}).save_to_disk(str(folder))
+            written["disk"] = folder
+    return written
+
+
+def write_validation_images(out_dir: str | Path, count: int = 2, resolution: int = 64, seed: int = 1234) -> list[Path]:
+    """Control images (and their captions, in captions.txt) for --validation_image/--validation_prompt."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    paths, captions = [], []
+    for i in range(count):
+        _, control, caption = draw_fill_sample(rng, resolution)
+        paths.append(out_dir / f"control_{i}.png")
+        control.save(paths[-1])
+        captions.append(caption)
+    (out_dir / "captions.txt").write_text("\n".join(captions) + "\n")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    pipe = sub.add_parser("pipeline", help="write a random-weight SD 1.x pipeline folder")
+    pipe.add_argument("out_dir")
+    pipe.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    pipe.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon")
+    pipe.add_argument("--seed", type=int, default=0)
+    pipe.add_argument("--clip_vocab", nargs="?", const="open_clip", default=None,
+                      help="use the real 49,408-token CLIP vocabulary: a path to bpe_simple_vocab_16e6.txt.gz, "
+                           "or no value to take it from an installed open-clip-torch")
+    data = sub.add_parser("dataset", help="write the synthetic fill-style dataset")
+    data.add_argument("out_dir")
+    data.add_argument("--rows", type=int, default=64)
+    data.add_argument("--resolution", type=int, default=64)
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--validation_images", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    if args.command == "pipeline":
+        vocab = args.clip_vocab
+        if vocab == "open_clip":
+            vocab = find_open_clip_vocab()
+            if vocab is None:
+                parser.error("--clip_vocab without a path needs open-clip-torch installed (pip install open-clip-torch)")
+        path = write_pipeline(args.out_dir, args.size, args.prediction_type, args.seed, vocab)
+        print(f"wrote {args.size} pipeline to {path}")
+    else:
+        written = write_dataset(args.out_dir, args.rows, args.resolution, args.seed)
+        validation = write_validation_images(Path(args.out_dir) / "validation", args.validation_images,
+                                              args.resolution)
+        for fmt, path in written.items():
+            print(f"wrote {args.rows} rows as {fmt} to {path}")
+        print(f"wrote {len(validation)} validation control images to {validation[0].parent}")
+
+
+if __name__ == "__main__":
+    main()

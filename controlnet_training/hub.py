@@ -1,0 +1,56 @@
+"""Model card and Hub upload. Only the final weights, the card and the sample images are uploaded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from .validation import ValidationLog
+
+UPLOAD_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors", "README.md", "images_*.png",
+                   "image_control_*.png"]
+
+
+def repo_name(hub_model_id: str | None, output_dir: str) -> str:
+    return hub_model_id or Path(os.path.abspath(output_dir)).name
+
+
+def create_hub_repo(hub_model_id: str | None, output_dir: str, token: str | None) -> str:
+    from huggingface_hub import create_repo
+
+    return create_repo(repo_name(hub_model_id, output_dir), exist_ok=True, token=token).repo_id
+
+
+def write_model_card(output_dir: str | Path, repo_id: str, base_model: str, logs: Sequence[ValidationLog],
+                     tags: Sequence[str], license: str, dataset: str | None = None, token: str | None = None,
+                     from_hub: bool = False, extra: str = "") -> Path:
+    """README.md in output_dir. With `from_hub`, an existing card of the repo is kept and updated."""
+    from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, load_or_create_model_card, populate_model_card
+    from huggingface_hub import ModelCard, ModelCardData
+
+    description = f"# controlnet-{repo_id}\n\nThese are ControlNet weights trained on {base_model}"
+    description += f" with the dataset {dataset}.\n" if dataset else " with a new type of conditioning.\n"
+    if logs:
+        description += "\nValidation images (control image first, then the generated images):\n"
+        for i, log in enumerate(logs):
+            description += f"\nprompt: {log.prompt}\n![images_{i}](./images_{i}.png)\n"
+    description += extra
+    if from_hub:  # keeps an existing card of the repo, else renders diffusers' training template
+        card = load_or_create_model_card(repo_id, token=token, from_training=True, license=license,
+                                         base_model=base_model, model_description=description, inference=True)
+    else:  # the same template, rendered without asking the Hub
+        card = ModelCard.from_template(
+            card_data=ModelCardData(license=license, library_name="diffusers", inference=True, base_model=base_model),
+            template_path=MODEL_CARD_TEMPLATE_PATH, model_description=description)
+    card = populate_model_card(card, tags=list(tags))
+    path = Path(output_dir) / "README.md"
+    card.save(path)
+    return path
+
+
+def upload_outputs(output_dir: str | Path, repo_id: str, token: str | None) -> None:
+    from huggingface_hub import upload_folder
+
+    upload_folder(repo_id=repo_id, folder_path=str(output_dir), commit_message="End of training",
+                  allow_patterns=UPLOAD_PATTERNS, token=token)

@@ -1,0 +1,77 @@
+"""Console logging: library verbosity, the start-of-run summary, the progress bar and the closing report."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Iterable
+
+from tqdm.auto import tqdm
+
+logger = logging.getLogger("controlnet_training")
+
+
+def setup_logging(is_local_main_process: bool) -> None:
+    import diffusers
+    import transformers
+
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if is_local_main_process else logging.ERROR)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    if is_local_main_process:
+        transformers.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_warning()
+    else:
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+
+
+def run_summary(rows: Iterable[tuple[str, object]]) -> str:
+    rows = list(rows)
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"  {name:<{width}} : {value}" for name, value in rows)
+
+
+class Progress:
+    """tqdm over optimizer steps showing loss, lr, grad norm and samples/s (time spent outside steps excluded)."""
+
+    def __init__(self, total: int, initial: int, samples_per_step: int, enabled: bool):
+        self.bar = tqdm(total=total, initial=initial, desc="steps", disable=not enabled, dynamic_ncols=True)
+        self.samples_per_step = samples_per_step
+        self.tick = time.perf_counter()
+        self.samples_per_second = 0.0
+
+    def step(self, **metrics: float) -> float:
+        """Advance one step; returns the samples/s of this step."""
+        now = time.perf_counter()
+        self.samples_per_second = self.samples_per_step / max(now - self.tick, 1e-9)
+        self.tick = now
+        self.bar.set_postfix({**{k: f"{v:.4g}" for k, v in metrics.items()},
+                              "samples/s": f"{self.samples_per_second:.3g}"}, refresh=False)
+        self.bar.update(1)
+        return self.samples_per_second
+
+    def pause_ended(self) -> None:
+        """Call after validation or checkpointing so their time does not count as a slow step."""
+        self.tick = time.perf_counter()
+
+    def write(self, message: str) -> None:
+        self.bar.write(message)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def report_outputs(output_dir: str | Path, logging_dir: str | Path, extra: Iterable[str] = ()) -> str:
+    output_dir = Path(output_dir)
+    lines = [f"weights      : {output_dir / 'diffusion_pytorch_model.safetensors'} (+ config.json)",
+             f"checkpoints  : {output_dir}/checkpoint-*",
+             f"tracker logs : {logging_dir}"]
+    images = sorted(output_dir.glob("images_*.png"))
+    if images:
+        lines.append(f"validation   : {', '.join(str(p) for p in images)}")
+    if (output_dir / "README.md").exists():
+        lines.append(f"model card   : {output_dir / 'README.md'}")
+    lines += list(extra)
+    return "\n".join(lines)

@@ -1,0 +1,127 @@
+"""PyTorch model loading, freezing and memory options for the SD-family trainers."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from .arguments import InputError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def looks_local(value: str) -> bool:
+    return value.startswith(("/", "./", "../", "~")) or not HUB_ID.match(value) or Path(value).exists()
+
+
+def check_model_folder(flag: str, value: str | None, required: tuple[str, ...]) -> None:
+    """A local model folder must exist and hold `required` files; hub ids are left to from_pretrained."""
+    if value is None or not looks_local(value):
+        return
+    folder = Path(value).expanduser()
+    if not folder.is_dir():
+        raise InputError(f"--{flag} {value}: no such folder (give a local diffusers folder or a hub repo id)")
+    missing = [name for name in required if not (folder / name).exists()]
+    if missing:
+        raise InputError(f"--{flag} {value} is not a diffusers model folder: missing {', '.join(missing)}")
+
+
+def check_optional_packages(args) -> None:
+    if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
+        raise InputError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers "
+                         "(or drop the flag: PyTorch SDPA attention is the default)")
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
+    trackers = {"tensorboard", "wandb", "comet_ml"} if args.report_to == "all" else {args.report_to}
+    for tracker, module in (("tensorboard", "tensorboard"), ("wandb", "wandb"), ("comet_ml", "comet_ml")):
+        if tracker in trackers and importlib.util.find_spec(module) is None:
+            raise InputError(f"--report_to {args.report_to} needs {module}: pip install {module}")
+    if "wandb" in trackers and args.hub_token is not None:
+        raise InputError("--hub_token with --report_to wandb would record the token in wandb's run metadata; "
+                         "log in with `hf auth login` or set HF_TOKEN instead")
+
+
+def text_encoder_class(path: str, revision: str | None, subfolder: str = "text_encoder"):
+    from transformers import AutoConfig
+
+    architecture = AutoConfig.from_pretrained(path, subfolder=subfolder, revision=revision).architectures[0]
+    if architecture in ("CLIPTextModel", "CLIPTextModelWithProjection"):
+        import transformers
+
+        return getattr(transformers, architecture)
+    if architecture == "RobertaSeriesModelWithTransformation":
+        from diffusers.pipelines.deprecated.alt_diffusion.modeling_roberta_series import (
+            RobertaSeriesModelWithTransformation,
+        )
+
+        return RobertaSeriesModelWithTransformation
+    raise InputError(f"text encoder {architecture} in {path}/{subfolder} is not supported")
+
+
+def load_tokenizer(args, subfolder: str = "tokenizer"):
+    from transformers import AutoTokenizer
+
+    if args.tokenizer_name:
+        return AutoTokenizer.from_pretrained(args.tokenizer_name, revision=args.revision)
+    return AutoTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder=subfolder,
+                                         revision=args.revision)
+
+
+def load_sd_models(args) -> SimpleNamespace:
+    """Tokenizer, text encoder, VAE, UNet and DDPM scheduler of an SD 1.x/2.x pipeline (frozen, fp32, CPU)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    base, revision, variant = args.pretrained_model_name_or_path, args.revision, args.variant
+    models = SimpleNamespace(
+        tokenizer=load_tokenizer(args),
+        noise_scheduler=DDPMScheduler.from_pretrained(base, subfolder="scheduler", revision=revision),
+        text_encoder=text_encoder_class(base, revision).from_pretrained(
+            base, subfolder="text_encoder", revision=revision, variant=variant),
+        vae=AutoencoderKL.from_pretrained(base, subfolder="vae", revision=revision, variant=variant),
+        unet=UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=revision, variant=variant),
+    )
+    for module in (models.text_encoder, models.vae, models.unet):
+        module.requires_grad_(False)
+        module.eval()
+    return models
+
+
+def make_controlnet(args, unet):
+    """Existing weights (--controlnet_model_name_or_path) or a copy of the UNet's encoder with zero convs; fp32."""
+    from diffusers import ControlNetModel
+
+    if args.controlnet_model_name_or_path:
+        controlnet = ControlNetModel.from_pretrained(args.controlnet_model_name_or_path)
+    else:
+        controlnet = ControlNetModel.from_unet(unet)
+    controlnet.to(torch.float32)
+    controlnet.train()
+    return controlnet
+
+
+def enable_memory_options(args, controlnet, unet) -> None:
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+        controlnet.enable_xformers_memory_efficient_attention()
+    if args.gradient_checkpointing:
+        # The loss reaches the ControlNet only through the frozen UNet, so the UNet's activations count too.
+        controlnet.enable_gradient_checkpointing()
+        unet.enable_gradient_checkpointing()
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def make_optimizer(args, params):
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)

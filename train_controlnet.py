@@ -105,12 +105,12 @@ def main(argv: list[str] | None = None) -> None:
         ("resuming from", f"{preflight.resume_from} (step {global_step})" if preflight.resume_from else "no"),
     ]))
 
-    def encode(batch: dict, generator: torch.Generator):
+    def encode(batch: dict):
         with torch.no_grad():
             posterior = models.vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist
-            latents = posterior.sample(generator) * models.vae.config.scaling_factor
+            scale = models.vae.config.scaling_factor
             encoder_hidden_states = models.text_encoder(batch["input_ids"], return_dict=False)[0]
-        return latents, encoder_hidden_states, None
+        return posterior.mean * scale, posterior.std * scale, encoder_hidden_states, None
 
     image_logs: list[validation.ValidationLog] = []
 

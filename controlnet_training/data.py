@@ -226,7 +226,6 @@ class Collator:
         batch = {
             "pixel_values": np.stack([row["pixel_values"] for row in rows]),
             "conditioning_pixel_values": np.stack([row["conditioning_pixel_values"] for row in rows]),
-            "index": np.asarray([row["index"] for row in rows], dtype=np.int64),
         }
         for i, tokenizer in enumerate(self.tokenizers):
             key = "input_ids" if i == 0 else f"input_ids_{i + 1}"
@@ -236,4 +235,5 @@ class Collator:
             import torch
 
             batch = {key: torch.from_numpy(value) for key, value in batch.items()}
+        batch["index"] = [row["index"] for row in rows]  # a list stays on the host: no device sync to read it
         return batch

@@ -1,7 +1,6 @@
 """The PyTorch training loop shared by the SD and SDXL scripts (accelerate: DDP, DeepSpeed, mixed precision).
 
-The scripts supply `encode(batch, generator) -> (latents, encoder_hidden_states, added_cond_kwargs)`; everything
-after that (noise, ControlNet and UNet forward, loss, update, logging, checkpoints, validation) is here, once.
+The scripts supply `encode(batch)` (VAE posterior, text conditioning, SDXL's added conditions); everything after that (noise, ControlNet and UNet forward, loss, update, logging, checkpoints, validation) is here, once.
 """
 
 from __future__ import annotations
@@ -15,9 +14,11 @@ import torch
 
 from .checkpoints import prune_checkpoints, save_checkpoint
 from .logs import Progress, logger
-from .noise import diffusion_loss, prediction_target, sample_noise_and_timesteps, step_generator
+from .noise import diffusion_loss, prediction_target, sample_draws
 
-Encode = Callable[[dict, torch.Generator], tuple[torch.Tensor, torch.Tensor, dict | None]]
+# encode(batch) -> (posterior mean, posterior std, encoder_hidden_states, added_cond_kwargs); latents are in the
+# UNet's scaled space. A latent/text-embedding cache only has to supply a different `encode`.
+Encode = Callable[[dict], tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict | None]]
 
 
 @dataclass
@@ -97,11 +98,13 @@ class Trainer:
         logger.info("saved state to %s", path)
         return path
 
-    def micro_step(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        latents, encoder_hidden_states, added_cond_kwargs = self.encode(batch, generator)
-        noise, timesteps = sample_noise_and_timesteps(latents, self.noise_scheduler.config.num_train_timesteps,
-                                                      generator)
-        noisy_latents = self.noise_scheduler.add_noise(latents.float(), noise, timesteps).to(self.weight_dtype)
+    def micro_step(self, batch: dict, epoch: int) -> torch.Tensor:
+        mean, std, encoder_hidden_states, added_cond_kwargs = self.encode(batch)
+        posterior_noise, noise, timesteps = sample_draws(
+            self.seed, epoch, batch["index"], mean.shape[1:],
+            self.noise_scheduler.config.num_train_timesteps, mean.device)
+        latents = mean.float() + std.float() * posterior_noise  # a sample of the VAE posterior, as the reference
+        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps).to(self.weight_dtype)
         conditioning = batch["conditioning_pixel_values"].to(self.weight_dtype)
         down_residuals, mid_residual = self.controlnet(
             noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states, controlnet_cond=conditioning,
@@ -111,7 +114,7 @@ class Trainer:
             added_cond_kwargs=added_cond_kwargs,
             down_block_additional_residuals=[r.to(self.weight_dtype) for r in down_residuals],
             mid_block_additional_residual=mid_residual.to(self.weight_dtype), return_dict=False)[0]
-        target = prediction_target(self.noise_scheduler, latents.float(), noise, timesteps)
+        target = prediction_target(self.noise_scheduler, latents, noise, timesteps)
         return diffusion_loss(model_pred, target, timesteps, self.noise_scheduler, self.args.snr_gamma)
 
     def train(self, global_step: int) -> int:
@@ -129,9 +132,8 @@ class Trainer:
             loader.set_epoch(epoch)  # the data order is a function of (seed, epoch)
             micro, loss_sum, grad_norm = 0, torch.zeros((), device=accelerator.device), None
             for batch in loader:
-                generator = step_generator(accelerator.device, self.seed, global_step, micro, accelerator.process_index)
                 with accelerator.accumulate(self.controlnet):
-                    loss = self.micro_step(batch, generator)
+                    loss = self.micro_step(batch, epoch)
                     accelerator.backward(loss)
                     loss_sum += loss.detach()
                     micro += 1

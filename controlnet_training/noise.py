@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
@@ -9,18 +11,21 @@ from diffusers.training_utils import compute_snr
 from .arguments import InputError
 
 
-def step_generator(device: torch.device, seed: int, global_step: int, micro_step: int, rank: int) -> torch.Generator:
-    """A generator whose draws depend only on (seed, step, micro-batch, rank): resume needs no saved RNG state."""
+def sample_draws(seed: int, epoch: int, indices: Sequence[int], latent_shape: Sequence[int], num_train_timesteps: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(posterior noise, diffusion noise, timesteps) for each row, each drawn from its own (seed, epoch, row) stream.
+
+    Keying the draws by row rather than by step makes them independent of batch size, gradient accumulation,
+    the number of processes and resumption: the same row in the same epoch always gets the same noise.
+    """
+    posterior_noise, noise, timesteps = [], [], []
     generator = torch.Generator(device=device)
-    generator.manual_seed(hash((seed, global_step, micro_step, rank)) & 0x7FFF_FFFF_FFFF_FFFF)
-    return generator
-
-
-def sample_noise_and_timesteps(latents: torch.Tensor, num_train_timesteps: int, generator: torch.Generator):
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=torch.float32)
-    timesteps = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=generator,
-                              device=latents.device, dtype=torch.long)
-    return noise, timesteps
+    for index in indices:
+        generator.manual_seed(hash((seed, epoch, int(index))) & 0x7FFF_FFFF_FFFF_FFFF)
+        posterior_noise.append(torch.randn(tuple(latent_shape), generator=generator, device=device))
+        noise.append(torch.randn(tuple(latent_shape), generator=generator, device=device))
+        timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=generator, device=device))
+    return torch.stack(posterior_noise), torch.stack(noise), torch.cat(timesteps)
 
 
 def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

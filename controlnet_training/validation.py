@@ -104,13 +104,34 @@ def save_images(logs: Sequence[ValidationLog], output_dir: str | Path) -> list[P
     return written
 
 
+@contextlib.contextmanager
+def outputs_cast_to(module, dtype):
+    """Cast a module's tensor outputs to `dtype` while inside: the fp32 ControlNet feeds a half-precision UNet
+    without a second, half-precision copy of its weights (CPU autocast does not cover group norm)."""
+    import torch
+
+    def cast(value):
+        if isinstance(value, torch.Tensor):
+            return value.to(dtype)
+        if isinstance(value, (list, tuple)):
+            return type(value)(cast(v) for v in value)
+        return value
+
+    handle = module.register_forward_hook(lambda _module, _inputs, output: cast(output))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def run(accelerator, pipeline, args, transform: PairedTransform, seed: int | None, step: int,
         final: bool) -> list[ValidationLog]:
     """One validation on this process: generate for every pair, log to the trackers, return the images."""
     pipeline.controlnet.eval()
     pairs = validation_pairs(args.validation_prompt, args.validation_image)
     autocast = accelerator.autocast() if accelerator.mixed_precision != "no" else None
-    logs = generate(pipeline, pairs, transform, args.num_validation_images, seed, autocast)
+    with outputs_cast_to(pipeline.controlnet, pipeline.unet.dtype):
+        logs = generate(pipeline, pairs, transform, args.num_validation_images, seed, autocast)
     log_to_trackers(accelerator, logs, step, final)
     logger.info("validation at step %d: %d image(s) for %d pair(s)", step, sum(len(x.images) for x in logs),
                 len(logs))

@@ -1,0 +1,109 @@
+"""Session fixtures: the tiny pipeline and the synthetic dataset are built once; training runs in subprocesses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+os.environ.update(THREADS)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402 - after the thread variables
+
+torch.set_num_threads(1)
+
+RESOLUTION = 64
+ROWS = 12
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    from controlnet_training.fixtures import write_pipeline
+
+    return write_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def fill_data(tmp_path_factory) -> dict[str, Path]:
+    from controlnet_training.fixtures import write_dataset, write_validation_images
+
+    root = tmp_path_factory.mktemp("data")
+    written = write_dataset(root, rows=ROWS, resolution=RESOLUTION, seed=0)
+    written["validation"] = root / "validation"
+    write_validation_images(written["validation"], count=2, resolution=RESOLUTION)
+    return written
+
+
+def base_args(tiny_sd: Path, data_dir: Path, output_dir: Path, **overrides) -> list[str]:
+    """Flags for a short tiny run; overrides are flag=value (value None drops the flag, True makes it bare)."""
+    flags = {
+        "pretrained_model_name_or_path": tiny_sd,
+        "train_data_dir": data_dir,
+        "output_dir": output_dir,
+        "resolution": RESOLUTION,
+        "train_batch_size": 2,
+        "max_train_steps": 4,
+        "checkpointing_steps": 1000,
+        "learning_rate": 1e-4,
+        "seed": 7,
+    }
+    flags.update(overrides)
+    argv = []
+    for name, value in flags.items():
+        if value is None or value is False:
+            continue
+        argv.append(f"--{name}")
+        if value is True:
+            continue
+        argv.extend([str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)])
+    return argv
+
+
+def run_script(script: str, argv: list[str], check: bool = True, env: dict | None = None,
+               timeout: int = 600) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **THREADS, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    result = subprocess.run([sys.executable, str(ROOT / script), *argv], capture_output=True, text=True,
+                            env=full_env, timeout=timeout, cwd=ROOT)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stderr[-6000:]}")
+    return result
+
+
+def read_scalars(log_dir: Path, tag: str) -> dict[int, float]:
+    """step -> value of a scalar over every tensorboard event file under log_dir."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    values = {}
+    for path in sorted(Path(log_dir).rglob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.tag == tag:
+                    values[event.step] = value.tensor.float_val[0] if value.HasField("tensor") else value.simple_value
+    return values
+
+
+def read_image_summaries(log_dir: Path) -> list[tuple[str, int, int, int]]:
+    """(tag, step, width, height) of every image summary under log_dir."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    images = []
+    for path in sorted(Path(log_dir).rglob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "images":  # images come back migrated to tensors
+                    width, height = (int(v) for v in value.tensor.string_val[:2])
+                    images.append((value.tag, event.step, width, height))
+    return images
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "diffusion_pytorch_model.safetensors"))

@@ -1,0 +1,166 @@
+"""End-to-end runs of train_controlnet.py on the tiny pipeline (each in its own process, one thread)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import base_args, load_weights, read_image_summaries, read_scalars, run_script
+
+SCRIPT = "train_controlnet.py"
+
+
+def checkpoint_names(output_dir: Path) -> set[str]:
+    return {p.name for p in output_dir.iterdir() if "checkpoint" in p.name}
+
+
+def test_checkpoint_limit_keeps_newest(tiny_sd, fill_data, tmp_path):
+    run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path, max_train_steps=6,
+                                 checkpointing_steps=2, checkpoints_total_limit=2))
+    assert checkpoint_names(tmp_path) == {"checkpoint-4", "checkpoint-6"}
+
+
+def test_resume_latest_prunes_several(tiny_sd, fill_data, tmp_path):
+    run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path, max_train_steps=6,
+                                 checkpointing_steps=2))
+    assert checkpoint_names(tmp_path) == {"checkpoint-2", "checkpoint-4", "checkpoint-6"}
+    result = run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path, max_train_steps=8,
+                                          checkpointing_steps=2, resume_from_checkpoint="latest",
+                                          checkpoints_total_limit=2))
+    assert checkpoint_names(tmp_path) == {"checkpoint-6", "checkpoint-8"}
+    assert "checkpoint-6 (step 6)" in result.stderr
+
+
+def test_stray_checkpoint_names_are_left_alone(tiny_sd, fill_data, tmp_path):
+    (tmp_path / "checkpoint_old").mkdir()
+    (tmp_path / "checkpoint-best").mkdir()
+    result = run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path, max_train_steps=4,
+                                          checkpointing_steps=2, checkpoints_total_limit=1,
+                                          resume_from_checkpoint="latest"))
+    assert checkpoint_names(tmp_path) == {"checkpoint_old", "checkpoint-best", "checkpoint-4"}
+    assert "ignoring checkpoint_old" in result.stderr
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_resume_is_exact(tiny_sd, fill_data, tmp_path, accumulation):
+    """8 steps straight == 4 steps, then resume to 8: bit-identical weights and identical losses for steps 5-8.
+
+    12 rows at batch 2 (or 1 × accumulation 2) put step 4 in the middle of the first epoch, so the resumed run
+    must skip the batches it has already seen, and steps 7-8 run in the second epoch.
+    """
+    batch = 2 // accumulation
+    common = dict(train_batch_size=batch, gradient_accumulation_steps=accumulation, proportion_empty_prompts=0.3,
+                  snr_gamma=5.0)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], straight, max_train_steps=8, **common))
+    run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], split, max_train_steps=4,
+                                 checkpointing_steps=4, **common))
+    run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], split, max_train_steps=8,
+                                 resume_from_checkpoint="latest", seed=None, **common))
+
+    a, b = load_weights(straight), load_weights(split)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    losses_a = read_scalars(straight / "logs", "loss")
+    losses_b = read_scalars(split / "logs", "loss")
+    assert sorted(losses_a) == list(range(1, 9))
+    assert [losses_a[s] for s in range(5, 9)] == [losses_b[s] for s in range(5, 9)]
+    # The run really trained: the weights moved away from the zero-initialised output convolutions.
+    assert a["controlnet_mid_block.weight"].abs().sum() > 0
+
+
+def test_accumulation_matches_larger_batch(tiny_sd, fill_data, tmp_path):
+    big, accumulated = tmp_path / "big", tmp_path / "accumulated"
+    common = dict(max_train_steps=3, max_grad_norm=1e9)  # no clipping: the updates are then directly comparable
+    run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], big, train_batch_size=2, **common))
+    run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], accumulated, train_batch_size=1,
+                                 gradient_accumulation_steps=2, **common))
+    a, b = load_weights(big), load_weights(accumulated)
+    # Adam turns tiny gradient differences (summation order) into differences of up to a few % of one step
+    # (lr 1e-4) on near-zero gradients, so the tolerance is 1e-5 while the zero-initialised layer moved ~3e-4.
+    assert a["controlnet_mid_block.weight"].abs().max() > 1e-4
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    losses_a, losses_b = read_scalars(big / "logs", "loss"), read_scalars(accumulated / "logs", "loss")
+    for step in losses_a:
+        assert losses_a[step] == pytest.approx(losses_b[step], rel=1e-4)
+
+
+def test_output_loads_in_diffusers_pipeline_and_finetunes(tiny_sd, fill_data, tmp_path):
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    from PIL import Image
+
+    first = tmp_path / "first"
+    run_script(SCRIPT, base_args(tiny_sd, fill_data["parquet"], first, max_train_steps=2))
+    assert json.loads((first / "config.json").read_text())["_class_name"] == "ControlNetModel"
+    controlnet = ControlNetModel.from_pretrained(first)
+    pipeline = StableDiffusionControlNetPipeline.from_pretrained(tiny_sd, controlnet=controlnet,
+                                                                 safety_checker=None)
+    control = Image.open(fill_data["validation"] / "control_0.png")
+    image = pipeline("red circle with blue background", control, num_inference_steps=2,
+                     generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+
+    second = tmp_path / "second"
+    run_script(SCRIPT, base_args(tiny_sd, fill_data["disk"], second, max_train_steps=2,
+                                 controlnet_model_name_or_path=first))
+    before, after = load_weights(first), load_weights(second)
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "fine-tuning did not change the weights"
+
+
+@pytest.mark.parametrize("prompts,images,pairs", [
+    (["red circle with blue background", "green circle with pink background"], 2, 2),  # 1:1
+    (["red circle with blue background"], 2, 2),  # one prompt, N images
+    (["red circle with blue background", "green circle with pink background", "cyan circle"], 1, 3),  # N:1
+])
+def test_validation_pairings_log_images(tiny_sd, fill_data, tmp_path, prompts, images, pairs):
+    paths = [fill_data["validation"] / f"control_{i}.png" for i in range(images)]
+    run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path, max_train_steps=2,
+                                 validation_steps=1, validation_prompt=prompts, validation_image=paths,
+                                 num_validation_images=2))
+    summaries = read_image_summaries(tmp_path / "logs")
+    # validation at step 1, then the final one at step 2: one grid (control + 2 images) per pair each time
+    assert sorted({step for _, step, _, _ in summaries}) == [1, 2]
+    for step in (1, 2):
+        at_step = [s for s in summaries if s[1] == step]
+        assert len(at_step) == pairs
+        assert all((w, h) == (3 * 64, 64) for _, _, w, h in at_step)
+    assert sorted(p.name for p in tmp_path.glob("images_*.png")) == [f"images_{i}.png" for i in range(pairs)]
+    card = (tmp_path / "README.md").read_text()
+    assert all(f"images_{i}.png" in card for i in range(pairs)) and prompts[0] in card
+
+
+def test_validation_images_of_any_mode_and_size(tiny_sd, fill_data, tmp_path):
+    from PIL import Image
+
+    source = Image.open(fill_data["validation"] / "control_0.png")
+    rgba = tmp_path / "rgba.png"
+    source.convert("RGBA").resize((70, 53)).save(rgba)
+    grey = tmp_path / "grey.png"
+    source.convert("L").resize((61, 99)).save(grey)
+    out = tmp_path / "out"
+    run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], out, max_train_steps=1,
+                                 validation_prompt=["a circle"], validation_image=[rgba, grey],
+                                 num_validation_images=1))
+    summaries = read_image_summaries(out / "logs")
+    assert len(summaries) == 2 and all((w, h) == (128, 64) for _, _, w, h in summaries)
+
+
+def test_bf16_gradient_checkpointing_and_logged_metrics(tiny_sd, fill_data, tmp_path):
+    run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path, max_train_steps=3,
+                                 mixed_precision="bf16", gradient_checkpointing=True, gradient_accumulation_steps=2,
+                                 lr_scheduler="linear", lr_warmup_steps=1,
+                                 validation_prompt=["a circle"], validation_image=[fill_data["validation"] / "control_0.png"],
+                                 num_validation_images=1))
+    weights = load_weights(tmp_path)
+    assert all(t.dtype == torch.float32 for t in weights.values()), "trainable weights must stay fp32"
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    lrs = read_scalars(tmp_path / "logs", "lr")
+    assert [lrs[s] for s in (1, 2, 3)] == pytest.approx([1e-4, 5e-5, 0.0])
+    for tag in ("loss", "grad_norm", "samples_per_second"):
+        values = read_scalars(tmp_path / "logs", tag)
+        assert sorted(values) == [1, 2, 3] and all(v == v and v >= 0 for v in values.values()), tag

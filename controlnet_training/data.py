@@ -45,6 +45,8 @@ def load_train_split(args) -> Any:
             try:
                 loaded = datasets.load_dataset(str(folder), cache_dir=args.cache_dir)
             except (ValueError, FileNotFoundError) as error:
+                if "corresponds to no data" in str(error):  # datasets' wording for data files with no rows
+                    raise InputError(f"the training dataset {data_dir} is empty") from error
                 raise InputError(f"--train_data_dir {data_dir}: cannot load it as an imagefolder (with "
                                  f"metadata.jsonl), parquet or save_to_disk folder ({error})") from error
     else:

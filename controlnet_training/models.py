@@ -37,12 +37,12 @@ def check_optional_packages(args) -> None:
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise InputError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
     trackers = {"tensorboard", "wandb", "comet_ml"} if args.report_to == "all" else {args.report_to}
-    for tracker, module in (("tensorboard", "tensorboard"), ("wandb", "wandb"), ("comet_ml", "comet_ml")):
-        if tracker in trackers and importlib.util.find_spec(module) is None:
-            raise InputError(f"--report_to {args.report_to} needs {module}: pip install {module}")
     if "wandb" in trackers and args.hub_token is not None:
         raise InputError("--hub_token with --report_to wandb would record the token in wandb's run metadata; "
                          "log in with `hf auth login` or set HF_TOKEN instead")
+    for tracker, module in (("tensorboard", "tensorboard"), ("wandb", "wandb"), ("comet_ml", "comet_ml")):
+        if tracker in trackers and importlib.util.find_spec(module) is None:
+            raise InputError(f"--report_to {args.report_to} needs {module}: pip install {module}")
 
 
 def text_encoder_class(path: str, revision: str | None, subfolder: str = "text_encoder"):

@@ -1,0 +1,114 @@
+"""Bad input: a one-line error naming the flag or file, exit status 2, before any model loads, output_dir untouched."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+import train_controlnet
+from conftest import base_args
+
+
+def snapshot(folder: Path) -> dict[str, float]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+@pytest.fixture
+def existing_output(tmp_path) -> Path:
+    out = tmp_path / "out"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "checkpoint-2" / "training_state.json").write_text('{"global_step": 2, "seed": 1}')
+    (out / "keep.txt").write_text("user data")
+    return out
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    def fail(*_args, **_kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(train_controlnet, "load_sd_models", fail)
+
+
+def corrupt_copy(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    (target / "images" / "00003.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    return target
+
+
+def empty_parquet(target: Path) -> Path:
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "conditioning_image": datasets.Image(),
+                                  "text": datasets.Value("string")})
+    target.mkdir()
+    datasets.Dataset.from_dict({"image": [], "conditioning_image": [], "text": []}, features=features).to_parquet(
+        str(target / "train.parquet"))
+    return target
+
+
+# (overrides of the tiny run's flags, text the error must contain)
+CASES = {
+    "no dataset": (dict(train_data_dir=None), "--dataset_name"),
+    "prompt/image counts": (dict(validation_prompt=["a", "b"], validation_image=["{v0}", "{v1}", "{v0}"]),
+                            "3 images and 2 prompts"),
+    "prompt without image": (dict(validation_prompt=["a"]), "--validation_prompt needs --validation_image"),
+    "image without prompt": (dict(validation_image=["{v0}"]), "--validation_image needs --validation_prompt"),
+    "missing column": (dict(caption_column="caption"), "--caption_column 'caption' is not a dataset column; "
+                                                       "columns are: image, conditioning_image, text"),
+    "resolution": (dict(resolution=60), "--resolution must be divisible by 8"),
+    "no model folder": (dict(pretrained_model_name_or_path="{tmp}/nowhere"), "--pretrained_model_name_or_path"),
+    "not a model folder": (dict(pretrained_model_name_or_path="{tmp}"), "missing unet/config.json"),
+    "no data folder": (dict(train_data_dir="{tmp}/no-data"), "--train_data_dir {tmp}/no-data: no such folder"),
+    "corrupt image": (dict(train_data_dir="{corrupt}"), "00003.png is not a readable image"),
+    "empty dataset": (dict(train_data_dir="{empty}"), "the training dataset {empty} is empty"),
+    "folder of text files": (dict(train_data_dir="{tmp}/models"),
+                             "--image_column 'image' is not a dataset column; columns are: text"),
+    "empty prompts": (dict(proportion_empty_prompts=1.5), "--proportion_empty_prompts must be in [0, 1]"),
+    "mixed precision": (dict(mixed_precision="fp8"), "--mixed_precision: invalid choice"),
+    "missing checkpoint": (dict(resume_from_checkpoint="checkpoint-99"), "--resume_from_checkpoint checkpoint-99"),
+    "xformers": (dict(enable_xformers_memory_efficient_attention=True), "pip install xformers"),
+    "bitsandbytes": (dict(use_8bit_adam=True), "pip install bitsandbytes"),
+    "zero steps": (dict(max_train_steps=0), "--max_train_steps must be > 0"),
+    "zero checkpointing": (dict(checkpointing_steps=0), "--checkpointing_steps must be > 0"),
+    "negative validation steps": (dict(validation_steps=-1), "--validation_steps must be > 0"),
+    "zero checkpoint limit": (dict(checkpoints_total_limit=0), "--checkpoints_total_limit must be > 0"),
+    "zero batch": (dict(train_batch_size=0), "--train_batch_size must be > 0"),
+    "negative warmup": (dict(lr_warmup_steps=-5), "--lr_warmup_steps must be >= 0"),
+    "unknown schedule": (dict(lr_scheduler="piecewise_constant"), "--lr_scheduler piecewise_constant"),
+    "missing validation image": (dict(validation_prompt=["a"], validation_image=["{tmp}/none.png"]),
+                                 "--validation_image {tmp}/none.png: no such file"),
+    "tracker not installed": (dict(report_to="comet_ml"), "--report_to comet_ml needs comet_ml"),
+    "token to wandb": (dict(report_to="wandb", hub_token="hf_secret"), "--hub_token with --report_to wandb"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_fails_early_with_one_line(case, tiny_sd, fill_data, tmp_path, existing_output, no_model_loading,
+                                             capsys):
+    overrides, expected = CASES[case]
+    places = {"tmp": str(tmp_path), "v0": str(fill_data["validation"] / "control_0.png"),
+              "v1": str(fill_data["validation"] / "control_1.png")}
+    if "{corrupt}" in str(overrides):
+        places["corrupt"] = str(corrupt_copy(fill_data["imagefolder"], tmp_path / "corrupt"))
+    if "{empty}" in str(overrides):
+        places["empty"] = str(empty_parquet(tmp_path / "empty"))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "weights.txt").write_text("not a dataset")
+
+    def fill(value):
+        if isinstance(value, list):
+            return [fill(v) for v in value]
+        return value.format(**places) if isinstance(value, str) else value
+
+    overrides = {k: fill(v) for k, v in overrides.items()}
+    before = snapshot(existing_output)
+    with pytest.raises(SystemExit) as exit_info:
+        train_controlnet.main(base_args(tiny_sd, fill_data["imagefolder"], existing_output, **overrides))
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert len(errors) == 1, errors
+    assert fill(expected) in errors[0]
+    assert snapshot(existing_output) == before

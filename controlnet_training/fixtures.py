@@ -58,21 +58,19 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def small_clip_vocab(words: list[str] = CAPTION_WORDS) -> tuple[dict[str, int], list[str]]:
-    """A CLIP-style BPE vocabulary: the byte alphabet (plain and word-final) plus merges that spell `words`."""
+    """A CLIP-style BPE vocabulary: the byte alphabet (plain and word-final) plus merges learned from `words`,
+    so that each of them becomes a single token, as real CLIP words do."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    learner = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    learner.pre_tokenizer = pre_tokenizers.Whitespace()
+    learner.train_from_iterator([" ".join(words)], trainers.BpeTrainer(
+        vocab_size=100_000, end_of_word_suffix="</w>", show_progress=False))
+    merges = [" ".join(pair) for pair in json.loads(learner.to_str())["model"]["merges"]]
     alphabet = list(_bytes_to_unicode().values())
-    tokens = alphabet + [c + "</w>" for c in alphabet]
-    merges: list[str] = []
-    for word in words:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            merge = f"{parts[0]} {parts[1]}"
-            if merge not in merges:
-                merges.append(merge)
-                tokens.append(parts[0] + parts[1])
-            parts = [parts[0] + parts[1], *parts[2:]]
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m.split()) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
-    return vocab, merges
+    return {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}, merges
 
 
 def real_clip_vocab(bpe_gz: str | Path) -> tuple[dict[str, int], list[str]]:

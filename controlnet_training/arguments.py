@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 

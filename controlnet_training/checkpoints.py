@@ -12,8 +12,8 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .arguments import InputError
 
@@ -40,7 +40,8 @@ def stray_checkpoint_names(output_dir: str | os.PathLike) -> list[str]:
     folder = Path(output_dir)
     if not folder.is_dir():
         return []
-    return sorted(e.name for e in folder.iterdir() if e.name.startswith("checkpoint") and not CHECKPOINT_NAME.match(e.name))
+    names = (entry.name for entry in folder.iterdir())
+    return sorted(n for n in names if n.startswith("checkpoint") and not CHECKPOINT_NAME.match(n))
 
 
 def prune_checkpoints(output_dir: str | os.PathLike, limit: int | None) -> list[Path]:

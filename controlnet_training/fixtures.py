@@ -54,7 +54,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             printable.append(b)
             codes.append(256 + extra)
             extra += 1
-    return dict(zip(printable, (chr(c) for c in codes)))
+    return dict(zip(printable, (chr(c) for c in codes), strict=True))
 
 
 def small_clip_vocab(words: list[str] = CAPTION_WORDS) -> tuple[dict[str, int], list[str]]:
@@ -146,7 +146,8 @@ SD15 = PipelineSize(
         layers_per_block=2,
         latent_channels=4,
     ),
-    text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768),
+    text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              projection_dim=768),
 )
 
 SIZES = {"tiny": TINY, "sd15": SD15}
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         if vocab == "open_clip":
             vocab = find_open_clip_vocab()
             if vocab is None:
-                parser.error("--clip_vocab without a path needs open-clip-torch installed (pip install open-clip-torch)")
+                parser.error("--clip_vocab without a path needs open-clip-torch (pip install open-clip-torch)")
         path = write_pipeline(args.out_dir, args.size, args.prediction_type, args.seed, vocab)
         print(f"wrote {args.size} pipeline to {path}")
     else:

@@ -1,14 +1,16 @@
 """The PyTorch training loop shared by the SD and SDXL scripts (accelerate: DDP, DeepSpeed, mixed precision).
 
-The scripts supply `encode(batch)` (VAE posterior, text conditioning, SDXL's added conditions); everything after that (noise, ControlNet and UNet forward, loss, update, logging, checkpoints, validation) is here, once.
+The scripts supply `encode(batch)` (VAE posterior, text conditioning, SDXL's added conditions); everything after
+that (noise, ControlNet and UNet forward, loss, update, logging, checkpoints, validation) is here, once.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

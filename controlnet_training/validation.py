@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -27,7 +28,7 @@ class ValidationLog:
 def validation_pairs(prompts: Sequence[str], images: Sequence[str]) -> list[tuple[str, str]]:
     """1:1 zip, one image for every prompt, or one prompt for every image."""
     if len(prompts) == len(images):
-        return list(zip(prompts, images))
+        return list(zip(prompts, images, strict=True))
     if len(images) == 1:
         return [(prompt, images[0]) for prompt in prompts]
     if len(prompts) == 1:

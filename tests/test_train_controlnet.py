@@ -154,8 +154,8 @@ def test_bf16_gradient_checkpointing_and_logged_metrics(tiny_sd, fill_data, tmp_
     run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path, max_train_steps=3,
                                  mixed_precision="bf16", gradient_checkpointing=True, gradient_accumulation_steps=2,
                                  lr_scheduler="linear", lr_warmup_steps=1,
-                                 validation_prompt=["a circle"], validation_image=[fill_data["validation"] / "control_0.png"],
-                                 num_validation_images=1))
+                                 validation_prompt=["a circle"], num_validation_images=1,
+                                 validation_image=[fill_data["validation"] / "control_0.png"]))
     weights = load_weights(tmp_path)
     assert all(t.dtype == torch.float32 for t in weights.values()), "trainable weights must stay fp32"
     assert all(torch.isfinite(t).all() for t in weights.values())

@@ -29,7 +29,13 @@ from controlnet_training.loop import (
     tracker_config,
     weight_dtype_of,
 )
-from controlnet_training.models import enable_memory_options, load_sd_models, make_controlnet, make_optimizer
+from controlnet_training.models import (
+    enable_memory_options,
+    load_sd_models,
+    make_controlnet,
+    make_optimizer,
+    place_frozen,
+)
 from controlnet_training.preflight import run_preflight
 
 TAGS = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "controlnet",
@@ -77,8 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     controlnet, optimizer, dataloader, lr_scheduler = accelerator.prepare(controlnet, optimizer, dataloader,
                                                                           lr_scheduler)
     weight_dtype = weight_dtype_of(accelerator)
-    for module in (models.vae, models.unet, models.text_encoder):
-        module.to(accelerator.device, dtype=weight_dtype)
+    place_frozen((models.vae, models.unet, models.text_encoder), accelerator.device, weight_dtype)
     args.max_train_steps, args.num_train_epochs = plan.max_train_steps, plan.num_epochs
 
     global_step = 0
@@ -86,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         accelerator.load_state(str(preflight.resume_from))
         global_step = int(preflight.resume_from.name.split("-")[1])
 
+    effective_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
     logger.info("***** Running training *****\n%s", run_summary([
@@ -95,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         ("batch per device", args.train_batch_size),
         ("processes", accelerator.num_processes),
         ("gradient accumulation", args.gradient_accumulation_steps),
-        ("effective batch", args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps),
+        ("effective batch", effective_batch),
         ("optimizer steps", plan.max_train_steps),
         ("learning rate", f"{args.learning_rate:g} ({args.lr_scheduler}, warmup {args.lr_warmup_steps})"),
         ("mixed precision", f"{accelerator.mixed_precision} (frozen models in {weight_dtype})"),
@@ -142,7 +148,12 @@ def main(argv: list[str] | None = None) -> None:
         validation.save_images(image_logs, args.output_dir)
         hub.write_model_card(args.output_dir, repo_id or hub.repo_name(args.hub_model_id, args.output_dir),
                              args.pretrained_model_name_or_path, image_logs, TAGS, "creativeml-openrail-m",
-                             dataset=args.dataset_name, token=args.hub_token, from_hub=repo_id is not None)
+                             dataset=args.dataset_name or args.train_data_dir, token=args.hub_token,
+                             from_hub=repo_id is not None, extra=hub.training_details({
+                                 "optimizer steps": global_step, "effective batch": effective_batch,
+                                 "learning rate": f"{args.learning_rate:g} ({args.lr_scheduler})",
+                                 "resolution": args.resolution, "mixed precision": accelerator.mixed_precision,
+                                 "min-SNR gamma": args.snr_gamma, "seed": preflight.seed}))
         if repo_id is not None:
             hub.upload_outputs(args.output_dir, repo_id, args.hub_token)
         logger.info("done after %d steps. Outputs:\n%s", global_step,

@@ -22,6 +22,11 @@ def create_hub_repo(hub_model_id: str | None, output_dir: str, token: str | None
     return create_repo(repo_name(hub_model_id, output_dir), exist_ok=True, token=token).repo_id
 
 
+def training_details(rows: dict[str, object]) -> str:
+    """A markdown section for the model card, e.g. steps, effective batch, learning rate, resolution."""
+    return "\n## Training details\n\n" + "\n".join(f"- {name}: {value}" for name, value in rows.items()) + "\n"
+
+
 def write_model_card(output_dir: str | Path, repo_id: str, base_model: str, logs: Sequence[ValidationLog],
                      tags: Sequence[str], license: str, dataset: str | None = None, token: str | None = None,
                      from_hub: bool = False, extra: str = "") -> Path:

@@ -72,22 +72,33 @@ def load_tokenizer(args, subfolder: str = "tokenizer"):
 
 
 def load_sd_models(args) -> SimpleNamespace:
-    """Tokenizer, text encoder, VAE, UNet and DDPM scheduler of an SD 1.x/2.x pipeline (frozen, fp32, CPU)."""
+    """Tokenizer, text encoder, VAE, UNet and DDPM scheduler of an SD 1.x/2.x pipeline: frozen, fp32, on the CPU.
+
+    fp32 first, so that a ControlNet made from the UNet copies full-precision weights; `place_frozen` casts later.
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-    base, revision, variant = args.pretrained_model_name_or_path, args.revision, args.variant
+    base = args.pretrained_model_name_or_path
+    weights = dict(revision=args.revision, variant=args.variant)
     models = SimpleNamespace(
         tokenizer=load_tokenizer(args),
-        noise_scheduler=DDPMScheduler.from_pretrained(base, subfolder="scheduler", revision=revision),
-        text_encoder=text_encoder_class(base, revision).from_pretrained(
-            base, subfolder="text_encoder", revision=revision, variant=variant),
-        vae=AutoencoderKL.from_pretrained(base, subfolder="vae", revision=revision, variant=variant),
-        unet=UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=revision, variant=variant),
+        noise_scheduler=DDPMScheduler.from_pretrained(base, subfolder="scheduler"),
+        text_encoder=text_encoder_class(base, args.revision).from_pretrained(base, subfolder="text_encoder",
+                                                                             **weights),
+        vae=AutoencoderKL.from_pretrained(base, subfolder="vae", **weights),
+        unet=UNet2DConditionModel.from_pretrained(base, subfolder="unet", **weights),
     )
     for module in (models.text_encoder, models.vae, models.unet):
         module.requires_grad_(False)
         module.eval()
     return models
+
+
+def place_frozen(modules, device: torch.device, dtype: torch.dtype) -> None:
+    """Move frozen models to the device in the weight dtype. Plain nn.Module.to: diffusers' override warns about
+    keep-in-fp32 modules even when a model has none, and these models have none."""
+    for module in modules:
+        torch.nn.Module.to(module, device=device, dtype=dtype)
 
 
 def make_controlnet(args, unet):
@@ -98,7 +109,9 @@ def make_controlnet(args, unet):
         controlnet = ControlNetModel.from_pretrained(args.controlnet_model_name_or_path)
     else:
         controlnet = ControlNetModel.from_unet(unet)
-    controlnet.to(torch.float32)
+    dtypes = {p.dtype for p in controlnet.parameters()}
+    if dtypes != {torch.float32}:  # the optimizer needs fp32 master weights; mixed precision is autocast
+        raise InputError(f"the ControlNet loaded as {dtypes}; trainable weights must be float32")
     controlnet.train()
     return controlnet
 

@@ -68,7 +68,8 @@ def base_args(tiny_sd: Path, data_dir: Path, output_dir: Path, **overrides) -> l
 
 def run_script(script: str, argv: list[str], check: bool = True, env: dict | None = None,
                timeout: int = 600) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, **THREADS, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env = {**os.environ, **THREADS, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+                "PYTHONWARNINGS": "default::FutureWarning", **(env or {})}
     result = subprocess.run([sys.executable, str(ROOT / script), *argv], capture_output=True, text=True,
                             env=full_env, timeout=timeout, cwd=ROOT)
     if check and result.returncode != 0:

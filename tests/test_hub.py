@@ -53,6 +53,7 @@ def test_push_uploads_only_outputs_and_passes_the_token(tiny_sd, fill_data, tmp_
     assert (out / "checkpoint-2" / "optimizer.bin").exists()  # checkpoints exist locally but were not uploaded
     card = (out / "README.md").read_text()
     assert "someone/my-controlnet" in card and "controlnet" in card and "images_0.png" in card
+    assert "- optimizer steps: 2" in card and "- effective batch: 2" in card
     for path in out.rglob("*"):
         if path.is_file():
             assert b"hf_secret_token_123" not in path.read_bytes(), f"token leaked into {path}"

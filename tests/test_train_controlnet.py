@@ -74,16 +74,16 @@ def test_resume_is_exact(tiny_sd, fill_data, tmp_path, accumulation):
 
 def test_accumulation_matches_larger_batch(tiny_sd, fill_data, tmp_path):
     big, accumulated = tmp_path / "big", tmp_path / "accumulated"
-    common = dict(max_train_steps=3, max_grad_norm=1e9)  # no clipping: the updates are then directly comparable
+    # No clipping, and an Adam epsilon large enough that near-zero gradients (summed in another order) do not
+    # turn into full-size steps of different sign: the updates are then directly comparable.
+    common = dict(max_train_steps=3, max_grad_norm=1e9, adam_epsilon=1e-3, learning_rate=1e-3)
     run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], big, train_batch_size=2, **common))
     run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], accumulated, train_batch_size=1,
                                  gradient_accumulation_steps=2, **common))
     a, b = load_weights(big), load_weights(accumulated)
-    # Adam turns tiny gradient differences (summation order) into differences of up to a few % of one step
-    # (lr 1e-4) on near-zero gradients, so the tolerance is 1e-5 while the zero-initialised layer moved ~3e-4.
-    assert a["controlnet_mid_block.weight"].abs().max() > 1e-4
+    assert a["controlnet_mid_block.weight"].abs().max() > 1e-5  # the zero-initialised layer did move
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-7)
     losses_a, losses_b = read_scalars(big / "logs", "loss"), read_scalars(accumulated / "logs", "loss")
     for step in losses_a:
         assert losses_a[step] == pytest.approx(losses_b[step], rel=1e-4)
@@ -151,11 +151,14 @@ def test_validation_images_of_any_mode_and_size(tiny_sd, fill_data, tmp_path):
 
 
 def test_bf16_gradient_checkpointing_and_logged_metrics(tiny_sd, fill_data, tmp_path):
-    run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path, max_train_steps=3,
+    result = run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path, max_train_steps=3,
                                  mixed_precision="bf16", gradient_checkpointing=True, gradient_accumulation_steps=2,
                                  lr_scheduler="linear", lr_warmup_steps=1,
                                  validation_prompt=["a circle"], num_validation_images=1,
                                  validation_image=[fill_data["validation"] / "control_0.png"]))
+    # no deprecation or dtype warnings caused by how we call the libraries
+    for noise in ("FutureWarning", "torch_dtype", "should be kept in float32", "autocast"):
+        assert noise not in result.stderr, noise
     weights = load_weights(tmp_path)
     assert all(t.dtype == torch.float32 for t in weights.values()), "trainable weights must stay fp32"
     assert all(torch.isfinite(t).all() for t in weights.values())

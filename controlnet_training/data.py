@@ -215,11 +215,14 @@ class ControlNetDataset:
         conditioning = _open_image(row[self.columns.conditioning_image])
         target, control = self.transform(image, conditioning)
         caption = pick_caption(row[self.columns.caption], row_rng(self.seed, epoch, index), self.proportion_empty)
-        return {"pixel_values": target, "conditioning_pixel_values": control, "caption": caption, "index": index}
+        _, _, left, top, _, _ = self.transform.crop_box(image.width, image.height)
+        return {"pixel_values": target, "conditioning_pixel_values": control, "caption": caption, "index": index,
+                "original_size": np.array([image.height, image.width]), "crop_top_left": np.array([top, left])}
 
 
 class Collator:
-    """Stack rows and tokenise captions in one batched call per tokenizer (input_ids, input_ids_2, …)."""
+    """Stack rows and tokenise captions in one batched call per tokenizer (input_ids, input_ids_2, …); with no
+    tokenizers the captions are passed on as strings (for trainers that look up cached embeddings)."""
 
     def __init__(self, tokenizers: Sequence[Any], as_torch: bool = True):
         self.tokenizers, self.as_torch = list(tokenizers), as_torch
@@ -229,6 +232,8 @@ class Collator:
         batch = {
             "pixel_values": np.stack([row["pixel_values"] for row in rows]),
             "conditioning_pixel_values": np.stack([row["conditioning_pixel_values"] for row in rows]),
+            "original_sizes": np.stack([row["original_size"] for row in rows]).astype(np.int64),
+            "crops_top_left": np.stack([row["crop_top_left"] for row in rows]).astype(np.int64),
         }
         for i, tokenizer in enumerate(self.tokenizers):
             key = "input_ids" if i == 0 else f"input_ids_{i + 1}"
@@ -238,5 +243,16 @@ class Collator:
             import torch
 
             batch = {key: torch.from_numpy(value) for key, value in batch.items()}
-        batch["index"] = [row["index"] for row in rows]  # a list stays on the host: no device sync to read it
+        # Lists stay on the host (accelerate moves only tensors): reading them needs no device sync.
+        batch["index"] = [row["index"] for row in rows]
+        batch["captions"] = captions
         return batch
+
+
+def caption_variants(dataset, caption_column: str) -> list[str]:
+    """Every distinct caption a row can yield (each element of a caption list), in first-seen order."""
+    seen: dict[str, None] = {}
+    for value in dataset.select_columns([caption_column])[caption_column]:
+        for caption in ([value] if isinstance(value, str) else list(value)):
+            seen.setdefault(str(caption), None)
+    return list(seen)

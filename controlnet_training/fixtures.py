@@ -150,30 +150,75 @@ SD15 = PipelineSize(
               projection_dim=768),
 )
 
-SIZES = {"tiny": TINY, "sd15": SD15}
+TINY_XL = PipelineSize(
+    unet=dict(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        cross_attention_dim=64,  # 32 (text_encoder) + 32 (text_encoder_2), concatenated
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80,  # pooled 32 + 6 time ids × 8
+    ),
+    vae=dict(TINY.vae, scaling_factor=0.13025, force_upcast=True),
+    text=TINY.text,
+)
+
+SDXL = PipelineSize(
+    unet=dict(
+        sample_size=128,
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        use_linear_projection=True,
+        cross_attention_dim=2048,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    ),
+    vae=dict(SD15.vae, sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+    text=SD15.text,
+)
+SDXL_TEXT_2 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                   projection_dim=1280, hidden_act="gelu")
+
+SIZES = {"tiny": TINY, "sd15": SD15, "tiny-sdxl": TINY_XL, "sdxl": SDXL}
+
+
+def _text_config(tokenizer, size: str, **spec):
+    from transformers import CLIPTextConfig
+
+    spec.setdefault("hidden_act", "quick_gelu")
+    return CLIPTextConfig(
+        vocab_size=max(len(tokenizer), 0 if size.startswith("tiny") else 49408),
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **spec,
+    )
 
 
 def make_pipeline(size: str = "tiny", prediction_type: str = "epsilon", seed: int = 0, real_vocab=None):
-    """Build a random-weight StableDiffusionPipeline (no safety checker) in memory."""
+    """Build a random-weight StableDiffusionPipeline (no safety checker), or an SDXL one for the *sdxl sizes."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     spec = SIZES[size]
     tokenizer = make_tokenizer(real_vocab)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(in_channels=4, out_channels=4, **spec.unet)
     vae = AutoencoderKL(in_channels=3, out_channels=3, **spec.vae)
-    text_config = CLIPTextConfig(
-        vocab_size=max(len(tokenizer), 49408 if size != "tiny" else 0),
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **spec.text,
-    )
-    text_encoder = CLIPTextModel(text_config)
+    text_encoder = CLIPTextModel(_text_config(tokenizer, size, **spec.text))
     scheduler = DDPMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -183,6 +228,14 @@ def make_pipeline(size: str = "tiny", prediction_type: str = "epsilon", seed: in
         steps_offset=1,
         prediction_type=prediction_type,
     )
+    if size.endswith("sdxl"):
+        from diffusers import StableDiffusionXLPipeline
+
+        text_2 = dict(spec.text, hidden_act="gelu") if size.startswith("tiny") else SDXL_TEXT_2
+        return StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+            text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer, size, **text_2)),
+            tokenizer_2=make_tokenizer(real_vocab))
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

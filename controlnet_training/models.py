@@ -62,10 +62,10 @@ def text_encoder_class(path: str, revision: str | None, subfolder: str = "text_e
     raise InputError(f"text encoder {architecture} in {path}/{subfolder} is not supported")
 
 
-def load_tokenizer(args, subfolder: str = "tokenizer"):
+def load_tokenizer(args, subfolder: str = "tokenizer", allow_override: bool = True):
     from transformers import AutoTokenizer
 
-    if args.tokenizer_name:
+    if args.tokenizer_name and allow_override:
         return AutoTokenizer.from_pretrained(args.tokenizer_name, revision=args.revision)
     return AutoTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder=subfolder,
                                          revision=args.revision)

@@ -108,3 +108,10 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    from controlnet_training.fixtures import write_pipeline
+
+    return write_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl", size="tiny-sdxl")

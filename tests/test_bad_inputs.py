@@ -30,6 +30,7 @@ def no_model_loading(monkeypatch):
         raise AssertionError("a model was loaded before the input was checked")
 
     monkeypatch.setattr(train_controlnet, "load_sd_models", fail)
+    monkeypatch.setattr(train_controlnet, "make_controlnet", fail)
 
 
 def corrupt_copy(source: Path, target: Path) -> Path:

@@ -1,0 +1,87 @@
+"""End-to-end runs of train_controlnet_sdxl.py on the tiny SDXL pipeline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import base_args, load_weights, read_image_summaries, read_scalars, run_script
+
+SCRIPT = "train_controlnet_sdxl.py"
+
+
+def xl_args(tiny_sdxl, fill_data, out, cache, **overrides):
+    return base_args(tiny_sdxl, fill_data["imagefolder"], out, cache_dir=cache, **overrides)
+
+
+def test_bf16_run_with_validation_checkpoints_and_cache_reuse(tiny_sdxl, fill_data, tmp_path):
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+    from PIL import Image
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    first = run_script(SCRIPT, xl_args(
+        tiny_sdxl, fill_data, out, cache, max_train_steps=6, checkpointing_steps=2, checkpoints_total_limit=2,
+        mixed_precision="bf16", gradient_checkpointing=True, validation_steps=3, num_validation_images=1,
+        validation_prompt=["red circle with blue background"],
+        validation_image=[fill_data["validation"] / "control_0.png"]))
+    assert (out / "diffusion_pytorch_model.safetensors").exists()
+    assert {p.name for p in out.glob("checkpoint*")} == {"checkpoint-4", "checkpoint-6"}
+    assert "caching text embeddings" in first.stderr
+    assert "FutureWarning" not in first.stderr
+    images = read_image_summaries(out / "logs")
+    assert sorted(step for _, step, _, _ in images) == [3, 6]
+    weights = load_weights(out)
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values())
+    assert read_scalars(out / "logs", "loss").keys() == set(range(1, 7))
+
+    # training captions and validation prompts are cached apart
+    assert len(list(cache.rglob("*.safetensors"))) == 2
+    # Another run with other unrelated flags reuses the cached embeddings instead of encoding again.
+    second = run_script(SCRIPT, xl_args(tiny_sdxl, fill_data, tmp_path / "again", cache, max_train_steps=1,
+                                        learning_rate=3e-4, mixed_precision="bf16"))
+    assert "reusing cached text embeddings" in second.stderr and "caching text embeddings" not in second.stderr
+    assert len(list(cache.rglob("*.safetensors"))) == 2
+    # In another dtype the embeddings differ, so they are computed again.
+    third = run_script(SCRIPT, xl_args(tiny_sdxl, fill_data, tmp_path / "fp32", cache, max_train_steps=1))
+    assert "caching text embeddings" in third.stderr
+
+    controlnet = ControlNetModel.from_pretrained(out)
+    assert controlnet.config.addition_embed_type == "text_time"
+    pipeline = StableDiffusionXLControlNetPipeline.from_pretrained(tiny_sdxl, controlnet=controlnet)
+    image = pipeline("red circle", image=Image.open(fill_data["validation"] / "control_0.png"),
+                     num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_resume_is_exact(tiny_sdxl, fill_data, tmp_path, accumulation):
+    common = dict(train_batch_size=2 // accumulation, gradient_accumulation_steps=accumulation,
+                  proportion_empty_prompts=0.3, snr_gamma=5.0)
+    cache = tmp_path / "cache"
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_script(SCRIPT, xl_args(tiny_sdxl, fill_data, straight, cache, max_train_steps=8, **common))
+    run_script(SCRIPT, xl_args(tiny_sdxl, fill_data, split, cache, max_train_steps=4, checkpointing_steps=4,
+                               **common))
+    run_script(SCRIPT, xl_args(tiny_sdxl, fill_data, split, cache, max_train_steps=8,
+                               resume_from_checkpoint="checkpoint-4", **common))
+    a, b = load_weights(straight), load_weights(split)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    la, lb = read_scalars(straight / "logs", "loss"), read_scalars(split / "logs", "loss")
+    assert [la[s] for s in range(5, 9)] == [lb[s] for s in range(5, 9)]
+
+
+def test_bad_inputs_specific_to_sdxl(tiny_sdxl, fill_data, tmp_path):
+    cases = {
+        "npu": (dict(enable_npu_flash_attention=True), "--enable_npu_flash_attention needs torch_npu"),
+        "vae": (dict(pretrained_vae_model_name_or_path=tmp_path / "no-vae"), "--pretrained_vae_model_name_or_path"),
+        "interpolation": (dict(image_interpolation_mode="sinc"), "--image_interpolation_mode: invalid choice"),
+        "missing text_encoder_2": (dict(pretrained_model_name_or_path=tmp_path), "missing unet/config.json"),
+        "resolution": (dict(resolution=100), "--resolution must be divisible by 8"),
+    }
+    for name, (overrides, expected) in cases.items():
+        result = run_script(SCRIPT, xl_args(tiny_sdxl, fill_data, tmp_path / "out", tmp_path / "cache",
+                                            **overrides), check=False)
+        errors = [line for line in result.stderr.splitlines() if ": error: " in line]
+        assert result.returncode == 2 and len(errors) == 1 and expected in errors[0], (name, result.stderr[-800:])
+        assert "Loading" not in result.stderr, name  # no model was loaded
+    assert not (tmp_path / "out").exists()

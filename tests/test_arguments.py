@@ -81,3 +81,18 @@ def test_positive_checks_name_the_flag():
         check_args(parse("--dataset_name", "d", "--num_train_epochs", "0"))
     with pytest.raises(InputError, match="--snr_gamma must be > 0"):
         check_args(parse("--dataset_name", "d", "--snr_gamma", "-1"))
+
+
+def test_sdxl_flags_are_the_shared_ones_plus_its_own():
+    from controlnet_training.sdxl import add_sdxl_args
+
+    parser = build_parser("test")
+    add_sdxl_args(parser)
+    dests = {a.dest for a in parser._actions if a.dest != "help"}
+    sdxl_own = {"pretrained_vae_model_name_or_path", "crops_coords_top_left_h", "crops_coords_top_left_w",
+                "enable_npu_flash_attention", "image_interpolation_mode"}
+    assert dests == REFERENCE_SD_FLAGS | sdxl_own | {"snr_gamma"}
+    assert len(dests) == 57 + 1
+    args = parser.parse_args(["--pretrained_model_name_or_path", "m", "--dataset_name", "d"])
+    assert args.tracker_project_name == "sd_xl_train_controlnet"
+    assert args.image_interpolation_mode == "lanczos" and args.crops_coords_top_left_h == 0

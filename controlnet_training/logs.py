@@ -74,4 +74,13 @@ def report_outputs(output_dir: str | Path, logging_dir: str | Path, extra: Itera
     if (output_dir / "README.md").exists():
         lines.append(f"model card   : {output_dir / 'README.md'}")
     lines += list(extra)
+    peak = peak_memory()
+    if peak is not None:
+        lines.append(f"peak memory  : {peak / 2**30:.2f} GiB allocated on the device (this process)")
     return "\n".join(lines)
+
+
+def peak_memory() -> int | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None

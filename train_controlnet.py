@@ -18,7 +18,7 @@ from controlnet_training.data import ControlNetDataset, PairedTransform
 from controlnet_training.loop import Trainer
 from controlnet_training.models import enable_memory_options, load_sd_models, make_controlnet, place_frozen
 from controlnet_training.preflight import SD_MODEL_FILES
-from controlnet_training.session import Validator, finish_session, prepare_training, start_session
+from controlnet_training.session import finish_session, make_validator, prepare_training, start_session
 
 TAGS = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "controlnet",
         "diffusers-training"]
@@ -59,13 +59,15 @@ def main(argv: list[str] | None = None) -> None:
             requires_safety_checker=False,
             scheduler=UniPCMultistepScheduler.from_config(models.noise_scheduler.config))
 
-    validator = Validator(session, build_pipeline, training.controlnet, transform) if args.validation_prompt else None
+    # Validation images, and the held-out loss and control gain (also at step 0 and at the end).
+    validator = make_validator(session, training, build_pipeline, transform, encode, models.unet,
+                               models.noise_scheduler, [models.tokenizer])
     trainer = Trainer(accelerator, args, training.controlnet, models.unet, models.noise_scheduler,
                       training.optimizer, training.lr_scheduler, training.dataloader, encode, weight_dtype,
                       session.preflight.seed, training.plan, validator)
     global_step = trainer.train(training.global_step)
 
-    finish_session(session, training, global_step, validator, TAGS, license="creativeml-openrail-m")
+    finish_session(session, training, trainer, global_step, validator, TAGS, license="creativeml-openrail-m")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from controlnet_training.sdxl import (
     time_ids,
     vae_dtype,
 )
-from controlnet_training.session import Validator, finish_session, prepare_training, start_session
+from controlnet_training.session import finish_session, make_validator, prepare_training, start_session
 
 TAGS = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers", "text-to-image", "diffusers", "controlnet",
         "diffusers-training"]
@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> None:
                              lambda batch: encode_prompts(batch, models.tokenizers, models.text_encoders),
                              is_main_process=accelerator.is_main_process, barrier=accelerator.wait_for_everyone)
 
-    embeddings = cached_embeddings([*caption_variants(preflight.dataset, preflight.columns.caption), ""])
+    heldout_captions = caption_variants(preflight.heldout, preflight.columns.caption) if preflight.heldout else []
+    embeddings = cached_embeddings([*caption_variants(preflight.dataset, preflight.columns.caption), "",
+                                    *heldout_captions])
     validation_embeddings = cached_embeddings(args.validation_prompt) if args.validation_prompt else None
     free(models.text_encoders)
 
@@ -114,17 +116,18 @@ def main(argv: list[str] | None = None) -> None:
         prompt_embeds, pooled = prompt_conditioning([prompt], validation_embeddings)
         return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
 
-    validator = None
-    if args.validation_prompt:
-        validator = Validator(session, build_pipeline, training.controlnet, transform, pipeline_kwargs={
-            "prompt_inputs": prompt_inputs,
-            "crops_coords_top_left": (args.crops_coords_top_left_h, args.crops_coords_top_left_w)})
+    # Validation images, and the held-out loss and control gain (also at step 0 and at the end).
+    validator = make_validator(session, training, build_pipeline, transform, encode, models.unet,
+                               models.noise_scheduler, tokenizers=[], pipeline_kwargs={
+                                   "prompt_inputs": prompt_inputs,
+                                   "crops_coords_top_left": (args.crops_coords_top_left_h,
+                                                             args.crops_coords_top_left_w)})
     trainer = Trainer(accelerator, args, training.controlnet, models.unet, models.noise_scheduler,
                       training.optimizer, training.lr_scheduler, training.dataloader, encode, weight_dtype,
                       preflight.seed, training.plan, validator)
     global_step = trainer.train(training.global_step)
 
-    finish_session(session, training, global_step, validator, TAGS, license="openrail++")
+    finish_session(session, training, trainer, global_step, validator, TAGS, license="openrail++")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 from .validation import ValidationLog
 
 UPLOAD_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors", "README.md", "images_*.png",
-                   "image_control_*.png"]
+                   "image_control_*.png", "control_metrics.png", "control_metrics.jsonl"]
 
 
 def repo_name(hub_model_id: str | None, output_dir: str) -> str:
@@ -25,6 +25,14 @@ def create_hub_repo(hub_model_id: str | None, output_dir: str, token: str | None
 def training_details(rows: dict[str, object]) -> str:
     """A markdown section for the model card, e.g. steps, effective batch, learning rate, resolution."""
     return "\n## Training details\n\n" + "\n".join(f"- {name}: {value}" for name, value in rows.items()) + "\n"
+
+
+def control_section(heldout_loss: float, control_gain: float, heldout_rows: int, plot_name: str) -> str:
+    """The control-adherence figures for the model card."""
+    return (f"\n## Control adherence\n\nOn {heldout_rows} held-out rows, at fixed timesteps and noise: held-out "
+            f"denoising loss {heldout_loss:.5f}, control gain {control_gain:.4f} (the error with another row's "
+            f"control image divided by the error with the row's own; 1 means the control image is ignored).\n\n"
+            f"![control adherence](./{plot_name})\n")
 
 
 def write_model_card(output_dir: str | Path, repo_id: str, base_model: str, logs: Sequence[ValidationLog],

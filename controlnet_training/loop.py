@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,13 @@ class Trainer:
     weight_dtype: torch.dtype
     seed: int
     plan: StepPlan
-    validate: Callable[[int, bool], None] | None = None
+    validate: Callable[[int, bool, float | None], None] | None = None
+    _losses_since_validation: list = field(default_factory=list)
+
+    def train_loss_since_validation(self) -> float | None:
+        """Mean logged loss since the previous validation (for the control-signal log), then reset."""
+        losses, self._losses_since_validation = self._losses_since_validation, []
+        return sum(losses) / len(losses) if losses else None
 
     def checkpoint(self, global_step: int) -> Path:
         accelerator, output_dir = self.accelerator, self.args.output_dir
@@ -152,6 +158,7 @@ class Trainer:
                            "lr": self.lr_scheduler.get_last_lr()[0]}
                 if grad_norm is not None:
                     metrics["grad_norm"] = float(grad_norm)
+                self._losses_since_validation.append(metrics["loss"])
                 metrics["samples_per_second"] = progress.step(**metrics)
                 accelerator.log(metrics, step=global_step)
                 micro, loss_sum = 0, torch.zeros((), device=accelerator.device)
@@ -161,7 +168,7 @@ class Trainer:
                     progress.pause_ended()
                 if self.validate is not None and global_step % args.validation_steps == 0 \
                         and global_step < plan.max_train_steps:  # the last step gets the final validation
-                    self.validate(global_step, False)
+                    self.validate(global_step, False, self.train_loss_since_validation())
                     self.controlnet.train()
                     progress.pause_ended()
                 if global_step >= plan.max_train_steps:

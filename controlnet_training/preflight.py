@@ -16,6 +16,7 @@ from accelerate.utils import broadcast_object_list
 
 from .arguments import InputError
 from .checkpoints import read_state, resolve_resume, stray_checkpoint_names
+from .control_signal import split_heldout
 from .data import Columns, check_images, load_train_split, pick_caption, resolve_columns, select_samples
 from .models import check_model_folder, check_optional_packages
 from .validation import check_validation_images
@@ -28,7 +29,8 @@ SD_MODEL_FILES = ("unet/config.json", "vae/config.json", "text_encoder/config.js
 
 @dataclass
 class Preflight:
-    dataset: Any
+    dataset: Any  # training rows
+    heldout: Any | None  # rows held out for the control signal
     columns: Columns
     resume_from: Path | None
     seed: int
@@ -68,4 +70,5 @@ def run_preflight(args, model_files: tuple[str, ...] = SD_MODEL_FILES) -> Prefli
         if state.is_main_process:
             check_images(dataset, columns)
     pick_caption(dataset.select_columns([columns.caption])[0][columns.caption], random.Random(0), 0.0)
-    return Preflight(dataset, columns, resume_from, seed)
+    dataset, heldout = split_heldout(dataset, args.validation_split, seed)
+    return Preflight(dataset, heldout, columns, resume_from, seed)

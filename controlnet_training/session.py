@@ -9,13 +9,15 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import hub, validation
 from .arguments import InputError, exit_on_input_error
-from .data import PairedTransform
+from .control_signal import METRICS_FILE, ControlSignal, append_metrics, plot_metrics, truncate_metrics
+from .data import Collator, ControlNetDataset, PairedTransform
 from .logs import logger, report_outputs, run_summary, setup_logging
 from .loop import (
     StepPlan,
@@ -125,27 +127,73 @@ def prepare_training(session: Session, controlnet, dataset, tokenizers, summary:
 
 @dataclass
 class Validator:
-    """Runs validation on the main process (the others wait) with a pipeline built from in-memory modules."""
+    """Runs on the main process (the others wait): the control signal on held-out rows, and validation images
+    from a pipeline built with the in-memory modules."""
 
     session: Session
     build_pipeline: Callable[[Any], Any]  # unwrapped ControlNet -> pipeline
     controlnet: Any
     transform: PairedTransform
+    control: ControlSignal | None = None
     pipeline_kwargs: dict = field(default_factory=dict)
     logs: list = field(default_factory=list)
+    last_signal: dict | None = None
 
-    def __call__(self, step: int, final: bool) -> None:
+    def start(self, global_step: int) -> None:
+        """Before the first step: a fresh run measures the untrained ControlNet (gain 1); a resumed one drops
+        the records its interrupted predecessor made after the checkpoint."""
+        if self.control is None or not self.session.accelerator.is_main_process:
+            return
+        if global_step > 0:
+            truncate_metrics(self.session.args.output_dir, global_step)
+        else:
+            (Path(self.session.args.output_dir) / METRICS_FILE).unlink(missing_ok=True)
+            self.measure_control(0, None)
+
+    def measure_control(self, step: int, train_loss: float | None) -> None:
         accelerator = self.session.accelerator
+        autocast = accelerator.autocast() if accelerator.mixed_precision != "no" else None
+        signal = self.control.measure(accelerator.unwrap_model(self.controlnet), accelerator.device, autocast)
+        self.last_signal = {"step": step, "train_loss": train_loss, **signal}
+        append_metrics(self.session.args.output_dir, self.last_signal)
+        accelerator.log(signal, step=step)
+        logger.info("step %d: held-out loss %.5f, control gain %.4f", step, signal["heldout_loss"],
+                    signal["control_gain"])
+
+    def __call__(self, step: int, final: bool, train_loss: float | None = None) -> None:
+        accelerator, args = self.session.accelerator, self.session.args
         if accelerator.is_main_process:
-            pipeline = self.build_pipeline(accelerator.unwrap_model(self.controlnet))
-            pipeline.set_progress_bar_config(disable=True)
-            self.logs = validation.run(accelerator, pipeline, self.session.args, self.transform,
-                                       self.session.preflight.seed, step, final, **self.pipeline_kwargs)
-            del pipeline
+            if self.control is not None:
+                self.measure_control(step, train_loss)
+            if args.validation_prompt:
+                pipeline = self.build_pipeline(accelerator.unwrap_model(self.controlnet))
+                pipeline.set_progress_bar_config(disable=True)
+                self.logs = validation.run(accelerator, pipeline, args, self.transform,
+                                           self.session.preflight.seed, step, final, **self.pipeline_kwargs)
+                del pipeline
         accelerator.wait_for_everyone()
 
 
-def finish_session(session: Session, training: Training, global_step: int, validator: Validator | None,
+def make_validator(session: Session, training: Training, build_pipeline: Callable[[Any], Any],
+                   transform: PairedTransform, encode: Callable, unet, noise_scheduler, tokenizers,
+                   pipeline_kwargs: dict | None = None) -> Validator | None:
+    """A Validator when there is something to validate: prompts/images, or held-out rows for the control signal."""
+    heldout, args = session.preflight.heldout, session.args
+    control = None
+    if heldout is not None:
+        rows = ControlNetDataset(heldout, session.preflight.columns, transform, session.preflight.seed)
+        collate = Collator(tokenizers)
+        batches = [collate([rows[i] for i in range(start, min(start + 8, len(rows)))])
+                   for start in range(0, len(rows), 8)]
+        control = ControlSignal(batches, encode, unet, noise_scheduler, session.weight_dtype, session.preflight.seed)
+    if control is None and not args.validation_prompt:
+        return None
+    validator = Validator(session, build_pipeline, training.controlnet, transform, control, pipeline_kwargs or {})
+    validator.start(training.global_step)
+    return validator
+
+
+def finish_session(session: Session, training: Training, trainer, global_step: int, validator: Validator | None,
                    tags: list[str], license: str) -> None:
     """Final weights, the final validation, model card, upload, and where everything went."""
     args, accelerator = session.args, session.accelerator
@@ -153,10 +201,16 @@ def finish_session(session: Session, training: Training, global_step: int, valid
     if accelerator.is_main_process:
         accelerator.unwrap_model(training.controlnet).save_pretrained(args.output_dir)
     if validator is not None:
-        validator(global_step, True)
+        validator(global_step, True, trainer.train_loss_since_validation())
     if accelerator.is_main_process:
         logs = validator.logs if validator is not None else []
         validation.save_images(logs, args.output_dir)
+        control_section = ""
+        if validator is not None and validator.last_signal is not None:
+            plot = plot_metrics(args.output_dir)
+            signal = validator.last_signal
+            control_section = hub.control_section(signal["heldout_loss"], signal["control_gain"],
+                                                  len(session.preflight.heldout), plot.name)
         details = hub.training_details({
             "optimizer steps": global_step, "effective batch": session.effective_batch,
             "learning rate": f"{args.learning_rate:g} ({args.lr_scheduler})", "resolution": args.resolution,
@@ -165,7 +219,7 @@ def finish_session(session: Session, training: Training, global_step: int, valid
         hub.write_model_card(args.output_dir, session.repo_id or hub.repo_name(args.hub_model_id, args.output_dir),
                              args.pretrained_model_name_or_path, logs, tags, license,
                              dataset=args.dataset_name or args.train_data_dir, token=args.hub_token,
-                             from_hub=session.repo_id is not None, extra=details)
+                             from_hub=session.repo_id is not None, extra=control_section + details)
         if session.repo_id is not None:
             hub.upload_outputs(args.output_dir, session.repo_id, args.hub_token)
         logger.info("done after %d steps. Outputs:\n%s", global_step,

@@ -16,6 +16,7 @@ import gzip
 import json
 import math
 import random
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -336,6 +337,95 @@ def write_validation_images(out_dir: str | Path, count: int = 2, resolution: int
     return paths
 
 
+# --------------------------------------------------------------------------------------------- a base that can learn
+def _load_images(data_dir: str | Path, resolution: int):
+    """(images in [-1, 1] as N×3×R×R, captions) of an imagefolder written by write_dataset."""
+    import numpy as np
+    import torch
+
+    folder = Path(data_dir)
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    images = [np.asarray(Image.open(folder / r["file_name"]).convert("RGB").resize((resolution, resolution)))
+              for r in rows]
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return pixels, [r["text"] for r in rows]
+
+
+def calibrate_vae(vae, log_std: float = -6.0) -> None:
+    """Make the posterior near-deterministic: the log-variance half of quant_conv outputs a constant 2·log_std
+    (std = e^-6 ≈ 0.0025), so a sampled latent is its mean plus a whisper of noise, not mostly noise."""
+    import torch
+
+    channels = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[channels:].zero_()
+        vae.quant_conv.bias[channels:].fill_(2 * log_std)
+    vae.quant_conv.requires_grad_(False)
+
+
+def pretrain_base(pipeline, data_dir: str | Path, resolution: int = 64, vae_steps: int = 1500,
+                  unet_steps: int = 3000, batch_size: int = 16, seed: int = 0, log_every: int = 250):
+    """Turn the random tiny pipeline into a base a ControlNet can be trained on (all on the CPU, a few minutes):
+
+    1. calibrate the VAE and train it as an autoencoder on the synthetic images, so that latents carry the image
+       and decoded validation images are recognisable circles; set its scaling factor to 1 / std of the latents;
+    2. train the UNet text-to-image on those latents (DDPM, epsilon), so the base can already denoise.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    pixels, captions = _load_images(data_dir, resolution)
+    generator = torch.Generator().manual_seed(seed)
+    start = time.time()
+    vae, unet, text_encoder = pipeline.vae, pipeline.unet, pipeline.text_encoder
+    calibrate_vae(vae)
+
+    vae.train()
+    optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=2e-3, weight_decay=0)
+    crop = resolution // 2  # the VAE is convolutional: random half-size crops train it 4× faster
+    for step in range(1, vae_steps + 1):
+        batch = pixels[torch.randint(0, len(pixels), (batch_size,), generator=generator)]
+        top, left = torch.randint(0, resolution - crop + 1, (2,), generator=generator).tolist()
+        batch = batch[:, :, top : top + crop, left : left + crop]
+        mean = vae.encode(batch).latent_dist.mean
+        loss = F.mse_loss(vae.decode(mean).sample, batch) + 1e-4 * mean.pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % log_every == 0:
+            print(f"vae step {step}: reconstruction loss {loss.item():.5f} ({time.time() - start:.0f} s)", flush=True)
+    vae.eval().requires_grad_(False)
+
+    with torch.no_grad():
+        means = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in pixels.split(64)])
+        vae.register_to_config(scaling_factor=float(1.0 / means.std()))
+        latents = means * vae.config.scaling_factor
+        ids = pipeline.tokenizer(captions, padding="max_length", max_length=pipeline.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids
+        text = torch.cat([text_encoder(chunk)[0] for chunk in ids.split(64)])
+        empty = text_encoder(pipeline.tokenizer([""], padding="max_length", return_tensors="pt",
+                                                max_length=pipeline.tokenizer.model_max_length).input_ids)[0]
+
+    scheduler = pipeline.scheduler
+    unet.train()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=3e-4, weight_decay=0)
+    for step in range(1, unet_steps + 1):
+        rows = torch.randint(0, len(latents), (batch_size,), generator=generator)
+        noise = torch.randn(latents[rows].shape, generator=generator)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+        cond = text[rows].clone()
+        cond[torch.rand(batch_size, generator=generator) < 0.1] = empty[0]  # learn the unconditional too
+        pred = unet(scheduler.add_noise(latents[rows], noise, t), t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred, noise)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % log_every == 0:
+            print(f"unet step {step}: denoising loss {loss.item():.5f} ({time.time() - start:.0f} s)", flush=True)
+    unet.eval().requires_grad_(False)
+    return pipeline
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -347,6 +437,14 @@ def main(argv: list[str] | None = None) -> None:
     pipe.add_argument("--clip_vocab", nargs="?", const="open_clip", default=None,
                       help="use the real 49,408-token CLIP vocabulary: a path to bpe_simple_vocab_16e6.txt.gz, "
                            "or no value to take it from an installed open-clip-torch")
+    base = sub.add_parser("pretrained", help="write a tiny pipeline whose VAE and UNet are trained on the "
+                                             "synthetic data (a base on which a ControlNet can learn control)")
+    base.add_argument("out_dir")
+    base.add_argument("--data", required=True, help="an imagefolder written by the dataset command")
+    base.add_argument("--resolution", type=int, default=64)
+    base.add_argument("--vae_steps", type=int, default=1500)
+    base.add_argument("--unet_steps", type=int, default=3000)
+    base.add_argument("--seed", type=int, default=0)
     data = sub.add_parser("dataset", help="write the synthetic fill-style dataset")
     data.add_argument("out_dir")
     data.add_argument("--rows", type=int, default=64)
@@ -355,7 +453,16 @@ def main(argv: list[str] | None = None) -> None:
     data.add_argument("--validation_images", type=int, default=2)
     args = parser.parse_args(argv)
 
-    if args.command == "pipeline":
+    if args.command == "pretrained":
+        import torch
+
+        torch.manual_seed(args.seed)
+        pipeline = pretrain_base(make_pipeline("tiny", seed=args.seed), args.data, args.resolution,
+                                 args.vae_steps, args.unet_steps, seed=args.seed)
+        pipeline.save_pretrained(args.out_dir)
+        print(f"wrote the pre-trained tiny pipeline to {args.out_dir} "
+              f"(VAE scaling factor {pipeline.vae.config.scaling_factor:.3f})")
+    elif args.command == "pipeline":
         vocab = args.clip_vocab
         if vocab == "open_clip":
             vocab = find_open_clip_vocab()

@@ -156,3 +156,24 @@ def plot_metrics(output_dir: str | Path) -> Path | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the control-adherence curve of a run: python -m controlnet_training.control_signal OUTPUT_DIR"""
+    import sys
+
+    output_dir = (argv if argv is not None else sys.argv[1:])[0]
+    records = read_metrics(output_dir)
+    if not records:
+        raise SystemExit(f"no {METRICS_FILE} in {output_dir} (the run had no held-out rows)")
+    print(f"{'step':>7} {'train loss':>11} {'held-out loss':>14} {'control gain':>13}")
+    for r in records:
+        train = "" if r.get("train_loss") is None else f"{r['train_loss']:.5f}"
+        print(f"{r['step']:>7} {train:>11} {r['heldout_loss']:>14.5f} {r['control_gain']:>13.4f}")
+    first, last = records[0], records[-1]
+    print(f"control gain {first['control_gain']:.4f} at step {first['step']} -> {last['control_gain']:.4f} "
+          f"at step {last['step']}; plot: {Path(output_dir) / PLOT_FILE}")
+
+
+if __name__ == "__main__":
+    main()

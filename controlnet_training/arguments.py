@@ -179,6 +179,9 @@ def check_args(args: argparse.Namespace) -> None:
                          f"both downsample by 8), got {args.resolution}")
     if args.lr_scheduler not in LR_SCHEDULERS:
         raise InputError(f"--lr_scheduler {args.lr_scheduler} is not one of: {', '.join(LR_SCHEDULERS)}")
+    if args.lr_scheduler == "polynomial" and args.learning_rate <= 1e-7:
+        raise InputError(f"--lr_scheduler polynomial decays to 1e-7, so --learning_rate must be above it "
+                         f"(got {args.learning_rate:g})")
     prompts, images = args.validation_prompt, args.validation_image
     if prompts is not None and images is None:
         raise InputError("--validation_prompt needs --validation_image as well")

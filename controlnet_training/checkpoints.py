@@ -89,8 +89,9 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, write: Callable[[P
     """
     final = Path(output_dir) / f"checkpoint-{step}"
     tmp = Path(output_dir) / f".checkpoint-{step}.tmp"
-    if is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    if is_main_process:
+        for stale in Path(output_dir).glob(".checkpoint-*.tmp"):  # left by a crash mid-save: never complete
+            shutil.rmtree(stale)
     barrier()
     write(tmp)
     barrier()

@@ -99,8 +99,9 @@ class Trainer:
         accelerator, output_dir = self.accelerator, self.args.output_dir
         if accelerator.is_main_process:
             prune_checkpoints(output_dir, self.args.checkpoints_total_limit)
-        state = {"global_step": global_step, "seed": self.seed,
-                 "epoch": self.plan.position(global_step)[0], "micro_batches_done": self.plan.position(global_step)[1]}
+        epoch, micro_batches_done = self.plan.position(global_step)
+        state = {"global_step": global_step, "seed": self.seed, "epoch": epoch,
+                 "micro_batches_done": micro_batches_done}
         path = save_checkpoint(output_dir, global_step, accelerator.save_state, state,
                                is_main_process=accelerator.is_main_process, barrier=accelerator.wait_for_everyone)
         logger.info("saved state to %s", path)
@@ -219,15 +220,9 @@ def make_lr_scheduler(args, optimizer, num_processes: int, max_train_steps: int)
     """diffusers' schedules; steps × processes because accelerate steps the scheduler once per process."""
     from diffusers.optimization import get_scheduler
 
-    from .arguments import InputError
-
-    try:
-        return get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                             num_warmup_steps=args.lr_warmup_steps * num_processes,
-                             num_training_steps=max_train_steps * num_processes,
-                             num_cycles=args.lr_num_cycles, power=args.lr_power)
-    except ValueError as error:
-        raise InputError(f"--lr_scheduler {args.lr_scheduler}: {error}") from error
+    return get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
+                         num_training_steps=max_train_steps * num_processes, num_cycles=args.lr_num_cycles,
+                         power=args.lr_power)
 
 
 def tracker_config(args) -> dict:

@@ -36,11 +36,14 @@ def parse(*flags: str):
     return build_parser("test").parse_args(["--pretrained_model_name_or_path", "m", *flags])
 
 
-def test_every_reference_flag_plus_snr_gamma():
+OUR_FLAGS = {"snr_gamma", "validation_split"}
+
+
+def test_every_reference_flag_plus_ours():
     parser = build_parser("test")
     dests = {a.dest for a in parser._actions if a.dest != "help"}
     assert len(REFERENCE_SD_FLAGS) == 52
-    assert dests == REFERENCE_SD_FLAGS | {"snr_gamma"}
+    assert dests == REFERENCE_SD_FLAGS | OUR_FLAGS
 
 
 def test_reference_defaults():
@@ -91,8 +94,8 @@ def test_sdxl_flags_are_the_shared_ones_plus_its_own():
     dests = {a.dest for a in parser._actions if a.dest != "help"}
     sdxl_own = {"pretrained_vae_model_name_or_path", "crops_coords_top_left_h", "crops_coords_top_left_w",
                 "enable_npu_flash_attention", "image_interpolation_mode"}
-    assert dests == REFERENCE_SD_FLAGS | sdxl_own | {"snr_gamma"}
-    assert len(dests) == 57 + 1
+    assert dests == REFERENCE_SD_FLAGS | sdxl_own | OUR_FLAGS
+    assert len(dests) == 57 + len(OUR_FLAGS)
     args = parser.parse_args(["--pretrained_model_name_or_path", "m", "--dataset_name", "d"])
     assert args.tracker_project_name == "sd_xl_train_controlnet"
     assert args.image_interpolation_mode == "lanczos" and args.crops_coords_top_left_h == 0

@@ -79,6 +79,8 @@ CASES = {
     "zero batch": (dict(train_batch_size=0), "--train_batch_size must be > 0"),
     "negative warmup": (dict(lr_warmup_steps=-5), "--lr_warmup_steps must be >= 0"),
     "unknown schedule": (dict(lr_scheduler="piecewise_constant"), "--lr_scheduler piecewise_constant"),
+    "polynomial below its floor": (dict(lr_scheduler="polynomial", learning_rate=1e-8),
+                                   "--lr_scheduler polynomial decays to 1e-7"),
     "missing validation image": (dict(validation_prompt=["a"], validation_image=["{tmp}/none.png"]),
                                  "--validation_image {tmp}/none.png: no such file"),
     "tracker not installed": (dict(report_to="comet_ml"), "--report_to comet_ml needs comet_ml"),

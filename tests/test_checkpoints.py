@@ -67,6 +67,7 @@ def test_save_is_atomic(tmp_path):
         save_checkpoint(tmp_path, 6, crash, {"global_step": 6, "seed": 1})
     assert not (tmp_path / "checkpoint-6").exists()
     assert resolve_resume("latest", tmp_path) is None
+    assert (tmp_path / ".checkpoint-6.tmp").exists()  # the debris is hidden, and removed by the next save
 
     def write(folder):
         folder.mkdir()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, parse_flag_from_env
 
 from .arguments import InputError
 from .checkpoints import read_state, resolve_resume, stray_checkpoint_names
@@ -58,7 +58,9 @@ def run_preflight(args, model_files: tuple[str, ...] = SD_MODEL_FILES) -> Prefli
             logger.warning("--seed %d differs from the checkpoint's seed %d: the resumed run will not match an "
                            "uninterrupted one", seed, stored)
         seed = stored if seed is None else seed
-    state = PartialState()  # no models: only the process group, so all ranks agree on the seed and the data
+    # No models: only the process group, so all ranks agree on the seed and the data. (accelerate reads
+    # ACCELERATE_USE_CPU only when the full state is built; read it here too, or CPU ranks would not join.)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     if seed is None:
         seed = broadcast_object_list([random.SystemRandom().randrange(2**31)])[0]
         logger.info("no --seed given: using %d (stored in checkpoints)", seed)

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .noise import prediction_target
+from .noise import prediction_target, stream_seed
 
 TIMESTEP_FRACTIONS = (0.05, 0.2, 0.4, 0.6, 0.8)  # t = 50, 200, 400, 600, 800 of 1000
+HELD_OUT_STREAM = 7919  # keeps the held-out noise apart from the training draws of the same seed
 METRICS_FILE = "control_metrics.jsonl"
 PLOT_FILE = "control_metrics.png"
 
@@ -72,7 +73,7 @@ class ControlSignal:
         self.swapped_controls = list(shifted)
 
     def _noise(self, shape, row: int, t: int, device) -> torch.Tensor:
-        generator = torch.Generator(device="cpu").manual_seed(hash((self.seed, 7919, row, t)) & 0x7FFFFFFF)
+        generator = torch.Generator(device="cpu").manual_seed(stream_seed(self.seed, HELD_OUT_STREAM, row, t))
         return torch.randn(shape, generator=generator).to(device)
 
     @torch.no_grad()

@@ -11,6 +11,14 @@ from diffusers.training_utils import compute_snr
 from .arguments import InputError
 
 
+def stream_seed(*keys: int) -> int:
+    """A generator seed from integer keys; unlike hash(), the same on every Python build and platform."""
+    value = 0
+    for key in keys:
+        value = (value * 1_000_003 + int(key) + 1) % (2**61 - 1)
+    return value
+
+
 def sample_draws(seed: int, epoch: int, indices: Sequence[int], latent_shape: Sequence[int], num_train_timesteps: int,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(posterior noise, diffusion noise, timesteps) for each row, each drawn from its own (seed, epoch, row) stream.
@@ -21,7 +29,7 @@ def sample_draws(seed: int, epoch: int, indices: Sequence[int], latent_shape: Se
     posterior_noise, noise, timesteps = [], [], []
     generator = torch.Generator(device=device)
     for index in indices:
-        generator.manual_seed(hash((seed, epoch, int(index))) & 0x7FFF_FFFF_FFFF_FFFF)
+        generator.manual_seed(stream_seed(seed, epoch, index))
         posterior_noise.append(torch.randn(tuple(latent_shape), generator=generator, device=device))
         noise.append(torch.randn(tuple(latent_shape), generator=generator, device=device))
         timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=generator, device=device))

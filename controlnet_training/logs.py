@@ -41,13 +41,15 @@ class Progress:
         self.samples_per_step = samples_per_step
         self.tick = time.perf_counter()
         self.samples_per_second = 0.0
+        self.latest_validation: dict[str, float] = {}  # shown until the next validation
 
     def step(self, **metrics: float) -> float:
         """Advance one step; returns the samples/s of this step."""
         now = time.perf_counter()
         self.samples_per_second = self.samples_per_step / max(now - self.tick, 1e-9)
         self.tick = now
-        self.bar.set_postfix({**{k: f"{v:.4g}" for k, v in metrics.items()},
+        shown = {**metrics, **self.latest_validation}
+        self.bar.set_postfix({**{k: f"{v:.4g}" for k, v in shown.items()},
                               "samples/s": f"{self.samples_per_second:.3g}"}, refresh=False)
         self.bar.update(1)
         return self.samples_per_second

@@ -170,6 +170,10 @@ class Trainer:
                 if self.validate is not None and global_step % args.validation_steps == 0 \
                         and global_step < plan.max_train_steps:  # the last step gets the final validation
                     self.validate(global_step, False, self.train_loss_since_validation())
+                    signal = getattr(self.validate, "last_signal", None)
+                    if signal:
+                        progress.latest_validation = {"held_out": signal["heldout_loss"],
+                                                      "gain": signal["control_gain"]}
                     self.controlnet.train()
                     progress.pause_ended()
                 if global_step >= plan.max_train_steps:

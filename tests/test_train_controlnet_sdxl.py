@@ -22,6 +22,7 @@ def test_bf16_run_with_validation_checkpoints_and_cache_reuse(tiny_sdxl, fill_da
     first = run_script(SCRIPT, xl_args(
         tiny_sdxl, fill_data, out, cache, max_train_steps=6, checkpointing_steps=2, checkpoints_total_limit=2,
         mixed_precision="bf16", gradient_checkpointing=True, validation_steps=3, num_validation_images=1,
+        validation_split=3,
         validation_prompt=["red circle with blue background"],
         validation_image=[fill_data["validation"] / "control_0.png"]))
     assert (out / "diffusion_pytorch_model.safetensors").exists()
@@ -33,6 +34,9 @@ def test_bf16_run_with_validation_checkpoints_and_cache_reuse(tiny_sdxl, fill_da
     weights = load_weights(out)
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values())
     assert read_scalars(out / "logs", "loss").keys() == set(range(1, 7))
+    gains = read_scalars(out / "logs", "control_gain")  # the control signal runs in the SDXL trainer too
+    assert sorted(gains) == [0, 3, 6] and gains[0] == 1.0
+    assert "Control adherence" in (out / "README.md").read_text()
 
     # training captions and validation prompts are cached apart
     assert len(list(cache.rglob("*.safetensors"))) == 2

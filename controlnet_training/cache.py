@@ -69,7 +69,7 @@ def build_or_load(cache_dir: str | os.PathLike, parts: dict, keys: Sequence[str]
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    keys = list(dict.fromkeys(keys))
+    keys = sorted(set(keys))  # the same set of captions is the same cache, whatever the order
     name = fingerprint({**parts, "keys": hashlib.sha256("\x00".join(keys).encode()).hexdigest()})
     path = Path(cache_dir) / f"{name}.safetensors"
     if is_main_process and not (path.exists() and path.with_suffix(".json").exists()):

@@ -42,7 +42,7 @@ def test_cached_embeddings_equal_a_fresh_encode(tiny_sdxl, tmp_path):
              "tokenizers": [tokenizer_identity(t) for t in models.tokenizers]}
     cache = build_or_load(tmp_path, parts, captions, lambda c: encode_prompts(c, models.tokenizers,
                                                                               models.text_encoders))
-    assert cache.keys == ["red circle with blue background", "", "a cat"]
+    assert cache.keys == ["", "a cat", "red circle with blue background"]
     fresh = encode_prompts(["a cat", "red circle with blue background"], models.tokenizers, models.text_encoders)
     found = cache.lookup(["a cat", "red circle with blue background"])
     assert found["prompt_embeds"].shape == (2, 77, 64) and found["pooled_prompt_embeds"].shape == (2, 32)

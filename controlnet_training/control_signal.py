@@ -112,8 +112,13 @@ class ControlSignal:
 
 
 def append_metrics(output_dir: str | Path, record: dict) -> None:
-    with open(Path(output_dir) / METRICS_FILE, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Add a record; one record per step (a resumed run that re-measures a step replaces it)."""
+    records = [r for r in read_metrics(output_dir) if r["step"] != record["step"]] + [record]
+    _write_metrics(output_dir, sorted(records, key=lambda r: r["step"]))
+
+
+def _write_metrics(output_dir: str | Path, records: list[dict]) -> None:
+    (Path(output_dir) / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 def read_metrics(output_dir: str | Path) -> list[dict]:
@@ -125,8 +130,7 @@ def read_metrics(output_dir: str | Path) -> list[dict]:
 
 def truncate_metrics(output_dir: str | Path, last_step: int) -> None:
     """On resume from `last_step`, forget records of steps the interrupted run made after its checkpoint."""
-    kept = [r for r in read_metrics(output_dir) if r["step"] <= last_step]
-    (Path(output_dir) / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in kept))
+    _write_metrics(output_dir, [r for r in read_metrics(output_dir) if r["step"] <= last_step])
 
 
 def plot_metrics(output_dir: str | Path) -> Path | None:

@@ -133,6 +133,9 @@ class Trainer:
         params = [p for p in self.controlnet.parameters() if p.requires_grad]
         first_epoch, skip = plan.position(global_step)
         self.controlnet.train()
+        if global_step >= plan.max_train_steps:  # resumed from a checkpoint at (or past) the last step
+            progress.close()
+            return global_step
 
         for epoch in range(first_epoch, plan.num_epochs):
             loader = self.dataloader

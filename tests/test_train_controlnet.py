@@ -167,3 +167,17 @@ def test_bf16_gradient_checkpointing_and_logged_metrics(tiny_sd, fill_data, tmp_
     for tag in ("loss", "grad_norm", "samples_per_second"):
         values = read_scalars(tmp_path / "logs", tag)
         assert sorted(values) == [1, 2, 3] and all(v == v and v >= 0 for v in values.values()), tag
+
+
+def test_resuming_a_finished_run_trains_no_further(tiny_sd, fill_data, tmp_path):
+    common = dict(max_train_steps=2, checkpointing_steps=2, validation_split=3, validation_steps=1)
+    run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path, **common))
+    before = load_weights(tmp_path)
+    run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path, resume_from_checkpoint="latest",
+                                 **common))
+    after = load_weights(tmp_path)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert checkpoint_names(tmp_path) == {"checkpoint-2"}
+    assert sorted(read_scalars(tmp_path / "logs", "loss")) == [1, 2]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "control_metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2]  # one record per step, the re-measured final one replaced

@@ -65,7 +65,7 @@ class Progress:
         self.bar.close()
 
 
-def report_outputs(output_dir: str | Path, logging_dir: str | Path, extra: Iterable[str] = ()) -> str:
+def report_outputs(output_dir: str | Path, logging_dir: str | Path) -> str:
     output_dir = Path(output_dir)
     lines = [f"weights      : {output_dir / 'diffusion_pytorch_model.safetensors'} (+ config.json)",
              f"checkpoints  : {output_dir}/checkpoint-*",
@@ -73,9 +73,10 @@ def report_outputs(output_dir: str | Path, logging_dir: str | Path, extra: Itera
     images = sorted(output_dir.glob("images_*.png"))
     if images:
         lines.append(f"validation   : {', '.join(str(p) for p in images)}")
+    if (output_dir / "control_metrics.png").exists():
+        lines.append(f"control gain : {output_dir / 'control_metrics.jsonl'}, {output_dir / 'control_metrics.png'}")
     if (output_dir / "README.md").exists():
         lines.append(f"model card   : {output_dir / 'README.md'}")
-    lines += list(extra)
     peak = peak_memory()
     if peak is not None:
         lines.append(f"peak memory  : {peak / 2**30:.2f} GiB allocated on the device (this process)")

@@ -67,8 +67,11 @@ class Progress:
 
 def report_outputs(output_dir: str | Path, logging_dir: str | Path) -> str:
     output_dir = Path(output_dir)
+    from .checkpoints import list_checkpoints
+
+    checkpoints = [path.name for _, path in list_checkpoints(output_dir)]
     lines = [f"weights      : {output_dir / 'diffusion_pytorch_model.safetensors'} (+ config.json)",
-             f"checkpoints  : {output_dir}/checkpoint-*",
+             f"checkpoints  : {output_dir}/{{{','.join(checkpoints)}}}" if checkpoints else "checkpoints  : none",
              f"tracker logs : {logging_dir}"]
     images = sorted(output_dir.glob("images_*.png"))
     if images:

@@ -53,13 +53,13 @@ class Session:
 def start_session(args, prog: str, model_files: tuple[str, ...], extra_checks: Callable[[Any], None] = lambda a: None
                   ) -> Session:
     """Check everything that can be checked without models, then create the accelerator and the output folder."""
+    setup_logging(int(os.environ.get("LOCAL_RANK", "0")) == 0)  # before the checks, so their notes are shown
     try:
         extra_checks(args)
         preflight = run_preflight(args, model_files)
         accelerator = make_accelerator(args)
     except InputError as error:
         exit_on_input_error(prog, error)
-    setup_logging(accelerator.is_local_main_process)
     from accelerate.utils import set_seed
 
     set_seed(preflight.seed)  # the ControlNet's new conditioning encoder is randomly initialised

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .models import controlled_prediction
 from .noise import prediction_target, stream_seed
 
 TIMESTEP_FRACTIONS = (0.05, 0.2, 0.4, 0.6, 0.8)  # t = 50, 200, 400, 600, 800 of 1000
@@ -96,13 +97,8 @@ class ControlSignal:
                     noisy = self.noise_scheduler.add_noise(latents, noise, timesteps).to(self.weight_dtype)
                     target = prediction_target(self.noise_scheduler, latents, noise, timesteps).float()
                     for control, sums in ((batch["conditioning_pixel_values"], own_sum), (swapped, swapped_sum)):
-                        down, mid = controlnet(noisy, timesteps, encoder_hidden_states=hidden,
-                                               controlnet_cond=control.to(device, self.weight_dtype),
-                                               added_cond_kwargs=added, return_dict=False)
-                        pred = self.unet(noisy, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added,
-                                         down_block_additional_residuals=[r.to(self.weight_dtype) for r in down],
-                                         mid_block_additional_residual=mid.to(self.weight_dtype),
-                                         return_dict=False)[0]
+                        pred = controlled_prediction(controlnet, self.unet, noisy, timesteps, hidden,
+                                                     control.to(device), added, self.weight_dtype)
                         sums[t] += F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3)).sum().item()
                 rows += latents.shape[0]
         controlnet.train(was_training)

@@ -16,6 +16,7 @@ import torch
 
 from .checkpoints import prune_checkpoints, save_checkpoint
 from .logs import Progress, logger
+from .models import controlled_prediction
 from .noise import diffusion_loss, prediction_target, sample_draws
 
 # encode(batch) -> (posterior mean, posterior std, encoder_hidden_states, added_cond_kwargs); latents are in the
@@ -114,15 +115,9 @@ class Trainer:
             self.noise_scheduler.config.num_train_timesteps, mean.device)
         latents = mean.float() + std.float() * posterior_noise  # a sample of the VAE posterior, as the reference
         noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps).to(self.weight_dtype)
-        conditioning = batch["conditioning_pixel_values"].to(self.weight_dtype)
-        down_residuals, mid_residual = self.controlnet(
-            noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states, controlnet_cond=conditioning,
-            added_cond_kwargs=added_cond_kwargs, return_dict=False)
-        model_pred = self.unet(
-            noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
-            added_cond_kwargs=added_cond_kwargs,
-            down_block_additional_residuals=[r.to(self.weight_dtype) for r in down_residuals],
-            mid_block_additional_residual=mid_residual.to(self.weight_dtype), return_dict=False)[0]
+        model_pred = controlled_prediction(self.controlnet, self.unet, noisy_latents, timesteps,
+                                           encoder_hidden_states, batch["conditioning_pixel_values"],
+                                           added_cond_kwargs, self.weight_dtype)
         target = prediction_target(self.noise_scheduler, latents, noise, timesteps)
         return diffusion_loss(model_pred, target, timesteps, self.noise_scheduler, self.args.snr_gamma)
 

@@ -129,6 +129,19 @@ def enable_memory_options(args, controlnet, unet) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+def controlled_prediction(controlnet, unet, noisy_latents, timesteps, encoder_hidden_states, control,
+                          added_cond_kwargs, weight_dtype: torch.dtype) -> torch.Tensor:
+    """The UNet's prediction steered by the ControlNet: its residuals, cast to the UNet's dtype, are added to the
+    UNet's skip connections and mid block."""
+    down_residuals, mid_residual = controlnet(
+        noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
+        controlnet_cond=control.to(weight_dtype), added_cond_kwargs=added_cond_kwargs, return_dict=False)
+    return unet(
+        noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
+        down_block_additional_residuals=[r.to(weight_dtype) for r in down_residuals],
+        mid_block_additional_residual=mid_residual.to(weight_dtype), return_dict=False)[0]
+
+
 def make_optimizer(args, params):
     if args.use_8bit_adam:
         import bitsandbytes as bnb

@@ -16,6 +16,7 @@ import torch
 
 from . import hub, validation
 from .arguments import InputError, exit_on_input_error
+from .checkpoints import read_state
 from .control_signal import METRICS_FILE, ControlSignal, append_metrics, plot_metrics, truncate_metrics
 from .data import Collator, ControlNetDataset, PairedTransform
 from .logs import logger, report_outputs, run_summary, setup_logging
@@ -102,7 +103,7 @@ def prepare_training(session: Session, controlnet, dataset, tokenizers, summary:
     global_step = 0
     if preflight.resume_from is not None:
         accelerator.load_state(str(preflight.resume_from))
-        global_step = int(preflight.resume_from.name.split("-")[1])
+        global_step = read_state(preflight.resume_from)["global_step"]  # the folder may have any name
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
     logger.info("***** Running training *****\n%s", run_summary([

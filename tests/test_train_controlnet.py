@@ -181,3 +181,16 @@ def test_resuming_a_finished_run_trains_no_further(tiny_sd, fill_data, tmp_path)
     assert sorted(read_scalars(tmp_path / "logs", "loss")) == [1, 2]
     steps = [json.loads(line)["step"] for line in (tmp_path / "control_metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2]  # one record per step, the re-measured final one replaced
+
+
+def test_resume_from_a_checkpoint_folder_with_another_name(tiny_sd, fill_data, tmp_path):
+    import shutil
+
+    run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path / "a", max_train_steps=2,
+                                 checkpointing_steps=2))
+    saved = tmp_path / "kept-for-later"
+    shutil.copytree(tmp_path / "a" / "checkpoint-2", saved)
+    result = run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path / "b", max_train_steps=3,
+                                          resume_from_checkpoint=saved))
+    assert "(step 2)" in result.stderr
+    assert sorted(read_scalars(tmp_path / "b" / "logs", "loss")) == [3]

@@ -10,14 +10,18 @@ Same flags as the diffusers example (plus --snr_gamma); also runs as plain `pyth
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 
 from controlnet_training.arguments import build_parser, parse_args
-from controlnet_training.data import ControlNetDataset, PairedTransform
+from controlnet_training.cache import model_identity, tokenizer_identity
+from controlnet_training.data import ControlNetDataset, PairedTransform, caption_variants
+from controlnet_training.encodings import drop_encoders, latent_cache, posterior, text_cache, wants_cache
 from controlnet_training.loop import Trainer
 from controlnet_training.models import enable_memory_options, load_sd_models, make_controlnet, place_frozen
 from controlnet_training.preflight import SD_MODEL_FILES
+from controlnet_training.presets import exit_on_oom
 from controlnet_training.session import finish_session, make_validator, prepare_training, start_session
 
 TAGS = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "controlnet",
@@ -26,45 +30,80 @@ TAGS = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diff
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(build_parser(__doc__), argv)
+    with exit_on_oom(args, "sd"):  # out of device memory: name the next memory preset to try
+        train(args)
+
+
+def train(args) -> None:
     # Files, packages, resume target and dataset are checked before any model loads.
     session = start_session(args, "train_controlnet.py", SD_MODEL_FILES)
-    accelerator, weight_dtype = session.accelerator, session.weight_dtype
+    accelerator, weight_dtype, preflight = session.accelerator, session.weight_dtype, session.preflight
 
     # Models: frozen tokenizer / text encoder / VAE / UNet in the weight dtype, a trainable fp32 ControlNet.
     models = load_sd_models(args)
     controlnet = make_controlnet(args, models.unet)
-    enable_memory_options(args, controlnet, models.unet)
+    enable_memory_options(args, controlnet, models.unet, accelerator.device)
     place_frozen((models.vae, models.unet, models.text_encoder), accelerator.device, weight_dtype)
 
-    # Data, optimizer, schedule, resume.
+    # Every training image's VAE posterior and every caption's embedding, encoded once into an on-disk cache
+    # (--cache_encodings); without it they are encoded at every step, as in the reference.
+    def encode_text(captions: list[str]) -> dict[str, torch.Tensor]:
+        ids = models.tokenizer(captions, max_length=models.tokenizer.model_max_length, padding="max_length",
+                               truncation=True, return_tensors="pt").input_ids
+        return {"prompt_embeds": models.text_encoder(ids.to(accelerator.device), return_dict=False)[0]}
+
     transform = PairedTransform(args.resolution)
-    dataset = ControlNetDataset(session.preflight.dataset, session.preflight.columns, transform,
-                                session.preflight.seed, args.proportion_empty_prompts)
-    training = prepare_training(session, controlnet, dataset, [models.tokenizer])
+    cached = wants_cache(args, len(preflight.dataset), session.effective_batch)
+    latents = texts = prompts = None
+    if cached:
+        base = Path(args.pretrained_model_name_or_path)
+        latents = latent_cache(session, models.vae, transform, str(base / "vae"))
+        encoder_key = {"encoder": model_identity(models.text_encoder, str(base / "text_encoder")),
+                       "tokenizer": tokenizer_identity(models.tokenizer)}
+        # Training and held-out captions together: the same cache whatever --validation_split is.
+        heldout = caption_variants(preflight.heldout, preflight.columns.caption) if preflight.heldout else []
+        texts = text_cache(session, [*caption_variants(preflight.dataset, preflight.columns.caption), "", *heldout],
+                           encoder_key, encode_text)
+        if args.validation_prompt:
+            prompts = text_cache(session, [*args.validation_prompt, ""], encoder_key, encode_text)
+
+    # Data, optimizer, schedule, resume.
+    dataset = ControlNetDataset(preflight.dataset, preflight.columns, transform, preflight.seed,
+                                args.proportion_empty_prompts, with_target=not cached)
+    training = prepare_training(session, controlnet, dataset, [] if cached else [models.tokenizer], latents=latents,
+                                texts=texts, summary=[("cached encodings", latents.path.parent if cached else "no")])
 
     def encode(batch: dict):
         """VAE posterior (mean, std) in the UNet's latent scale, and the text encoder's last hidden state."""
+        mean, std = posterior(batch, models.vae)
+        if "prompt_embeds" in batch:
+            return mean, std, batch["prompt_embeds"].to(weight_dtype), None
         with torch.no_grad():
-            posterior = models.vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist
-            encoder_hidden_states = models.text_encoder(batch["input_ids"], return_dict=False)[0]
-        scale = models.vae.config.scaling_factor
-        return posterior.mean * scale, posterior.std * scale, encoder_hidden_states, None
+            return mean, std, models.text_encoder(batch["input_ids"], return_dict=False)[0], None
 
     def build_pipeline(trained_controlnet):
         from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
 
         return StableDiffusionControlNetPipeline(
-            vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer, unet=models.unet,
-            controlnet=trained_controlnet, safety_checker=None, feature_extractor=None,
+            vae=models.vae, text_encoder=None if cached else models.text_encoder, tokenizer=models.tokenizer,
+            unet=models.unet, controlnet=trained_controlnet, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False,
             scheduler=UniPCMultistepScheduler.from_config(models.noise_scheduler.config))
 
+    def prompt_inputs(prompt: str) -> dict:
+        found = prompts.lookup([prompt, ""])["prompt_embeds"]
+        embeds = torch.from_numpy(found).to(accelerator.device, weight_dtype)
+        return {"prompt_embeds": embeds[:1], "negative_prompt_embeds": embeds[1:]}
+
     # Validation images, and the held-out loss and control gain (also at step 0 and at the end).
     validator = make_validator(session, training, build_pipeline, transform, encode, models.unet,
-                               models.noise_scheduler, [models.tokenizer])
+                               models.noise_scheduler, [models.tokenizer],
+                               pipeline_kwargs={"prompt_inputs": prompt_inputs} if cached else None)
+    if cached:
+        drop_encoders(models.vae, [models.text_encoder])
     trainer = Trainer(accelerator, args, training.controlnet, models.unet, models.noise_scheduler,
                       training.optimizer, training.lr_scheduler, training.dataloader, encode, weight_dtype,
-                      session.preflight.seed, training.plan, validator)
+                      preflight.seed, training.plan, validator)
     global_step = trainer.train(training.global_step)
 
     finish_session(session, training, trainer, global_step, validator, TAGS, license="creativeml-openrail-m")

@@ -6,8 +6,8 @@
         --pretrained_vae_model_name_or_path=madebyollin/sdxl-vae-fp16-fix \
         --dataset_name=fusing/fill50k --resolution=1024 --mixed_precision=fp16 ...
 
-Same flags as the diffusers example (plus --snr_gamma). Text embeddings of every caption are computed once and
-cached on disk; the text encoders then leave the device.
+Same flags as the diffusers example (plus --snr_gamma, --cache_encodings). Text embeddings of every caption are
+computed once and cached on disk; the text encoders then leave the device.
 """
 
 from __future__ import annotations
@@ -18,16 +18,17 @@ from pathlib import Path
 import torch
 
 from controlnet_training.arguments import build_parser, parse_args
-from controlnet_training.cache import build_or_load, model_identity, tokenizer_identity
+from controlnet_training.cache import model_identity, tokenizer_identity
 from controlnet_training.data import ControlNetDataset, PairedTransform, caption_variants
+from controlnet_training.encodings import drop_encoders, latent_cache, posterior, text_cache, wants_cache
 from controlnet_training.loop import Trainer
 from controlnet_training.models import enable_memory_options, make_controlnet, place_frozen
+from controlnet_training.presets import exit_on_oom
 from controlnet_training.sdxl import (
     SDXL_MODEL_FILES,
     add_sdxl_args,
     check_sdxl_args,
     encode_prompts,
-    free,
     load_sdxl_models,
     time_ids,
     vae_dtype,
@@ -38,16 +39,15 @@ TAGS = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers", "text-to-image",
         "diffusers-training"]
 
 
-def embeddings_cache_dir(args) -> Path:
-    from huggingface_hub.constants import HF_HOME
-
-    return Path(args.cache_dir or Path(HF_HOME) / "controlnet_training") / "text_embeddings"
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser(__doc__)
     add_sdxl_args(parser)
     args = parse_args(parser, argv)
+    with exit_on_oom(args, "sdxl"):  # out of device memory: name the next memory preset to try
+        train(args)
+
+
+def train(args) -> None:
     # Files, packages, resume target and dataset are checked before any model loads.
     session = start_session(args, "train_controlnet_sdxl.py", SDXL_MODEL_FILES, extra_checks=check_sdxl_args)
     accelerator, weight_dtype, preflight = session.accelerator, session.weight_dtype, session.preflight
@@ -55,54 +55,51 @@ def main(argv: list[str] | None = None) -> None:
     # Models: frozen, in the weight dtype (the base VAE in fp32); a trainable fp32 ControlNet.
     models = load_sdxl_models(args)
     controlnet = make_controlnet(args, models.unet)
-    enable_memory_options(args, controlnet, models.unet)
+    enable_memory_options(args, controlnet, models.unet, accelerator.device)
     if args.enable_npu_flash_attention:
         models.unet.enable_npu_flash_attention()
     place_frozen((models.unet, *models.text_encoders), accelerator.device, weight_dtype)
     place_frozen((models.vae,), accelerator.device, vae_dtype(args, weight_dtype))
 
-    # Text embeddings of every caption variant and the empty prompt (and, apart, of the validation prompts):
-    # computed once, stored on disk keyed by what they depend on; then the text encoders leave the device.
+    # Text embeddings of every caption variant, the empty prompt and the validation prompts, and (with
+    # --cache_encodings) every training image's VAE posterior: computed once into an on-disk cache keyed by what
+    # they depend on. The text encoders then leave the device, and so does the VAE encoder when it is cached.
     base = Path(args.pretrained_model_name_or_path)
-    encoders_key = {
-        "kind": "sdxl-prompt-embeds",
-        "encoders": [model_identity(e, str(base / sub)) for e, sub in
-                     zip(models.text_encoders, ("text_encoder", "text_encoder_2"), strict=True)],
-        "tokenizers": [tokenizer_identity(t) for t in models.tokenizers]}
-
-    def cached_embeddings(captions):
-        return build_or_load(embeddings_cache_dir(args), encoders_key, captions,
-                             lambda batch: encode_prompts(batch, models.tokenizers, models.text_encoders),
-                             is_main_process=accelerator.is_main_process, barrier=accelerator.wait_for_everyone)
-
     heldout_captions = caption_variants(preflight.heldout, preflight.columns.caption) if preflight.heldout else []
-    embeddings = cached_embeddings([*caption_variants(preflight.dataset, preflight.columns.caption), "",
-                                    *heldout_captions])
-    validation_embeddings = cached_embeddings(args.validation_prompt) if args.validation_prompt else None
-    free(models.text_encoders)
+    encoders_key = {"kind": "sdxl-prompt-embeds",
+                    "encoders": [model_identity(e, str(base / sub)) for e, sub in
+                                 zip(models.text_encoders, ("text_encoder", "text_encoder_2"), strict=True)],
+                    "tokenizers": [tokenizer_identity(t) for t in models.tokenizers]}
 
+    def encode_captions(captions: list[str]) -> dict:
+        return encode_prompts(captions, models.tokenizers, models.text_encoders)
+
+    # Training and held-out captions together (the same cache whatever --validation_split is); prompts apart.
+    texts = text_cache(session, [*caption_variants(preflight.dataset, preflight.columns.caption), "",
+                                 *heldout_captions], encoders_key, encode_captions)
+    prompts = text_cache(session, args.validation_prompt, encoders_key, encode_captions) \
+        if args.validation_prompt else None
     transform = PairedTransform(args.resolution, args.image_interpolation_mode)
-    dataset = ControlNetDataset(preflight.dataset, preflight.columns, transform, preflight.seed,
-                                args.proportion_empty_prompts)
-    training = prepare_training(session, controlnet, dataset, tokenizers=[], summary=[
-        ("VAE", f"{args.pretrained_vae_model_name_or_path or 'base'} in {models.vae.dtype}"),
-        ("text embeddings", f"{len(embeddings.keys)} cached in {embeddings.path}")])
+    cached = wants_cache(args, len(preflight.dataset), session.effective_batch)
+    latents = None
+    if cached:
+        vae_folder = args.pretrained_vae_model_name_or_path or str(base / "vae")
+        latents = latent_cache(session, models.vae, transform, vae_folder)
 
-    def prompt_conditioning(captions, cache=embeddings) -> tuple[torch.Tensor, torch.Tensor]:
-        found = cache.lookup(captions)
-        return (found["prompt_embeds"].to(accelerator.device, weight_dtype),
-                found["pooled_prompt_embeds"].to(accelerator.device, weight_dtype))
+    dataset = ControlNetDataset(preflight.dataset, preflight.columns, transform, preflight.seed,
+                                args.proportion_empty_prompts, with_target=not cached)
+    training = prepare_training(session, controlnet, dataset, tokenizers=[], latents=latents, texts=texts, summary=[
+        ("VAE", f"{args.pretrained_vae_model_name_or_path or 'base'} in {models.vae.dtype}"),
+        ("text embeddings", f"{len(texts.keys)} cached in {texts.path}"),
+        ("VAE posteriors", latents.path if cached else "encoded at every step")])
 
     def encode(batch: dict):
         """VAE posterior in the UNet's latent scale; cached prompt embeddings; per-sample time_ids."""
-        with torch.no_grad():
-            posterior = models.vae.encode(batch["pixel_values"].to(models.vae.dtype)).latent_dist
-        prompt_embeds, pooled = prompt_conditioning(batch["captions"])
-        added = {"text_embeds": pooled,
+        mean, std = posterior(batch, models.vae)
+        added = {"text_embeds": batch["pooled_prompt_embeds"].to(weight_dtype),
                  "time_ids": time_ids(batch["original_sizes"], batch["crops_top_left"], args.resolution).to(
                      accelerator.device, weight_dtype)}
-        scale = models.vae.config.scaling_factor
-        return posterior.mean * scale, posterior.std * scale, prompt_embeds, added
+        return mean, std, batch["prompt_embeds"].to(weight_dtype), added
 
     def build_pipeline(trained_controlnet):
         from diffusers import StableDiffusionXLControlNetPipeline, UniPCMultistepScheduler
@@ -113,15 +110,17 @@ def main(argv: list[str] | None = None) -> None:
             scheduler=UniPCMultistepScheduler.from_config(models.noise_scheduler.config))
 
     def prompt_inputs(prompt: str) -> dict:
-        prompt_embeds, pooled = prompt_conditioning([prompt], validation_embeddings)
-        return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
+        found = prompts.lookup([prompt])
+        return {name: torch.from_numpy(found[name]).to(accelerator.device, weight_dtype)
+                for name in ("prompt_embeds", "pooled_prompt_embeds")}
 
     # Validation images, and the held-out loss and control gain (also at step 0 and at the end).
     validator = make_validator(session, training, build_pipeline, transform, encode, models.unet,
-                               models.noise_scheduler, tokenizers=[], pipeline_kwargs={
+                               models.noise_scheduler, tokenizers=[], texts=texts, pipeline_kwargs={
                                    "prompt_inputs": prompt_inputs,
                                    "crops_coords_top_left": (args.crops_coords_top_left_h,
                                                              args.crops_coords_top_left_w)})
+    drop_encoders(models.vae if cached else None, models.text_encoders)
     trainer = Trainer(accelerator, args, training.controlnet, models.unet, models.noise_scheduler,
                       training.optimizer, training.lr_scheduler, training.dataloader, encode, weight_dtype,
                       preflight.seed, training.plan, validator)

@@ -46,7 +46,12 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                        help="Local data: an imagefolder with metadata.jsonl (file_name, "
                             "conditioning_image_file_name, text), parquet files, or a save_to_disk folder. "
                             "With --dataset_name it is passed as data_dir.")
-    group.add_argument("--cache_dir", type=str, default=None, help="Cache folder for datasets.")
+    group.add_argument("--cache_dir", type=str, default=None,
+                       help="Cache folder for datasets, and (under encodings/) for the cached encodings.")
+    group.add_argument("--cache_encodings", choices=("auto", "always", "never"), default="auto",
+                       help="Encode every training image (VAE posterior) and caption once, before training, into an "
+                            "on-disk cache reused across runs; the encoders then leave the device. auto: when the "
+                            "run reads every row at least once. SDXL always caches its text embeddings.")
     group.add_argument("--image_column", type=str, default="image", help="Column with the target image.")
     group.add_argument("--conditioning_image_column", type=str, default="conditioning_image",
                        help="Column with the control image.")
@@ -100,6 +105,12 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGrou
                        help="xFormers attention (PyTorch SDPA is used otherwise).")
     group.add_argument("--set_grads_to_none", action="store_true",
                        help="Free gradients instead of zeroing them after each step.")
+    group.add_argument("--torch_compile", action="store_true",
+                       help="Compile the ControlNet and UNet with torch.compile (inductor); the first steps (and the "
+                            "first validation) are slow while it compiles.")
+    group.add_argument("--channels_last", action="store_true",
+                       help="ControlNet and UNet in channels_last memory format (CUDA only; may help convolutions "
+                            "in eager mode, torch.compile chooses layouts itself).")
     return group
 
 
@@ -139,6 +150,10 @@ def add_logging_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup
                        help="Upload the final weights, model card and sample images (not checkpoints).")
     group.add_argument("--hub_token", type=str, default=None, help="Hub token (default: the stored login).")
     group.add_argument("--hub_model_id", type=str, default=None, help="Repo name; default: basename of output_dir.")
+    group.add_argument("--logging_steps", type=int, default=10,
+                       help="Read the loss and gradient norm back from the device, update the progress bar and log "
+                            "to the trackers every N optimizer steps (and at the last step); the loss logged is the "
+                            "mean over the steps since the previous log. Other steps never wait for the device.")
     return group
 
 
@@ -156,7 +171,8 @@ def build_parser(description: str) -> Parser:
 
 _POSITIVE = ("train_batch_size", "num_train_epochs", "max_train_steps", "gradient_accumulation_steps",
              "checkpointing_steps", "checkpoints_total_limit", "validation_steps", "num_validation_images",
-             "max_train_samples", "learning_rate", "snr_gamma", "max_grad_norm", "resolution")
+             "max_train_samples", "learning_rate", "snr_gamma", "max_grad_norm", "resolution",
+             "logging_steps")
 _NON_NEGATIVE = ("lr_warmup_steps", "dataloader_num_workers", "adam_weight_decay", "adam_epsilon", "validation_split")
 
 

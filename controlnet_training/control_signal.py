@@ -56,7 +56,10 @@ def split_heldout(dataset, split: float | None, seed: int):
 
 @dataclass
 class ControlSignal:
-    """Measures held-out loss and control gain for a ControlNet + UNet pair; deterministic for given weights."""
+    """Measures held-out loss and control gain for a ControlNet + UNet pair; deterministic for given weights.
+
+    The held-out rows are encoded once, at construction (so the encoders may leave the device afterwards).
+    """
 
     batches: list[dict]  # collated held-out rows (no caption dropout), on the host
     encode: Callable[[dict], tuple]  # the trainer's encode(batch)
@@ -64,6 +67,7 @@ class ControlSignal:
     noise_scheduler: Any
     weight_dtype: torch.dtype
     seed: int
+    device: Any = "cpu"
 
     def __post_init__(self):
         num_train = self.noise_scheduler.config.num_train_timesteps
@@ -72,6 +76,12 @@ class ControlSignal:
         controls = torch.cat([b["conditioning_pixel_values"] for b in self.batches])
         shifted = torch.roll(controls, shifts=-1, dims=0).split([len(b["index"]) for b in self.batches])
         self.swapped_controls = list(shifted)
+        self.encoded = []
+        with torch.no_grad():
+            for batch in self.batches:
+                batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                mean, _, hidden, added = self.encode(batch)
+                self.encoded.append((mean.float(), hidden, added))  # the posterior mean: no sampling noise
 
     def _noise(self, shape, row: int, t: int, device) -> torch.Tensor:
         generator = torch.Generator(device="cpu").manual_seed(stream_seed(self.seed, HELD_OUT_STREAM, row, t))
@@ -87,10 +97,8 @@ class ControlSignal:
         swapped_sum = {t: 0.0 for t in self.timesteps}
         rows = 0
         with autocast or contextlib.nullcontext():
-            for batch, swapped in zip(self.batches, self.swapped_controls, strict=True):
-                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                mean, _, hidden, added = self.encode(batch)
-                latents = mean.float()  # the posterior mean: no sampling noise in the signal
+            for batch, swapped, (latents, hidden, added) in zip(self.batches, self.swapped_controls, self.encoded,
+                                                                 strict=True):
                 for t in self.timesteps:
                     noise = torch.stack([self._noise(latents.shape[1:], r, t, device) for r in batch["index"]])
                     timesteps = torch.full((latents.shape[0],), t, device=device, dtype=torch.long)

@@ -31,8 +31,16 @@ INTERPOLATION = {
 
 
 # ------------------------------------------------------------------------------------------------ loading
-def load_train_split(args) -> Any:
-    """The train split named by --dataset_name / --train_data_dir (imagefolder, parquet or save_to_disk)."""
+def is_saved_to_disk(folder: str | Path) -> bool:
+    return (Path(folder) / "dataset_dict.json").exists() or (Path(folder) / "state.json").exists()
+
+
+def load_train_split(args, streaming: bool = False) -> Any:
+    """The train split named by --dataset_name / --train_data_dir (imagefolder, parquet or save_to_disk).
+
+    With `streaming`, a datasets.IterableDataset whose image columns are left undecoded (rows are decoded only
+    by the process that trains on them).
+    """
     import datasets
 
     data_dir = args.train_data_dir
@@ -40,11 +48,11 @@ def load_train_split(args) -> Any:
         folder = Path(data_dir)
         if not folder.is_dir():
             raise InputError(f"--train_data_dir {data_dir}: no such folder")
-        if (folder / "dataset_dict.json").exists() or (folder / "state.json").exists():
+        if is_saved_to_disk(folder):
             loaded = datasets.load_from_disk(str(folder))
         else:
             try:
-                loaded = datasets.load_dataset(str(folder), cache_dir=args.cache_dir)
+                loaded = datasets.load_dataset(str(folder), cache_dir=args.cache_dir, streaming=streaming)
             except (ValueError, FileNotFoundError) as error:
                 if "corresponds to no data" in str(error):  # datasets' wording for data files with no rows
                     raise InputError(f"the training dataset {data_dir} is empty") from error
@@ -52,14 +60,35 @@ def load_train_split(args) -> Any:
                                  f"metadata.jsonl), parquet or save_to_disk folder ({error})") from error
     else:
         loaded = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir,
-                                       data_dir=data_dir)
-    if isinstance(loaded, datasets.DatasetDict):
+                                       data_dir=data_dir, streaming=streaming)
+    if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         if "train" not in loaded:
             raise InputError(f"the dataset has no 'train' split (splits: {', '.join(loaded)})")
         loaded = loaded["train"]
+    if streaming and isinstance(loaded, datasets.Dataset):  # a save_to_disk folder
+        loaded = loaded.to_iterable_dataset()
+    if streaming:
+        if next(iter(loaded.take(1)), None) is None:
+            raise InputError(f"the training dataset {args.dataset_name or data_dir} is empty")
+        for name, feature in (loaded.features or {}).items():
+            if isinstance(feature, datasets.Image):
+                loaded = loaded.cast_column(name, datasets.Image(decode=False))
+        return loaded
     if len(loaded) == 0:
         raise InputError(f"the training dataset {args.dataset_name or data_dir} is empty")
     return loaded
+
+
+def stream_columns(stream) -> list[str]:
+    """Column names of a streamed dataset: from its features, else from its first row (as the reference does)."""
+    if stream.column_names is not None:
+        return list(stream.column_names)
+    return list(next(iter(stream)).keys())
+
+
+def first_row(dataset, column: str) -> Any:
+    """The value of `column` in the first row, without decoding the other columns."""
+    return next(iter(dataset.select_columns([column])))[column]
 
 
 @dataclass(frozen=True)
@@ -121,8 +150,12 @@ def check_images(dataset, columns: Columns) -> None:
 
 
 def select_samples(dataset, max_train_samples: int | None, seed: int):
+    """Shuffle with `seed` and keep the first N rows. A stream is shuffled through a buffer (reshuffled each epoch
+    by `set_epoch`) and cut to N rows per pass."""
     if max_train_samples is None:
         return dataset
+    if not hasattr(dataset, "__len__"):
+        return dataset.shuffle(seed=seed).take(max_train_samples)
     return dataset.shuffle(seed=seed).select(range(min(max_train_samples, len(dataset))))
 
 
@@ -154,10 +187,14 @@ class PairedTransform:
     def to_array(image: Image.Image) -> np.ndarray:
         return np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
 
+    def target(self, image: Image.Image) -> np.ndarray:
+        return self.to_array(self.resize_crop(image)) * 2.0 - 1.0
+
+    def control(self, conditioning: Image.Image) -> np.ndarray:
+        return self.to_array(self.resize_crop(conditioning))
+
     def __call__(self, image: Image.Image, conditioning: Image.Image) -> tuple[np.ndarray, np.ndarray]:
-        target = self.to_array(self.resize_crop(image)) * 2.0 - 1.0
-        control = self.to_array(self.resize_crop(conditioning))
-        return target, control
+        return self.target(image), self.control(conditioning)
 
 
 def pick_caption(value: Any, rng: random.Random, proportion_empty: float) -> str:
@@ -199,10 +236,16 @@ class EpochSampler:
 
 
 class ControlNetDataset:
-    """Map-style dataset over a datasets.Dataset; indexed by (epoch, row) from EpochSampler (or a plain row)."""
+    """Map-style dataset over a datasets.Dataset; indexed by (epoch, row) from EpochSampler (or a plain row).
 
-    def __init__(self, rows, columns: Columns, transform: PairedTransform, seed: int, proportion_empty: float = 0.0):
-        self.rows, self.columns, self.transform = rows, columns, transform
+    With `with_target=False` (the target's VAE posterior is cached) the target image is never read or decoded.
+    """
+
+    def __init__(self, rows, columns: Columns, transform: PairedTransform, seed: int, proportion_empty: float = 0.0,
+                 with_target: bool = True):
+        if not with_target:
+            rows = rows.select_columns([columns.conditioning_image, columns.caption])
+        self.rows, self.columns, self.transform, self.with_target = rows, columns, transform, with_target
         self.seed, self.proportion_empty = seed, proportion_empty
 
     def __len__(self) -> int:
@@ -210,31 +253,44 @@ class ControlNetDataset:
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        row = self.rows[index]
-        image = _open_image(row[self.columns.image])
-        conditioning = _open_image(row[self.columns.conditioning_image])
-        target, control = self.transform(image, conditioning)
+        return self.make_row(self.rows[index], epoch, index)
+
+    def make_row(self, row: dict[str, Any], epoch: int, index: int) -> dict[str, Any]:
+        """One training row from a raw dataset row (also for streamed rows: `index` = position in the pass)."""
         caption = pick_caption(row[self.columns.caption], row_rng(self.seed, epoch, index), self.proportion_empty)
-        _, _, left, top, _, _ = self.transform.crop_box(image.width, image.height)
-        return {"pixel_values": target, "conditioning_pixel_values": control, "caption": caption, "index": index,
-                "original_size": np.array([image.height, image.width]), "crop_top_left": np.array([top, left])}
+        control = self.transform.control(_open_image(row[self.columns.conditioning_image]))
+        item = {"conditioning_pixel_values": control, "caption": caption, "index": index}
+        if self.with_target:
+            image = _open_image(row[self.columns.image])
+            _, _, left, top, _, _ = self.transform.crop_box(image.width, image.height)
+            item.update(pixel_values=self.transform.target(image), original_size=np.array([image.height, image.width]),
+                        crop_top_left=np.array([top, left]))
+        return item
 
 
 class Collator:
-    """Stack rows and tokenise captions in one batched call per tokenizer (input_ids, input_ids_2, …); with no
-    tokenizers the captions are passed on as strings (for trainers that look up cached embeddings)."""
+    """Stack rows and tokenise captions in one batched call per tokenizer (input_ids, input_ids_2, …).
 
-    def __init__(self, tokenizers: Sequence[Any], as_torch: bool = True):
-        self.tokenizers, self.as_torch = list(tokenizers), as_torch
+    With caches, the rows' cached VAE posteriors (`latents`, by row) and text embeddings (`texts`, by caption) are
+    looked up here, in the data-loader workers; the captions are always passed on as strings as well.
+    """
+
+    def __init__(self, tokenizers: Sequence[Any], as_torch: bool = True, latents=None, texts=None):
+        self.tokenizers, self.as_torch, self.latents, self.texts = list(tokenizers), as_torch, latents, texts
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         captions = [row["caption"] for row in rows]
-        batch = {
-            "pixel_values": np.stack([row["pixel_values"] for row in rows]),
-            "conditioning_pixel_values": np.stack([row["conditioning_pixel_values"] for row in rows]),
-            "original_sizes": np.stack([row["original_size"] for row in rows]).astype(np.int64),
-            "crops_top_left": np.stack([row["crop_top_left"] for row in rows]).astype(np.int64),
-        }
+        indices = [row["index"] for row in rows]
+        batch = {"conditioning_pixel_values": np.stack([row["conditioning_pixel_values"] for row in rows])}
+        if "pixel_values" in rows[0]:
+            batch.update(
+                pixel_values=np.stack([row["pixel_values"] for row in rows]),
+                original_sizes=np.stack([row["original_size"] for row in rows]).astype(np.int64),
+                crops_top_left=np.stack([row["crop_top_left"] for row in rows]).astype(np.int64))
+        if self.latents is not None:
+            batch.update(self.latents.lookup(indices))
+        if self.texts is not None:
+            batch.update(self.texts.lookup(captions))
         for i, tokenizer in enumerate(self.tokenizers):
             key = "input_ids" if i == 0 else f"input_ids_{i + 1}"
             batch[key] = tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length",
@@ -244,7 +300,7 @@ class Collator:
 
             batch = {key: torch.from_numpy(value) for key, value in batch.items()}
         # Lists stay on the host (accelerate moves only tensors): reading them needs no device sync.
-        batch["index"] = [row["index"] for row in rows]
+        batch["index"] = indices
         batch["captions"] = captions
         return batch
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -34,29 +34,48 @@ def run_summary(rows: Iterable[tuple[str, object]]) -> str:
 
 
 class Progress:
-    """tqdm over optimizer steps showing loss, lr, grad norm and samples/s (time spent outside steps excluded)."""
+    """tqdm over optimizer steps. The bar advances at every step; loss, lr, grad norm and samples/s are shown when
+    the trainer logs (`log`), since reading them back waits for the device. samples/s is over the steps since the
+    previous log, with the time spent in checkpoints and validation (between `pause_started` and `pause_ended`)
+    left out. `sync` (e.g. torch.cuda.synchronize) runs when a pause starts, so that the steps queued before it
+    count as training time, not as pause."""
 
-    def __init__(self, total: int, initial: int, samples_per_step: int, enabled: bool):
+    def __init__(self, total: int, initial: int, samples_per_step: int, enabled: bool,
+                 sync: Callable[[], None] | None = None):
         self.bar = tqdm(total=total, initial=initial, desc="steps", disable=not enabled, dynamic_ncols=True)
         self.samples_per_step = samples_per_step
-        self.tick = time.perf_counter()
+        self.sync = sync
         self.samples_per_second = 0.0
         self.latest_validation: dict[str, float] = {}  # shown until the next validation
+        self._window_start, self._window_steps, self._paused = time.perf_counter(), 0, 0.0
+        self._pause_start: float | None = None
 
-    def step(self, **metrics: float) -> float:
-        """Advance one step; returns the samples/s of this step."""
+    def step(self) -> None:
+        """One optimizer step done (queued): advance the bar; nothing is read from the device."""
+        self._window_steps += 1
+        self.bar.update(1)
+
+    def log(self, **metrics: float) -> float:
+        """Show `metrics` (already read back) and return the samples/s of the steps since the previous log."""
         now = time.perf_counter()
-        self.samples_per_second = self.samples_per_step / max(now - self.tick, 1e-9)
-        self.tick = now
+        elapsed = now - self._window_start - self._paused
+        self.samples_per_second = self.samples_per_step * self._window_steps / max(elapsed, 1e-9)
+        self._window_start, self._window_steps, self._paused = now, 0, 0.0
         shown = {**metrics, **self.latest_validation}
         self.bar.set_postfix({**{k: f"{v:.4g}" for k, v in shown.items()},
-                              "samples/s": f"{self.samples_per_second:.3g}"}, refresh=False)
-        self.bar.update(1)
+                              "samples/s": f"{self.samples_per_second:.3g}"}, refresh=True)
         return self.samples_per_second
 
+    def pause_started(self) -> None:
+        if self.sync is not None:
+            self.sync()
+        self._pause_start = time.perf_counter()
+
     def pause_ended(self) -> None:
-        """Call after validation or checkpointing so their time does not count as a slow step."""
-        self.tick = time.perf_counter()
+        """After validation or checkpointing: their time does not count against samples/s."""
+        if self._pause_start is not None:
+            self._paused += time.perf_counter() - self._pause_start
+            self._pause_start = None
 
     def write(self, message: str) -> None:
         self.bar.write(message)
@@ -84,6 +103,12 @@ def report_outputs(output_dir: str | Path, logging_dir: str | Path) -> str:
     if peak is not None:
         lines.append(f"peak memory  : {peak / 2**30:.2f} GiB allocated on the device (this process)")
     return "\n".join(lines)
+
+
+def tracker_config(args) -> dict:
+    """Flags for the trackers: no lists (tensorboard hparams cannot hold them) and never the hub token."""
+    hidden = {"validation_prompt", "validation_image", "hub_token"}
+    return {k: v for k, v in vars(args).items() if k not in hidden and not isinstance(v, (list, tuple))}
 
 
 def peak_memory() -> int | None:

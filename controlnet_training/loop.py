@@ -6,50 +6,23 @@ that (noise, ControlNet and UNet forward, loss, update, logging, checkpoints, va
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .checkpoints import prune_checkpoints, save_checkpoint
-from .logs import Progress, logger
+from .logs import Progress, logger, tracker_config  # noqa: F401 - tracker_config re-exported
 from .models import controlled_prediction
 from .noise import diffusion_loss, prediction_target, sample_draws
+from .presets import exit_on_oom, family_of
+from .steps import StepPlan, plan_steps  # noqa: F401 - plan_steps re-exported
 
 # encode(batch) -> (posterior mean, posterior std, encoder_hidden_states, added_cond_kwargs); latents are in the
 # UNet's scaled space. A latent/text-embedding cache only has to supply a different `encode`.
 Encode = Callable[[dict], tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict | None]]
-
-
-@dataclass
-class StepPlan:
-    """Step arithmetic: one global step is one optimizer update."""
-
-    batches_per_epoch: int
-    gradient_accumulation_steps: int
-    max_train_steps: int
-
-    @property
-    def updates_per_epoch(self) -> int:
-        return math.ceil(self.batches_per_epoch / self.gradient_accumulation_steps)
-
-    @property
-    def num_epochs(self) -> int:
-        return math.ceil(self.max_train_steps / self.updates_per_epoch)
-
-    def position(self, global_step: int) -> tuple[int, int]:
-        """(epoch, micro-batches of that epoch already consumed) after `global_step` updates."""
-        epoch, updates_done = divmod(global_step, self.updates_per_epoch)
-        return epoch, updates_done * self.gradient_accumulation_steps
-
-
-def plan_steps(batches_per_epoch: int, gradient_accumulation_steps: int, max_train_steps: int | None,
-               num_train_epochs: int) -> StepPlan:
-    updates = math.ceil(batches_per_epoch / gradient_accumulation_steps)
-    return StepPlan(batches_per_epoch, gradient_accumulation_steps, max_train_steps or num_train_epochs * updates)
 
 
 def register_controlnet_state_hooks(accelerator, controlnet_cls) -> None:
@@ -89,12 +62,18 @@ class Trainer:
     seed: int
     plan: StepPlan
     validate: Callable[[int, bool, float | None], None] | None = None
-    _losses_since_validation: list = field(default_factory=list)
+    _loss_sum: Any = None  # device tensor: sum of the optimizer steps' losses since the previous validation
+    _loss_steps: int = 0
 
     def train_loss_since_validation(self) -> float | None:
-        """Mean logged loss since the previous validation (for the control-signal log), then reset."""
-        losses, self._losses_since_validation = self._losses_since_validation, []
-        return sum(losses) / len(losses) if losses else None
+        """Mean training loss over the processes and the optimizer steps since the previous validation (for the
+        control-signal log), then reset. It reads the device (and reduces over processes): every process calls it,
+        at validation time only."""
+        if not self._loss_steps:
+            return None
+        mean = self.accelerator.reduce(self._loss_sum / self._loss_steps, reduction="mean").item()
+        self._loss_sum, self._loss_steps = None, 0
+        return mean
 
     def checkpoint(self, global_step: int) -> Path:
         accelerator, output_dir = self.accelerator, self.args.output_dir
@@ -121,52 +100,93 @@ class Trainer:
         target = prediction_target(self.noise_scheduler, latents, noise, timesteps)
         return diffusion_loss(model_pred, target, timesteps, self.noise_scheduler, self.args.snr_gamma)
 
+    def train_step(self, batch: dict, epoch: int, params: list) -> tuple[torch.Tensor, Any]:
+        """One micro-batch: forward, backward and, at the end of an accumulation group, gradient clipping, the
+        optimizer and LR-schedule steps. Returns the detached loss and the gradient norm (None between updates),
+        left on the device: nothing here waits for it. benchmarks/benchmark.py times this very function."""
+        accelerator, args = self.accelerator, self.args
+        grad_norm = None
+        with accelerator.accumulate(self.controlnet):
+            loss = self.micro_step(batch, epoch)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=args.set_grads_to_none)
+        return loss.detach(), grad_norm
+
+    def sync_device(self) -> None:
+        if self.accelerator.device.type == "cuda":
+            torch.cuda.synchronize(self.accelerator.device)
+
     def train(self, global_step: int) -> int:
-        accelerator, args, plan = self.accelerator, self.args, self.plan
+        """Train to plan.max_train_steps; running out of device memory ends the run naming the next memory preset."""
+        args, accelerator = self.args, self.accelerator
         total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-        progress = Progress(plan.max_train_steps, global_step, total_batch, accelerator.is_local_main_process)
+        with exit_on_oom(args, family_of(self.unet)):
+            progress = Progress(self.plan.max_train_steps, global_step, total_batch,
+                                accelerator.is_local_main_process, sync=self.sync_device)
+            try:
+                return self._train(global_step, progress)
+            finally:
+                progress.close()  # before any error message, so that the bar does not print after it
+
+    def _train(self, global_step: int, progress: Progress) -> int:
+        accelerator, args, plan = self.accelerator, self.args, self.plan
         params = [p for p in self.controlnet.parameters() if p.requires_grad]
         first_epoch, skip = plan.position(global_step)
         self.controlnet.train()
         if global_step >= plan.max_train_steps:  # resumed from a checkpoint at (or past) the last step
-            progress.close()
             return global_step
 
+        def zero() -> torch.Tensor:
+            return torch.zeros((), device=accelerator.device)
+
+        # Losses and gradient norms stay on the device until a logging step (every --logging_steps and the last):
+        # only then are they read back, as means over the optimizer steps since the previous log.
+        window, window_steps, norm_sum, norms = zero(), 0, 0.0, 0
         for epoch in range(first_epoch, plan.num_epochs):
             loader = self.dataloader
             if epoch == first_epoch and skip:
                 loader = accelerator.skip_first_batches(self.dataloader, skip)
             loader.set_epoch(epoch)  # the data order is a function of (seed, epoch)
-            micro, loss_sum, grad_norm = 0, torch.zeros((), device=accelerator.device), None
+            micro, loss_sum = 0, zero()
             for batch in loader:
-                with accelerator.accumulate(self.controlnet):
-                    loss = self.micro_step(batch, epoch)
-                    accelerator.backward(loss)
-                    loss_sum += loss.detach()
-                    micro += 1
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                    self.optimizer.step()
-                    self.lr_scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=args.set_grads_to_none)
+                loss, grad_norm = self.train_step(batch, epoch, params)
+                loss_sum += loss
+                micro += 1
+                if grad_norm is not None:
+                    norm_sum, norms = norm_sum + grad_norm, norms + 1
                 if not accelerator.sync_gradients:
                     continue
 
                 global_step += 1
-                metrics = {"loss": accelerator.reduce(loss_sum / micro, reduction="mean").item(),
-                           "lr": self.lr_scheduler.get_last_lr()[0]}
-                if grad_norm is not None:
-                    metrics["grad_norm"] = float(grad_norm)
-                self._losses_since_validation.append(metrics["loss"])
-                metrics["samples_per_second"] = progress.step(**metrics)
-                accelerator.log(metrics, step=global_step)
-                micro, loss_sum = 0, torch.zeros((), device=accelerator.device)
+                step_loss = loss_sum / micro  # mean over the accumulation group
+                window += step_loss
+                window_steps += 1
+                self._loss_sum = step_loss if self._loss_sum is None else self._loss_sum + step_loss
+                self._loss_steps += 1
+                micro, loss_sum = 0, zero()
+                progress.step()
+                last = global_step >= plan.max_train_steps
+
+                if global_step % args.logging_steps == 0 or last:
+                    metrics = {"loss": accelerator.reduce(window / window_steps, reduction="mean").item(),
+                               "lr": self.lr_scheduler.get_last_lr()[0]}
+                    if norms:
+                        metrics["grad_norm"] = float(norm_sum / norms)
+                    metrics["samples_per_second"] = progress.log(**metrics)
+                    accelerator.log(metrics, step=global_step)
+                    window, window_steps, norm_sum, norms = zero(), 0, 0.0, 0
 
                 if global_step % args.checkpointing_steps == 0:
+                    progress.pause_started()
                     self.checkpoint(global_step)
                     progress.pause_ended()
                 if self.validate is not None and global_step % args.validation_steps == 0 \
-                        and global_step < plan.max_train_steps:  # the last step gets the final validation
+                        and not last:  # the last step gets the final validation
+                    progress.pause_started()
                     self.validate(global_step, False, self.train_loss_since_validation())
                     signal = getattr(self.validate, "last_signal", None)
                     if signal:
@@ -174,9 +194,8 @@ class Trainer:
                                                       "gain": signal["control_gain"]}
                     self.controlnet.train()
                     progress.pause_ended()
-                if global_step >= plan.max_train_steps:
+                if last:
                     break
-        progress.close()
         return global_step
 
 
@@ -185,7 +204,7 @@ def make_accelerator(args):
     import os
 
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     from .arguments import InputError
 
@@ -195,6 +214,8 @@ def make_accelerator(args):
         log_with=args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=str(Path(args.output_dir, args.logging_dir))),
+        # Batches (pinned by the DataLoader on CUDA) are copied to the device without waiting for it.
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and accelerator.num_processes == 1:
         raise InputError("WORLD_SIZE > 1 but accelerate sees one process: every rank would write the same "
@@ -208,14 +229,15 @@ def weight_dtype_of(accelerator) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
-def make_dataloader(dataset, args, tokenizers, seed: int):
+def make_dataloader(dataset, args, collate: Callable, seed: int):
     from torch.utils.data import DataLoader
 
-    from .data import Collator, EpochSampler
+    from .data import EpochSampler
 
     return DataLoader(dataset, batch_size=args.train_batch_size, sampler=EpochSampler(len(dataset), seed),
-                      collate_fn=Collator(tokenizers), num_workers=args.dataloader_num_workers,
-                      persistent_workers=args.dataloader_num_workers > 0, pin_memory=torch.cuda.is_available())
+                      collate_fn=collate, num_workers=args.dataloader_num_workers,
+                      persistent_workers=args.dataloader_num_workers > 0, pin_memory=torch.cuda.is_available(),
+                      prefetch_factor=4 if args.dataloader_num_workers > 0 else None)
 
 
 def make_lr_scheduler(args, optimizer, num_processes: int, max_train_steps: int):
@@ -225,9 +247,3 @@ def make_lr_scheduler(args, optimizer, num_processes: int, max_train_steps: int)
     return get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
                          num_training_steps=max_train_steps * num_processes, num_cycles=args.lr_num_cycles,
                          power=args.lr_power)
-
-
-def tracker_config(args) -> dict:
-    """Flags for the trackers: no lists (tensorboard hparams cannot hold them) and never the hub token."""
-    hidden = {"validation_prompt", "validation_image", "hub_token"}
-    return {k: v for k, v in vars(args).items() if k not in hidden and not isinstance(v, (list, tuple))}

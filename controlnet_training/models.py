@@ -31,10 +31,12 @@ def check_model_folder(flag: str, value: str | None, required: tuple[str, ...]) 
 
 
 def check_optional_packages(args) -> None:
-    if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
+    # getattr: the Flax trainer has neither flag
+    if getattr(args, "enable_xformers_memory_efficient_attention", False) and importlib.util.find_spec("xformers") \
+            is None:
         raise InputError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers "
                          "(or drop the flag: PyTorch SDPA attention is the default)")
-    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+    if getattr(args, "use_8bit_adam", False) and importlib.util.find_spec("bitsandbytes") is None:
         raise InputError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
     trackers = {"tensorboard", "wandb", "comet_ml"} if args.report_to == "all" else {args.report_to}
     if "wandb" in trackers and args.hub_token is not None:
@@ -116,7 +118,11 @@ def make_controlnet(args, unet):
     return controlnet
 
 
-def enable_memory_options(args, controlnet, unet) -> None:
+def enable_memory_options(args, controlnet, unet, device: torch.device | str | None = None) -> None:
+    """Memory and speed options on the ControlNet and the frozen UNet. Attention is PyTorch SDPA (diffusers'
+    AttnProcessor2_0, flash / memory-efficient kernels where the dtype and shapes allow) unless xFormers is asked
+    for. `device` is where the models will run (default: CUDA when available)."""
+    on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
         controlnet.enable_xformers_memory_efficient_attention()
@@ -124,9 +130,33 @@ def enable_memory_options(args, controlnet, unet) -> None:
         # The loss reaches the ControlNet only through the frozen UNet, so the UNet's activations count too.
         controlnet.enable_gradient_checkpointing()
         unet.enable_gradient_checkpointing()
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if args.allow_tf32 and on_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True  # matmuls (linear layers, attention projections)
+        torch.backends.cudnn.allow_tf32 = True  # cuDNN convolutions (PyTorch's default is already True)
+    if getattr(args, "channels_last", False) and on_cuda:
+        for module in (controlnet, unet):  # later .to(device, dtype) calls keep the memory format
+            module.to(memory_format=torch.channels_last)
+    if getattr(args, "torch_compile", False):
+        compile_models(controlnet, unet, cpu=not on_cuda)
+
+
+def compile_models(*modules, cpu: bool = False) -> None:
+    """torch.compile (inductor) each module in place (nn.Module.compile): the module keeps its class, parameters
+    and state_dict keys, so save_pretrained, accelerate's prepare / save_state / load_state / unwrap_model and the
+    checkpoint hooks see the same model as without compilation (no `_orig_mod.` prefix). Compilation happens at the
+    first call; a new input shape or mode (eval, no_grad in validation) compiles again.
+
+    `cpu`: the models run on the CPU, where inductor's C++ wrapper (instead of its Python one) calls the generated
+    kernels with less overhead (tiny fixtures: 5-10% faster steps); setting TORCHINDUCTOR_CPP_WRAPPER (to 0 or 1)
+    leaves the choice to it."""
+    import os
+
+    if cpu and "TORCHINDUCTOR_CPP_WRAPPER" not in os.environ:
+        import torch._inductor.config
+
+        torch._inductor.config.cpp_wrapper = True
+    for module in modules:
+        module.compile()
 
 
 def controlled_prediction(controlnet, unet, noisy_latents, timesteps, encoder_hidden_states, control,
@@ -142,12 +172,28 @@ def controlled_prediction(controlnet, unet, noisy_latents, timesteps, encoder_hi
         mid_block_additional_residual=mid_residual.to(weight_dtype), return_dict=False)[0]
 
 
-def make_optimizer(args, params):
+def use_fused_adamw(args, device: torch.device | str | None = None) -> bool:
+    """Fused AdamW (one kernel over all parameters, no temporary copies of the optimizer state) where torch has
+    it for the parameters' device: CUDA, and the CPU. On the tiny CPU fixtures it makes the optimizer step ~4x
+    faster. Not with 8-bit Adam, and not under DeepSpeed, whose ZeRO optimizer wrapper (and CPU offload) steps the
+    parameters itself. `device`: where the parameters will train (default: CUDA when available, else the CPU);
+    they may still be on the CPU when the optimizer is made."""
+    import os
+
+    if args.use_8bit_adam or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("true", "1"):
+        return False
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    return device.type in ("cuda", "cpu")
+
+
+def make_optimizer(args, params, device: torch.device | str | None = None, fused: bool | None = None):
+    """AdamW (bitsandbytes' 8-bit one with --use_8bit_adam); `fused`: None decides with use_fused_adamw."""
+    kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
-        optimizer_class = bnb.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    return optimizer_class(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    if fused is None:
+        fused = use_fused_adamw(args, device)
+    return torch.optim.AdamW(params, fused=True, **kwargs) if fused else torch.optim.AdamW(params, **kwargs)

@@ -5,19 +5,26 @@ Nothing here writes to output_dir, so a run that fails its checks leaves an exis
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from accelerate import PartialState
-from accelerate.utils import broadcast_object_list, parse_flag_from_env
-
 from .arguments import InputError
 from .checkpoints import read_state, resolve_resume, stray_checkpoint_names
-from .control_signal import split_heldout
-from .data import Columns, check_images, load_train_split, pick_caption, resolve_columns, select_samples
+from .data import (
+    Columns,
+    check_images,
+    first_row,
+    load_train_split,
+    pick_caption,
+    resolve_columns,
+    select_samples,
+    stream_columns,
+)
 from .models import check_model_folder, check_optional_packages
 from .validation import check_validation_images
 
@@ -29,14 +36,39 @@ SD_MODEL_FILES = ("unet/config.json", "vae/config.json", "text_encoder/config.js
 
 @dataclass
 class Preflight:
-    dataset: Any  # training rows
+    dataset: Any  # training rows (a datasets.IterableDataset with --streaming)
     heldout: Any | None  # rows held out for the control signal
     columns: Columns
     resume_from: Path | None
     seed: int
 
 
-def run_preflight(args, model_files: tuple[str, ...] = SD_MODEL_FILES) -> Preflight:
+@dataclass
+class Processes:
+    """What the checks need from the launcher, without any model: which process is the main one, a
+    main-process-first section (dataset downloads), and the main process's value of an object on every process."""
+
+    is_main_process: bool
+    main_process_first: Callable[[], contextlib.AbstractContextManager]
+    broadcast: Callable[[Any], Any]
+
+
+def accelerate_processes() -> Processes:
+    """The PyTorch trainers' process group (only the group: no models, no device placement)."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list, parse_flag_from_env
+
+    # accelerate reads ACCELERATE_USE_CPU only when the full state is built; read it here too, or CPU ranks
+    # would not join.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    return Processes(state.is_main_process, state.main_process_first, lambda value: broadcast_object_list([value])[0])
+
+
+def run_preflight(args, model_files: tuple[str, ...] = SD_MODEL_FILES,
+                  processes: Callable[[], Processes] = accelerate_processes, default_seed: int | None = None
+                  ) -> Preflight:
+    """Every check that needs no model. Without --seed a fresh run uses `default_seed`, or a random seed (agreed
+    by all processes) when that is None; a resumed run uses the checkpoint's seed."""
     check_model_folder("pretrained_model_name_or_path", args.pretrained_model_name_or_path, model_files)
     check_model_folder("controlnet_model_name_or_path", args.controlnet_model_name_or_path, ("config.json",))
     check_model_folder("tokenizer_name", args.tokenizer_name, ())
@@ -58,19 +90,26 @@ def run_preflight(args, model_files: tuple[str, ...] = SD_MODEL_FILES) -> Prefli
             logger.warning("--seed %d differs from the checkpoint's seed %d: the resumed run will not match an "
                            "uninterrupted one", seed, stored)
         seed = stored if seed is None else seed
-    # No models: only the process group, so all ranks agree on the seed and the data. (accelerate reads
-    # ACCELERATE_USE_CPU only when the full state is built; read it here too, or CPU ranks would not join.)
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    if seed is None:
-        seed = broadcast_object_list([random.SystemRandom().randrange(2**31)])[0]
+    # No models: only the process group, so all ranks agree on the seed and the data.
+    state = processes()
+    if seed is None and default_seed is not None:
+        seed = default_seed
+    elif seed is None:
+        seed = state.broadcast(random.SystemRandom().randrange(2**31))
         logger.info("no --seed given: using %d (stored in checkpoints)", seed)
 
+    streaming = getattr(args, "streaming", False)
     with state.main_process_first():
-        dataset = load_train_split(args)
-        columns = resolve_columns(dataset.column_names, args)
+        dataset = load_train_split(args, streaming=streaming)
+        columns = resolve_columns(stream_columns(dataset) if streaming else dataset.column_names, args)
         dataset = select_samples(dataset, args.max_train_samples, seed)
-        if state.is_main_process:
+        if state.is_main_process and not streaming:  # a stream is not read ahead: its images are checked as read
             check_images(dataset, columns)
-    pick_caption(dataset.select_columns([columns.caption])[0][columns.caption], random.Random(0), 0.0)
-    dataset, heldout = split_heldout(dataset, args.validation_split, seed)
+    pick_caption(first_row(dataset, columns.caption), random.Random(0), 0.0)
+    split = getattr(args, "validation_split", 0)  # the Flax trainer has no control signal
+    if streaming or split == 0:
+        return Preflight(dataset, None, columns, resume_from, seed)
+    from .control_signal import split_heldout  # (imports torch and diffusers)
+
+    dataset, heldout = split_heldout(dataset, split, seed)
     return Preflight(dataset, heldout, columns, resume_from, seed)

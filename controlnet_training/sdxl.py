@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Sequence
 from types import SimpleNamespace
 
@@ -90,16 +89,6 @@ def encode_prompts(captions: Sequence[str], tokenizers, text_encoders) -> dict[s
         hidden.append(out.hidden_states[-2])
         pooled = out[0]
     return {"prompt_embeds": torch.cat(hidden, dim=-1), "pooled_prompt_embeds": pooled}
-
-
-def free(modules: list) -> None:
-    """Really release modules: drop them from the list the caller holds and empty the device cache."""
-    for module in modules:
-        module.to("cpu")
-    modules.clear()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def time_ids(original_sizes: torch.Tensor, crops_top_left: torch.Tensor, resolution: int) -> torch.Tensor:

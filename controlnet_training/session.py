@@ -82,17 +82,20 @@ class Training:
     global_step: int
 
 
-def prepare_training(session: Session, controlnet, dataset, tokenizers, summary: list[tuple[str, object]] = ()
-                     ) -> Training:
-    """Optimizer, schedule and data loader through accelerate; resume; trackers; the start-of-run summary."""
+def prepare_training(session: Session, controlnet, dataset, tokenizers, summary: list[tuple[str, object]] = (),
+                     latents=None, texts=None) -> Training:
+    """Optimizer, schedule and data loader through accelerate; resume; trackers; the start-of-run summary.
+
+    `latents` / `texts`: caches the collator reads the batches' posteriors / text embeddings from.
+    """
     from diffusers import ControlNetModel
 
     args, accelerator, preflight = session.args, session.accelerator, session.preflight
     register_controlnet_state_hooks(accelerator, ControlNetModel)
-    dataloader = make_dataloader(dataset, args, tokenizers, preflight.seed)
+    dataloader = make_dataloader(dataset, args, Collator(tokenizers, latents=latents, texts=texts), preflight.seed)
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    optimizer = make_optimizer(args, controlnet.parameters())
+    optimizer = make_optimizer(args, controlnet.parameters(), device=accelerator.device)
     plan = plan_steps(math.ceil(len(dataloader) / accelerator.num_processes), args.gradient_accumulation_steps,
                       args.max_train_steps, args.num_train_epochs)
     lr_scheduler = make_lr_scheduler(args, optimizer, accelerator.num_processes, plan.max_train_steps)
@@ -177,16 +180,18 @@ class Validator:
 
 def make_validator(session: Session, training: Training, build_pipeline: Callable[[Any], Any],
                    transform: PairedTransform, encode: Callable, unet, noise_scheduler, tokenizers,
-                   pipeline_kwargs: dict | None = None) -> Validator | None:
-    """A Validator when there is something to validate: prompts/images, or held-out rows for the control signal."""
+                   pipeline_kwargs: dict | None = None, texts=None) -> Validator | None:
+    """A Validator when there is something to validate: prompts/images, or held-out rows for the control signal
+    (encoded here, with the live VAE, and with the text encoder or the `texts` cache)."""
     heldout, args = session.preflight.heldout, session.args
     control = None
     if heldout is not None:
         rows = ControlNetDataset(heldout, session.preflight.columns, transform, session.preflight.seed)
-        collate = Collator(tokenizers)
+        collate = Collator(tokenizers, texts=texts)
         batches = [collate([rows[i] for i in range(start, min(start + 8, len(rows)))])
                    for start in range(0, len(rows), 8)]
-        control = ControlSignal(batches, encode, unet, noise_scheduler, session.weight_dtype, session.preflight.seed)
+        control = ControlSignal(batches, encode, unet, noise_scheduler, session.weight_dtype, session.preflight.seed,
+                                session.accelerator.device)
     if control is None and not args.validation_prompt:
         return None
     validator = Validator(session, build_pipeline, training.controlnet, transform, control, pipeline_kwargs or {})

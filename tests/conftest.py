@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS
 os.environ.update(THREADS)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# The encodings cache defaults to $HF_HOME: keep the tests' caches out of the user's.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="controlnet-tests-hf-home-")
 
 import torch  # noqa: E402 - after the thread variables
 
@@ -53,6 +56,7 @@ def base_args(tiny_sd: Path, data_dir: Path, output_dir: Path, **overrides) -> l
         "checkpointing_steps": 1000,
         "learning_rate": 1e-4,
         "seed": 7,
+        "logging_steps": 1,  # the tests read the loss of every step (the default logs every 10)
     }
     flags.update(overrides)
     argv = []

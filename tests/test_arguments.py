@@ -30,13 +30,14 @@ REFERENCE_DEFAULTS = {
     "num_validation_images": 4, "validation_steps": 100, "tracker_project_name": "train_controlnet",
     "snr_gamma": None, "gradient_checkpointing": False, "set_grads_to_none": False, "push_to_hub": False,
 }
+OUR_DEFAULTS = {"logging_steps": 10, "torch_compile": False, "channels_last": False}
 
 
 def parse(*flags: str):
     return build_parser("test").parse_args(["--pretrained_model_name_or_path", "m", *flags])
 
 
-OUR_FLAGS = {"snr_gamma", "validation_split"}
+OUR_FLAGS = {"snr_gamma", "validation_split", "cache_encodings", "logging_steps", "torch_compile", "channels_last"}
 
 
 def test_every_reference_flag_plus_ours():
@@ -48,7 +49,7 @@ def test_every_reference_flag_plus_ours():
 
 def test_reference_defaults():
     args = parse("--dataset_name", "d")
-    for name, value in REFERENCE_DEFAULTS.items():
+    for name, value in {**REFERENCE_DEFAULTS, **OUR_DEFAULTS}.items():
         assert getattr(args, name) == value, name
 
 

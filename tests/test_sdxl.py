@@ -11,7 +11,8 @@ from PIL import Image
 
 from controlnet_training.cache import build_or_load, model_identity, tokenizer_identity
 from controlnet_training.data import Collator, Columns, ControlNetDataset, PairedTransform
-from controlnet_training.sdxl import encode_prompts, free, load_sdxl_models, time_ids, vae_dtype
+from controlnet_training.encodings import drop_encoders
+from controlnet_training.sdxl import encode_prompts, load_sdxl_models, time_ids, vae_dtype
 from controlnet_training.validation import decode_checked
 
 
@@ -47,7 +48,7 @@ def test_cached_embeddings_equal_a_fresh_encode(tiny_sdxl, tmp_path):
     found = cache.lookup(["a cat", "red circle with blue background"])
     assert found["prompt_embeds"].shape == (2, 77, 64) and found["pooled_prompt_embeds"].shape == (2, 32)
     for name in fresh:
-        torch.testing.assert_close(found[name], fresh[name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(torch.from_numpy(found[name]), fresh[name], rtol=0, atol=1e-6)
 
     # Same inputs: the same file. Another tokenizer (or encoder): another file.
     again = build_or_load(tmp_path, parts, captions, lambda c: pytest.fail("recomputed"))
@@ -56,7 +57,7 @@ def test_cached_embeddings_equal_a_fresh_encode(tiny_sdxl, tmp_path):
                           lambda c: encode_prompts(c, models.tokenizers, models.text_encoders))
     assert other.path != cache.path
 
-    free(models.text_encoders)
+    drop_encoders(None, models.text_encoders)
     assert models.text_encoders == []
 
 

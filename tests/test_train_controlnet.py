@@ -52,8 +52,9 @@ def test_resume_is_exact(tiny_sd, fill_data, tmp_path, accumulation):
     must skip the batches it has already seen, and steps 7-8 run in the second epoch.
     """
     batch = 2 // accumulation
+    # One case with the encodings cached, one encoding at every step (auto would cache only the 8-step runs).
     common = dict(train_batch_size=batch, gradient_accumulation_steps=accumulation, proportion_empty_prompts=0.3,
-                  snr_gamma=5.0)
+                  snr_gamma=5.0, cache_encodings="always" if accumulation == 1 else "never")
     straight, split = tmp_path / "straight", tmp_path / "split"
     run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], straight, max_train_steps=8, **common))
     run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], split, max_train_steps=4,
@@ -87,6 +88,34 @@ def test_accumulation_matches_larger_batch(tiny_sd, fill_data, tmp_path):
     losses_a, losses_b = read_scalars(big / "logs", "loss"), read_scalars(accumulated / "logs", "loss")
     for step in losses_a:
         assert losses_a[step] == pytest.approx(losses_b[step], rel=1e-4)
+
+
+def test_cached_and_uncached_runs_end_with_the_same_weights(tiny_sd, fill_data, tmp_path):
+    common = dict(max_train_steps=3, max_grad_norm=1e9, adam_epsilon=1e-3, learning_rate=1e-3, snr_gamma=5.0,
+                  proportion_empty_prompts=0.5, cache_dir=tmp_path / "cache")
+    uncached = run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path / "plain",
+                                            cache_encodings="never", **common))
+    cached = run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path / "cached",
+                                          cache_encodings="always", **common))
+    assert "caching" not in uncached.stderr
+    assert "caching VAE posteriors: cached" in cached.stderr and "caching text embeddings: cached" in cached.stderr
+    a, b = load_weights(tmp_path / "plain"), load_weights(tmp_path / "cached")
+    assert a["controlnet_mid_block.weight"].abs().max() > 1e-5
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+    losses_a, losses_b = read_scalars(tmp_path / "plain" / "logs", "loss"), read_scalars(
+        tmp_path / "cached" / "logs", "loss")
+    assert losses_a.keys() == losses_b.keys()
+    for step in losses_a:
+        assert losses_a[step] == pytest.approx(losses_b[step], rel=1e-4)
+
+    # A second run reuses both caches; another resolution re-encodes the images (not the captions).
+    again = run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path / "again", max_train_steps=6,
+                                         cache_dir=tmp_path / "cache"))
+    assert "caching VAE posteriors: reusing" in again.stderr and "caching text embeddings: reusing" in again.stderr
+    other = run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path / "other", max_train_steps=6,
+                                         resolution=32, cache_dir=tmp_path / "cache"))
+    assert "caching VAE posteriors: cached" in other.stderr and "caching text embeddings: reusing" in other.stderr
 
 
 def test_output_loads_in_diffusers_pipeline_and_finetunes(tiny_sd, fill_data, tmp_path):

@@ -27,7 +27,8 @@ def test_bf16_run_with_validation_checkpoints_and_cache_reuse(tiny_sdxl, fill_da
         validation_image=[fill_data["validation"] / "control_0.png"]))
     assert (out / "diffusion_pytorch_model.safetensors").exists()
     assert {p.name for p in out.glob("checkpoint*")} == {"checkpoint-4", "checkpoint-6"}
-    assert "caching text embeddings" in first.stderr
+    assert "caching text embeddings: cached" in first.stderr
+    assert "caching VAE posteriors: cached 9 rows" in first.stderr  # 6 steps x 2 read every one of the 9 rows
     assert "FutureWarning" not in first.stderr
     images = read_image_summaries(out / "logs")
     assert sorted(step for _, step, _, _ in images) == [3, 6]
@@ -38,16 +39,19 @@ def test_bf16_run_with_validation_checkpoints_and_cache_reuse(tiny_sdxl, fill_da
     assert sorted(gains) == [0, 3, 6] and gains[0] == 1.0
     assert "Control adherence" in (out / "README.md").read_text()
 
-    # training captions and validation prompts are cached apart
-    assert len(list(cache.rglob("*.safetensors"))) == 2
-    # Another run with other unrelated flags reuses the cached embeddings instead of encoding again.
+    # text embeddings of the captions (and ""), of the validation prompts, and the VAE posteriors
+    assert len(list(cache.glob("encodings/*/index.json"))) == 3
+    # Another run with other unrelated flags reuses the cached embeddings instead of encoding again; it reads
+    # only 2 of the 9 rows, so --cache_encodings auto does not encode every image.
     second = run_script(SCRIPT, xl_args(tiny_sdxl, fill_data, tmp_path / "again", cache, max_train_steps=1,
                                         learning_rate=3e-4, mixed_precision="bf16"))
-    assert "reusing cached text embeddings" in second.stderr and "caching text embeddings" not in second.stderr
-    assert len(list(cache.rglob("*.safetensors"))) == 2
+    assert "caching text embeddings: reusing" in second.stderr
+    assert "caching text embeddings: cached" not in second.stderr
+    assert "caching VAE posteriors" not in second.stderr
+    assert len(list(cache.glob("encodings/*/index.json"))) == 3
     # In another dtype the embeddings differ, so they are computed again.
     third = run_script(SCRIPT, xl_args(tiny_sdxl, fill_data, tmp_path / "fp32", cache, max_train_steps=1))
-    assert "caching text embeddings" in third.stderr
+    assert "caching text embeddings: cached" in third.stderr
 
     controlnet = ControlNetModel.from_pretrained(out)
     assert controlnet.config.addition_embed_type == "text_time"
@@ -57,10 +61,24 @@ def test_bf16_run_with_validation_checkpoints_and_cache_reuse(tiny_sdxl, fill_da
     assert image.size == (64, 64)
 
 
+def test_cached_and_uncached_runs_end_with_the_same_weights(tiny_sdxl, fill_data, tmp_path):
+    common = dict(max_train_steps=3, max_grad_norm=1e9, adam_epsilon=1e-3, learning_rate=1e-3, snr_gamma=5.0)
+    uncached = run_script(SCRIPT, xl_args(tiny_sdxl, fill_data, tmp_path / "plain", tmp_path / "cache",
+                                          cache_encodings="never", **common))
+    cached = run_script(SCRIPT, xl_args(tiny_sdxl, fill_data, tmp_path / "cached", tmp_path / "cache",
+                                        cache_encodings="always", **common))
+    assert "caching VAE posteriors" not in uncached.stderr and "caching VAE posteriors: cached" in cached.stderr
+    a, b = load_weights(tmp_path / "plain"), load_weights(tmp_path / "cached")
+    assert a["controlnet_mid_block.weight"].abs().max() > 1e-5
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_resume_is_exact(tiny_sdxl, fill_data, tmp_path, accumulation):
     common = dict(train_batch_size=2 // accumulation, gradient_accumulation_steps=accumulation,
-                  proportion_empty_prompts=0.3, snr_gamma=5.0)
+                  proportion_empty_prompts=0.3, snr_gamma=5.0,
+                  cache_encodings="always" if accumulation == 1 else "never")
     cache = tmp_path / "cache"
     straight, split = tmp_path / "straight", tmp_path / "split"
     run_script(SCRIPT, xl_args(tiny_sdxl, fill_data, straight, cache, max_train_steps=8, **common))

@@ -1,0 +1,687 @@
+#!/usr/bin/env python
+"""Training-step benchmark: the trainers' own step (controlnet_training.loop.Trainer.train_step) on synthetic
+batches and random-weight models from the fixture tool, for two paths in one run:
+
+  reference  what the reference scripts do every step: VAE encode (VAE in fp32) and, for SD 1.x, the text encoder
+             (SDXL's reference caches its prompt embeddings, so it does too); eager; torch's default AdamW; the loss
+             read back every step (the reference logs it every step).
+  optimized  the fast step: the cached posterior (mean, std) and text embeddings are the inputs (an encode that
+             returns precomputed tensors; --no_cache encodes every step instead), the VAE and text encoders off the
+             device, frozen models in the --mixed_precision dtype, fused AdamW (CUDA, CPU), gradients freed
+             rather than zeroed after each update (the trainers' --set_grads_to_none), channels_last on CUDA
+             (--channels_last), torch.compile with --torch_compile, nothing read back until the end.
+
+Both use the same frozen UNet (in the --mixed_precision dtype), a fresh fp32 ControlNet made from it, accelerate's
+mixed precision, and the same toggles (--gradient_checkpointing, --allow_tf32, --use_8bit_adam ...). Prints, per
+path: steady s/step (the median of --steps optimizer steps after --warmup; on CUDA timed with events recorded on
+the stream, so timing adds no host sync) and samples/s from it; peak device memory (torch.cuda.max_memory_allocated
+over the path's warm-up and timed steps); FLOPs per sample (torch.utils.flop_counter on one 1-sample step without
+gradient checkpointing: the model's FLOPs, recomputation not counted) and MFU against the device's dense bf16 peak
+(n/a on the CPU); then optimized / reference.
+
+    python benchmarks/benchmark.py --model sd15 --resolution 512 --batch_size 8 --mixed_precision bf16 \\
+        --steps 20 --warmup 5 [--torch_compile] [--gradient_checkpointing] [--no_cache] [--allow_tf32] ...
+    python benchmarks/benchmark.py --model tiny --threads 1 --mixed_precision no      # CPU smoke run
+    python benchmarks/benchmark.py --model sd15 --presets                            # peak memory of each preset
+
+--presets runs, instead of the two paths, the optimized path (cached encodings, no compile) with each memory
+preset's flags (controlnet_training/presets.py; DeepSpeed presets need the real trainer: see gpu_check.sh) for
+a few steps and prints each one's peak memory against its budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+MODELS = {"tiny": "tiny", "tiny-sdxl": "tiny-sdxl", "sd15": "sd15", "sdxl": "sdxl"}
+DEFAULT_RESOLUTION = {"tiny": 64, "tiny-sdxl": 64, "sd15": 512, "sdxl": 1024}
+
+# Dense bf16 peak FLOP/s by device name (first match wins; vendor figures without sparsity).
+PEAK_BF16 = (
+    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("GH200", 989e12),
+    ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12),
+)
+
+
+def peak_bf16_flops(device_name: str | None) -> float | None:
+    if not device_name:
+        return None
+    for key, value in PEAK_BF16:
+        if key in device_name:
+            return value
+    return None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default="tiny",
+                        help="Fixture size: tiny, tiny-sdxl, sd15 (SD1.5-size) or sdxl (SDXL-size); random weights.")
+    parser.add_argument("--resolution", type=int, default=None, help="Image size (default: 64 tiny, 512 sd15, "
+                                                                     "1024 sdxl).")
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                        help="Micro-batches per optimizer step (a timed step is one optimizer step).")
+    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="bf16")
+    parser.add_argument("--steps", type=int, default=10, help="Timed optimizer steps per path.")
+    parser.add_argument("--warmup", type=int, default=3, help="Untimed optimizer steps first (compilation etc.).")
+    parser.add_argument("--torch_compile", action="store_true", help="Compile ControlNet and UNet (optimized path).")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="Both paths.")
+    parser.add_argument("--no_cache", action="store_true",
+                        help="Optimized path encodes every step (VAE in the trainer's dtype, text encoder) instead "
+                             "of reading cached encodings.")
+    parser.add_argument("--channels_last", choices=["auto", "on", "off"], default="auto",
+                        help="Optimized path's memory format for ControlNet and UNet; auto: on with CUDA.")
+    parser.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls and convolutions (both paths).")
+    parser.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (both paths).")
+    parser.add_argument("--set_grads_to_none", action="store_true", help="Both paths.")
+    parser.add_argument("--paths", default="reference,optimized",
+                        help="Comma list of reference, optimized-eager (the optimized path without compile, "
+                             "useful with --torch_compile), optimized.")
+    parser.add_argument("--interleave", choices=["auto", "on", "off"], default="auto",
+                        help="Alternate the paths step by step (each with its own copy of the frozen models) "
+                             "instead of one after the other; auto: on the CPU, where other processes share the "
+                             "cores. On a GPU the paths run one after the other (peak memory is per path).")
+    parser.add_argument("--presets", action="store_true",
+                        help="Measure the peak memory of each memory preset of this model family instead.")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU).")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=str, default=None, help="Also write the results here.")
+    args = parser.parse_args(argv)
+    args.resolution = args.resolution or DEFAULT_RESOLUTION[args.model]
+    args.family = "sdxl" if args.model.endswith("sdxl") else "sd"
+    if args.resolution % 8:
+        parser.error("--resolution must be divisible by 8")
+    for name in ("batch_size", "steps", "gradient_accumulation_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    unknown = set(paths) - {"reference", "optimized-eager", "optimized"}
+    if unknown or not paths:
+        parser.error(f"--paths: unknown {sorted(unknown)}; use reference, optimized-eager, optimized")
+    # The reference runs first (nothing compiled or converted yet), then optimized-eager, then optimized.
+    args.path_list = [p for p in ("reference", "optimized-eager", "optimized") if p in paths]
+    return args
+
+
+# --------------------------------------------------------------------------------------------- models and data
+@dataclass
+class Models:
+    family: str
+    unet: object
+    vae: object
+    text_encoder: object | None  # SD only (SDXL's reference caches prompt embeddings too)
+    noise_scheduler: object
+    controlnet_master: object  # fp32 ControlNet made from the UNet, on the CPU; each path trains a copy
+    params: dict = field(default_factory=dict)
+
+
+def build_models(name: str, device, weight_dtype, seed: int) -> Models:
+    import torch
+    from diffusers import ControlNetModel
+
+    from controlnet_training.fixtures import make_pipeline
+    from controlnet_training.models import place_frozen
+
+    def make():
+        pipe = make_pipeline(MODELS[name], seed=seed)
+        pipe.unet.requires_grad_(False)
+        return pipe, ControlNetModel.from_unet(pipe.unet)
+
+    if device.type == "cuda":
+        try:  # random initialisation on the GPU is much faster than on the CPU for the full-size models
+            with torch.device(device):
+                pipe, controlnet = make()
+        except Exception as error:  # noqa: BLE001 - fall back to the plain CPU build
+            print(f"(building on the GPU failed: {error!r}; building on the CPU)", flush=True)
+            pipe, controlnet = make()
+    else:
+        pipe, controlnet = make()
+    family = "sdxl" if name.endswith("sdxl") else "sd"
+    unet, vae = pipe.unet, pipe.vae
+    text_encoder = pipe.text_encoder if family == "sd" else None
+    for module in (unet, vae, text_encoder):
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()
+    torch.nn.Module.to(controlnet, device="cpu")  # the master copy; each path trains a copy of it
+    counts = {"unet": sum(p.numel() for p in unet.parameters()),
+              "controlnet": sum(p.numel() for p in controlnet.parameters()),
+              "vae": sum(p.numel() for p in vae.parameters())}
+    if text_encoder is not None:
+        counts["text_encoder"] = sum(p.numel() for p in text_encoder.parameters())
+    place_frozen((unet,), device, weight_dtype)
+    place_frozen([m for m in (vae, text_encoder) if m is not None], torch.device("cpu"), torch.float32)
+    noise_scheduler = pipe.scheduler
+    del pipe
+    empty_cache(device)
+    return Models(family, unet, vae, text_encoder, noise_scheduler, controlnet, counts)
+
+
+def empty_cache(device) -> None:
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def synthetic_batch(models: Models, batch_size: int, resolution: int, device, weight_dtype, seed: int) -> dict:
+    """Images, control images, token ids / prompt embeddings, SDXL's added conditions; and the cached encodings
+    (posterior mean and std from the fp32 VAE, text embeddings) the optimized path reads instead."""
+    import torch
+
+    from controlnet_training.models import place_frozen
+    from controlnet_training.sdxl import time_ids
+
+    generator = torch.Generator().manual_seed(seed)
+    batch = {
+        "pixel_values": (torch.rand(batch_size, 3, resolution, resolution, generator=generator) * 2 - 1).to(device),
+        "conditioning_pixel_values": torch.rand(batch_size, 3, resolution, resolution, generator=generator).to(device),
+    }
+    place_frozen((models.vae,), device, torch.float32)
+    with torch.no_grad():
+        posterior = models.vae.encode(batch["pixel_values"]).latent_dist
+        scale = models.vae.config.scaling_factor
+        batch["latent_mean"], batch["latent_std"] = posterior.mean * scale, posterior.std * scale
+    place_frozen((models.vae,), torch.device("cpu"), torch.float32)
+    config = models.unet.config
+    if models.family == "sd":
+        vocab = models.text_encoder.config.vocab_size
+        batch["input_ids"] = torch.randint(0, vocab, (batch_size, 77), generator=generator).to(device)
+        place_frozen((models.text_encoder,), device, weight_dtype)
+        with torch.no_grad():
+            batch["encoder_hidden_states"] = models.text_encoder(batch["input_ids"], return_dict=False)[0]
+        place_frozen((models.text_encoder,), torch.device("cpu"), torch.float32)
+        batch["added_cond_kwargs"] = None
+    else:
+        pooled_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        batch["encoder_hidden_states"] = torch.randn(batch_size, 77, config.cross_attention_dim,
+                                                     generator=generator).to(device, weight_dtype)
+        original = torch.full((batch_size, 2), resolution, dtype=torch.long)
+        batch["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch_size, pooled_dim, generator=generator).to(device, weight_dtype),
+            "time_ids": time_ids(original, torch.zeros_like(original), resolution).to(device, weight_dtype)}
+    empty_cache(device)
+    return batch
+
+
+# --------------------------------------------------------------------------------------------- one path
+@dataclass
+class PathSpec:
+    name: str
+    encode: str  # "online-reference" (fp32 VAE), "online" (the trainer's dtypes) or "cached"
+    compile: bool
+    channels_last: bool
+    fused_adamw: bool
+    read_loss_every_step: bool
+    grads_to_none: bool = False  # zero_grad(set_to_none=True), as --set_grads_to_none
+    flags: dict = field(default_factory=dict)  # overrides of the run's flags (presets)
+    vae_resident: bool = False  # cached path: keep the VAE on the device in the trainer's dtype (as training does)
+
+    def describe(self, family: str, weight_dtype) -> str:
+        dtype = str(weight_dtype).replace("torch.", "")
+        if self.encode == "online-reference":
+            encode = "VAE fp32 + text encoder every step" if family == "sd" else "VAE fp32 every step, text cached"
+        elif self.encode == "online":
+            vae = dtype if family == "sd" else "fp32"
+            encode = f"VAE {vae} + text encoder every step" if family == "sd" else f"VAE {vae} every step"
+        else:
+            encode = "cached posterior + text embeddings"
+        parts = [encode, f"frozen UNet {dtype}", "compiled" if self.compile else "eager",
+                 "fused AdamW" if self.fused_adamw else "AdamW (default)"]
+        if self.grads_to_none:
+            parts.append("grads set to None")
+        if self.channels_last:
+            parts.append("channels_last")
+        parts.append("loss read every step" if self.read_loss_every_step else "no per-step sync")
+        return ", ".join(parts)
+
+
+def path_specs(args, device) -> list[PathSpec]:
+    from controlnet_training.models import use_fused_adamw
+
+    on_cuda = device.type == "cuda"
+    channels_last = {"auto": on_cuda, "on": True, "off": False}[args.channels_last]
+    fused = use_fused_adamw(args, device)
+    specs = []
+    for name in args.path_list:
+        if name == "reference":
+            specs.append(PathSpec(name, "online-reference", False, False, False, True))
+        else:
+            specs.append(PathSpec(name, "online" if args.no_cache else "cached",
+                                  args.torch_compile and name == "optimized", channels_last, fused, False,
+                                  grads_to_none=True))
+    return specs
+
+
+def encoder_for(spec: PathSpec, models: Models, device, weight_dtype, private: bool = False):
+    """encode(batch) -> (mean, std, encoder_hidden_states, added_cond_kwargs), as the trainers' `encode`; puts the
+    VAE / text encoder on the device (or off it) as the path needs. `private`: the path gets its own copies of
+    them (paths that run interleaved)."""
+    import torch
+
+    from controlnet_training.models import place_frozen
+
+    cpu = torch.device("cpu")
+    vae, text_encoder = models.vae, models.text_encoder
+    if private:
+        vae, text_encoder = copy.deepcopy(vae), copy.deepcopy(text_encoder)
+    if spec.encode == "cached":
+        if not private:
+            place_frozen([m for m in (vae, text_encoder) if m is not None], cpu, torch.float32)
+        if spec.vae_resident:  # the trainers keep the VAE's decoder on the device for validation
+            place_frozen((vae,), device, torch.float32 if models.family == "sdxl" else weight_dtype)
+
+        def encode(batch):
+            return batch["latent_mean"], batch["latent_std"], batch["encoder_hidden_states"], \
+                batch["added_cond_kwargs"]
+
+        return encode
+
+    vae_dtype = torch.float32 if spec.encode == "online-reference" or models.family == "sdxl" else weight_dtype
+    place_frozen((vae,), device, vae_dtype)
+    if text_encoder is not None:
+        place_frozen((text_encoder,), device, weight_dtype)
+    scale = vae.config.scaling_factor
+
+    def encode(batch):
+        with torch.no_grad():
+            posterior = vae.encode(batch["pixel_values"].to(vae_dtype)).latent_dist
+            if text_encoder is not None:
+                hidden = text_encoder(batch["input_ids"], return_dict=False)[0]
+            else:
+                hidden = batch["encoder_hidden_states"]
+        return posterior.mean * scale, posterior.std * scale, hidden, batch["added_cond_kwargs"]
+
+    return encode
+
+
+def count_flops(trainer, batch: dict) -> float:
+    """FLOPs of one training step per sample: forward and backward of a 1-sample micro-batch (matmuls,
+    convolutions, attention; the optimizer's elementwise work is not counted), gradient checkpointing off."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+    cpu_attention = {  # PyTorch's CPU flash attention is not in the counter's table
+        aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda grad, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(grad, q, k, v),
+    }
+    one = slice_batch(batch, 1, 0)
+    modules = [trainer.accelerator.unwrap_model(trainer.controlnet), trainer.unet]
+    checkpointing = [m.is_gradient_checkpointing for m in modules]
+    for module in modules:
+        if module.is_gradient_checkpointing:
+            module.disable_gradient_checkpointing()
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+        loss = trainer.micro_step(one, 0)
+        loss.backward()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    for module, was in zip(modules, checkpointing, strict=True):
+        if was:
+            module.enable_gradient_checkpointing()
+    return float(counter.get_total_flops())
+
+
+def slice_batch(batch: dict, size: int, step: int) -> dict:
+    """The first `size` rows, with row indices that differ at every step (they key the noise draws)."""
+    out = {}
+    for key, value in batch.items():
+        if key == "added_cond_kwargs":
+            out[key] = None if value is None else {k: v[:size] for k, v in value.items()}
+        else:
+            out[key] = value[:size]
+    out["index"] = list(range(step * size, (step + 1) * size))
+    return out
+
+
+class PathRun:
+    """One path's ControlNet, optimizer and Trainer, and its timings. `private`: its own copies of the frozen
+    models (for interleaved paths: compilation and memory format then touch this path only)."""
+
+    def __init__(self, spec: PathSpec, args, accelerator, models: Models, batch: dict, weight_dtype,
+                 measure_flops: bool = True, private: bool = False):
+        import torch
+
+        from controlnet_training.loop import Trainer
+        from controlnet_training.models import enable_memory_options, make_optimizer
+
+        self.spec, self.args, self.accelerator, self.batch = spec, args, accelerator, batch
+        self.device = device = accelerator.device
+        flags = {"batch_size": args.batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                 "gradient_checkpointing": args.gradient_checkpointing, "use_8bit_adam": args.use_8bit_adam,
+                 "set_grads_to_none": args.set_grads_to_none, **spec.flags}
+        self.batch_size, self.accumulation = flags["batch_size"], flags["gradient_accumulation_steps"]
+        options = SimpleNamespace(
+            gradient_checkpointing=flags["gradient_checkpointing"], allow_tf32=args.allow_tf32,
+            enable_xformers_memory_efficient_attention=False, channels_last=spec.channels_last,
+            torch_compile=spec.compile, use_8bit_adam=flags["use_8bit_adam"], learning_rate=1e-5, adam_beta1=0.9,
+            adam_beta2=0.999, adam_weight_decay=1e-2, adam_epsilon=1e-8, max_grad_norm=1.0,
+            set_grads_to_none=flags["set_grads_to_none"] or spec.grads_to_none, snr_gamma=None)
+        self.result = {"path": spec.name, "setup": spec.describe(models.family, weight_dtype),
+                       "batch_size": self.batch_size, "gradient_accumulation_steps": self.accumulation}
+        self.times: list[float] = []
+        self.counter = 0
+        empty_cache(device)
+        encode = encoder_for(spec, models, device, weight_dtype, private)
+        unet = copy.deepcopy(models.unet) if private else models.unet
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        controlnet = copy.deepcopy(models.controlnet_master)
+        controlnet.train()
+        optimizer = make_optimizer(options, controlnet.parameters(), device, fused=spec.fused_adamw)
+        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        accelerator.gradient_accumulation_steps = self.accumulation
+        controlnet, optimizer, lr_scheduler = accelerator.prepare(controlnet, optimizer, lr_scheduler)
+        self.trainer = Trainer(accelerator, options, controlnet, unet, models.noise_scheduler, optimizer,
+                               lr_scheduler, None, encode, weight_dtype, args.seed, None)
+        if measure_flops:
+            self.result["flops_per_sample"] = count_flops(self.trainer, batch)
+        # After the FLOP count (which runs eager): memory format, checkpointing, compilation.
+        enable_memory_options(options, accelerator.unwrap_model(controlnet), unet, device)
+        if device.type == "cuda":
+            empty_cache(device)  # the FLOP count's blocks do not count as this path's reservation
+            torch.cuda.reset_peak_memory_stats(device)
+        self.params = [p for p in controlnet.parameters() if p.requires_grad]
+
+    def optimizer_step(self):
+        """One optimizer step (the trainer's train_step on each micro-batch); the reference reads the loss."""
+        self.accelerator.gradient_accumulation_steps = self.accumulation
+        loss = None
+        for _ in range(self.accumulation):
+            loss, _norm = self.trainer.train_step(slice_batch(self.batch, self.batch_size, self.counter), 0,
+                                                  self.params)
+            self.counter += 1
+        if self.spec.read_loss_every_step:
+            loss.item()
+        self.loss = loss
+
+    def warmup(self, steps: int) -> None:
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.optimizer_step()
+        sync(self.device)
+        self.result["warmup_s"] = time.perf_counter() - start
+
+    def timed_steps(self, steps: int) -> None:
+        marks = [StepMark(self.device)]
+        for _ in range(steps):
+            self.optimizer_step()
+            marks.append(StepMark(self.device))
+        sync(self.device)
+        self.times += [b.seconds_since(a) for a, b in zip(marks, marks[1:], strict=False)]
+
+    def finish(self) -> dict:
+        import torch
+
+        result = self.result
+        if self.times:
+            result["final_loss"] = float(self.loss)
+            if not math.isfinite(result["final_loss"]):
+                raise RuntimeError(f"{self.spec.name}: non-finite loss {result['final_loss']}")
+            result["step_times_s"] = self.times
+            result["mean_s_per_step"] = sum(self.times) / len(self.times)
+            result["s_per_step"] = statistics.median(self.times)
+            result["samples_per_second"] = self.batch_size * self.accumulation / result["s_per_step"]
+        if self.device.type == "cuda":
+            result["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / 2**30
+        return result
+
+
+def release(accelerator) -> None:
+    accelerator.free_memory()
+    empty_cache(accelerator.device)
+
+
+def run_path(spec: PathSpec, args, accelerator, models: Models, batch: dict, weight_dtype,
+             measure_flops: bool = True) -> dict:
+    """Set up, warm up and time one path on its own; out of memory is reported, not raised."""
+    import torch
+
+    run = None
+    try:
+        run = PathRun(spec, args, accelerator, models, batch, weight_dtype, measure_flops)
+        run.warmup(args.warmup)
+        run.timed_steps(args.steps)
+        return run.finish()
+    except torch.OutOfMemoryError as error:
+        result = run.finish() if run is not None else {"path": spec.name, "setup": ""}
+        if accelerator.device.type == "cuda":
+            result.setdefault("peak_memory_gib", torch.cuda.max_memory_allocated(accelerator.device) / 2**30)
+        result["error"] = "out of memory: " + str(error).split(". ")[0]
+        return result
+    finally:
+        run = None
+        release(accelerator)
+
+
+def run_interleaved(specs: list[PathSpec], args, accelerator, models: Models, batch: dict, weight_dtype) -> list:
+    """All paths set up at once (each with its own frozen models), then one timed step of each in turn, so that
+    a CPU shared with other work slows every path alike. Medians over the steps as usual."""
+    runs = [PathRun(spec, args, accelerator, models, batch, weight_dtype, private=True) for spec in specs]
+    for run in runs:
+        run.warmup(args.warmup)
+    for _ in range(args.steps):
+        for run in runs:
+            run.timed_steps(1)
+    results = [run.finish() for run in runs]
+    release(accelerator)
+    return results
+
+
+class StepMark:
+    """A point between steps: a CUDA event recorded on the stream (nothing waits for it) or the host clock."""
+
+    def __init__(self, device):
+        import torch
+
+        self.event = None
+        if device.type == "cuda":
+            self.event = torch.cuda.Event(enable_timing=True)
+            self.event.record()
+        self.time = time.perf_counter()
+
+    def seconds_since(self, earlier: StepMark) -> float:
+        if self.event is not None:
+            return earlier.event.elapsed_time(self.event) / 1000
+        return self.time - earlier.time
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------------------------- report
+def mfu(result: dict, peak: float | None) -> float | None:
+    if peak is None or "samples_per_second" not in result or "flops_per_sample" not in result:
+        return None
+    return result["flops_per_sample"] * result["samples_per_second"] / peak
+
+
+def fmt(value, spec: str, missing: str = "n/a") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def print_paths(results: list[dict], peak: float | None) -> list[str]:
+    lines = [f"{'path':<16} {'samples/s':>10} {'s/step':>9} {'peak GiB':>9} {'GFLOP/sample':>13} {'MFU':>7}  setup"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['path']:<16} {r['error']}  (peak {fmt(r.get('peak_memory_gib'), '.2f')} GiB)")
+            continue
+        r["mfu"] = mfu(r, peak)
+        flops = r.get("flops_per_sample")
+        mfu_text = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        lines.append(f"{r['path']:<16} {r['samples_per_second']:>10.3f} {r['s_per_step']:>9.4f} "
+                     f"{fmt(r.get('peak_memory_gib'), '.2f'):>9} {fmt(flops and flops / 1e9, '.2f'):>13} "
+                     f"{mfu_text:>7}  {r['setup']}; warm-up {r.get('warmup_s', 0):.1f} s")
+    by_name = {r["path"]: r for r in results if "error" not in r}
+    reference = by_name.get("reference")
+    for name in ("optimized-eager", "optimized"):
+        other = by_name.get(name)
+        if reference and other:
+            ratio = {"samples_per_second": other["samples_per_second"] / reference["samples_per_second"],
+                     "s_per_step": other["s_per_step"] / reference["s_per_step"]}
+            memory = ""
+            if reference.get("peak_memory_gib") and other.get("peak_memory_gib") is not None:
+                ratio["peak_memory"] = other["peak_memory_gib"] / reference["peak_memory_gib"]
+                memory = f", peak memory {ratio['peak_memory']:.2f}x"
+            other["ratio_to_reference"] = ratio
+            lines.append(f"ratio {name}/reference: samples/s {ratio['samples_per_second']:.2f}x, "
+                         f"s/step {ratio['s_per_step']:.2f}x{memory}")
+    return lines
+
+
+def run_presets(args, accelerator, models: Models, weight_dtype) -> tuple[list[dict], list[str]]:
+    """Peak memory of each memory preset (optimized path, cached encodings, no compile, a warm-up step and two
+    timed ones). A preset needing bitsandbytes where it is missing is also measured without 8-bit Adam (row
+    `<name>-no8bit`), to show what 8-bit Adam saves."""
+    import importlib.util
+
+    from controlnet_training.models import use_fused_adamw
+    from controlnet_training.presets import FAMILIES, presets_for
+
+    device = accelerator.device
+    results, lines = [], [f"memory presets, {FAMILIES[models.family]} (benchmark at {args.resolution} px; "
+                          f"optimized path, cached encodings, VAE on the device as in training)"]
+    lines.append(f"{'preset':<14} {'peak alloc GiB':>14} {'peak reserved GiB':>17} {'budget GiB':>10}  verdict")
+    biggest = max((p.settings().get("train_batch_size", 1) for p in presets_for(models.family)), default=1)
+    batch = synthetic_batch(models, biggest, args.resolution, device, weight_dtype, args.seed)
+
+    def add(row: dict) -> None:
+        results.append(row)
+        if "skipped" in row:
+            lines.append(f"{row['preset']:<14} {'-':>14} {'-':>17} {row['budget_gib']:>10}  skipped: {row['skipped']}")
+        else:
+            lines.append(f"{row['preset']:<14} {fmt(row['peak_memory_gib'], '.2f'):>14} "
+                         f"{fmt(row['peak_reserved_gib'], '.2f'):>17} {row['budget_gib']:>10}  {row['verdict']}")
+
+    def measure(name: str, settings: dict, budget: int, flags: str) -> dict:
+        eight_bit = settings.get("use_8bit_adam", False)
+        fused = use_fused_adamw(argparse.Namespace(use_8bit_adam=eight_bit), device)
+        spec = PathSpec(name, "cached", False, False, fused, False, vae_resident=True, flags={
+            "batch_size": settings.get("train_batch_size", 1),
+            "gradient_accumulation_steps": settings.get("gradient_accumulation_steps", 1),
+            "gradient_checkpointing": settings.get("gradient_checkpointing", False),
+            "use_8bit_adam": eight_bit, "set_grads_to_none": settings.get("set_grads_to_none", False)})
+        spec_args = argparse.Namespace(**{**vars(args), "warmup": 1, "steps": 2})
+        result = run_path(spec, spec_args, accelerator, models, batch, weight_dtype, measure_flops=False)
+        row = {"preset": name, "flags": flags, "budget_gib": budget,
+               **{k: result.get(k) for k in ("peak_memory_gib", "peak_reserved_gib", "error")}}
+        if result.get("error"):
+            row["verdict"] = result["error"]
+        elif row["peak_memory_gib"] is None:
+            row["verdict"] = "n/a (no CUDA device)"
+        else:
+            # What the card must hold: the allocator's reservation plus ~0.5 GiB of CUDA context.
+            fits = row["peak_reserved_gib"] + 0.5 <= budget
+            row["verdict"] = f"{'fits' if fits else 'DOES NOT FIT'} (reserved + 0.5 GiB context vs {budget} GiB)"
+        return row
+
+    for preset in presets_for(models.family):
+        settings = preset.settings()
+        row = {"preset": preset.name, "flags": preset.cli(), "budget_gib": preset.memory_gb}
+        missing = [p for p in preset.needs if importlib.util.find_spec(p) is None]
+        precision = settings.get("mixed_precision")
+        if preset.deepspeed:
+            add({**row, "skipped": "DeepSpeed preset: measured by the real trainer (gpu_check.sh)"})
+        elif precision not in (None, accelerator.mixed_precision):
+            add({**row, "skipped": f"uses --mixed_precision {precision}, this run {accelerator.mixed_precision}"})
+        elif missing:
+            add({**row, "skipped": f"needs {', '.join(missing)} (not importable here)"})
+            if missing == ["bitsandbytes"]:
+                plain = {**settings, "use_8bit_adam": False}
+                add(measure(f"{preset.name}-no8bit", plain, preset.memory_gb,
+                            preset.cli().replace(" --use_8bit_adam", "")))
+        else:
+            add(measure(preset.name, settings, preset.memory_gb, preset.cli()))
+    return results, lines
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from controlnet_training.loop import weight_dtype_of
+
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
+    device = accelerator.device
+    weight_dtype = weight_dtype_of(accelerator)
+    set_seed(args.seed)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    peak = peak_bf16_flops(device_name)
+    start = time.perf_counter()
+    models = build_models(args.model, device, weight_dtype, args.seed)
+    build_s = time.perf_counter() - start
+    processors = sorted({type(p).__name__ for p in models.unet.attn_processors.values()})
+    counts = ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in models.params.items())
+    peak_text = "n/a" if peak is None else f"{peak / 1e12:.0f} TFLOP/s"
+    header = [
+        "== ControlNet training-step benchmark ==",
+        f"model {args.model} ({counts} params; built in {build_s:.0f} s), {args.resolution} px, batch "
+        f"{args.batch_size} x {args.gradient_accumulation_steps} accumulation, {args.mixed_precision}, "
+        f"{args.steps} timed steps after {args.warmup} warm-up",
+        f"device: {device_name or 'CPU'} (dense bf16 peak: {peak_text})"
+        f"; torch {torch.__version__}; threads {torch.get_num_threads()}; attention: {', '.join(processors)}"
+        f"{' (PyTorch SDPA)' if processors == ['AttnProcessor2_0'] else ''}",
+        f"toggles: torch_compile={args.torch_compile} gradient_checkpointing={args.gradient_checkpointing} "
+        f"no_cache={args.no_cache} channels_last={args.channels_last} allow_tf32={args.allow_tf32} "
+        f"use_8bit_adam={args.use_8bit_adam} set_grads_to_none={args.set_grads_to_none}",
+    ]
+    print("\n".join(header), flush=True)
+    report = {"args": {k: v for k, v in vars(args).items() if k != "path_list"}, "device": device_name or "cpu",
+              "peak_bf16_flops": peak, "torch": torch.__version__, "attention": processors,
+              "params": models.params}
+    if args.presets:
+        report["presets"], lines = run_presets(args, accelerator, models, weight_dtype)
+    else:
+        batch = synthetic_batch(models, args.batch_size, args.resolution, device, weight_dtype, args.seed)
+        specs = path_specs(args, device)
+        for spec in specs:
+            print(f"-- {spec.name}: {spec.describe(models.family, weight_dtype)}", flush=True)
+        interleave = {"auto": device.type == "cpu", "on": True, "off": False}[args.interleave]
+        if interleave:
+            print("-- paths interleaved step by step", flush=True)
+            results = run_interleaved(specs, args, accelerator, models, batch, weight_dtype)
+        else:
+            results = [run_path(spec, args, accelerator, models, batch, weight_dtype) for spec in specs]
+        lines = print_paths(results, peak)
+        report["paths"] = results
+    print("\n".join(lines), flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""checkpoint-N folders of the Flax trainer: the full train state through orbax, inside the package's atomic
+save_checkpoint (a hidden temporary folder renamed when complete), pruning, and exact restore.
+
+    checkpoint-N/
+      train_state/          orbax: ControlNet params, optimizer state (AdamW moments, counts), step
+      controlnet/           the ControlNet at step N in diffusers layout (ControlNetModel.from_pretrained)
+      training_state.json   global_step, seed, epoch, micro_batches_done, global_batch (written last)
+
+Every process takes part in the orbax write (each writes the shards it owns; multi-host runs need output_dir on
+a filesystem all hosts share); process 0 alone writes the rest and renames.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from ..checkpoints import prune_checkpoints, read_state, save_checkpoint
+from .runtime import barrier
+from .step import TrainState
+
+logger = logging.getLogger("controlnet_training")
+
+STATE_DIR = "train_state"
+CONTROLNET_DIR = "controlnet"
+
+
+def _checkpointer():
+    # Imported late: orbax logs at import time, and the first log call on an unconfigured root logger
+    # configures it (at WARNING), which would turn our logging set-up off.
+    import orbax.checkpoint as ocp
+
+    return ocp.StandardCheckpointer()
+
+
+def save(output_dir: str | Path, state: TrainState, info: dict, export: Callable[[Path], None], limit: int | None
+         ) -> Path:
+    """Write checkpoint-<info['global_step']>; `export(folder)` writes the diffusers-layout ControlNet (process 0)."""
+    is_main = jax.process_index() == 0
+    if is_main:
+        prune_checkpoints(output_dir, limit)
+
+    def write(folder: Path) -> None:
+        folder = folder.absolute()
+        if is_main:
+            folder.mkdir(parents=True, exist_ok=True)
+        barrier("checkpoint:folder")
+        checkpointer = _checkpointer()
+        checkpointer.save(folder / STATE_DIR, state)
+        checkpointer.wait_until_finished()  # the state is donated to the next step: finish reading it first
+        checkpointer.close()
+        if is_main:
+            export(folder / CONTROLNET_DIR)
+
+    path = save_checkpoint(output_dir, info["global_step"], write, info, is_main_process=is_main,
+                           barrier=lambda: barrier("checkpoint"))
+    logger.info("saved state to %s", path)
+    return path
+
+
+def restore(checkpoint: Path, target: Any) -> tuple[TrainState, dict]:
+    """The train state (into `target`'s shapes and shardings) and the training_state.json of a checkpoint."""
+    checkpointer = _checkpointer()
+    state = checkpointer.restore(Path(checkpoint).absolute() / STATE_DIR, target)
+    checkpointer.close()
+    return state, read_state(checkpoint)

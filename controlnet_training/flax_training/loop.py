@@ -1,0 +1,99 @@
+"""The Flax training loop: one jitted step per global batch; metrics read back only at logging steps; checkpoint
+and validation checks after every step including the last; the JAX profiler around chosen steps."""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from ..logs import Progress
+from ..steps import StepPlan
+from .data import BatchLayout, to_global
+from .runtime import Devices, to_host
+from .step import TrainState, seed_array
+from .trackers import Trackers
+
+logger = logging.getLogger("controlnet_training")
+
+IN_FLIGHT = 2  # steps the host may run ahead of the device (bounds the queued batches' memory)
+
+
+@dataclass
+class Trainer:
+    args: Any
+    devices: Devices
+    layout: BatchLayout
+    plan: StepPlan
+    train_step: Callable
+    frozen: dict
+    batches: Callable[[int, int], Iterator[dict[str, np.ndarray]]]  # (first step, last step) -> host batches
+    trackers: Trackers
+    checkpoint: Callable[[TrainState, int], None]
+    seed: int
+    validate: Callable[[int, Any], list] | None = None
+
+    def log(self, pending: list[dict], global_step: int, progress: Progress) -> None:
+        """The one host sync: mean loss and gradient norm since the last log, the latest learning rate."""
+        values = to_host(pending)
+        metrics = {"loss": float(np.mean([m["loss"] for m in values])),
+                   "grad_norm": float(np.mean([m["grad_norm"] for m in values])),
+                   "lr": float(values[-1]["lr"])}
+        metrics["samples_per_second"] = progress.log(**metrics)
+        self.trackers.log({**metrics, "epoch": global_step / self.plan.updates_per_epoch}, global_step)
+
+    def train(self, state: TrainState, global_step: int) -> tuple[TrainState, int]:
+        args, plan = self.args, self.plan
+        in_flight: collections.deque = collections.deque()
+        progress = Progress(plan.max_train_steps, global_step, self.layout.global_batch, jax.process_index() == 0,
+                            sync=lambda: jax.block_until_ready(list(in_flight)))
+        pending: list[dict] = []
+        tracing, steps_run = False, 0
+        for host_batch in self.batches(global_step, plan.max_train_steps):
+            epoch = global_step // plan.updates_per_epoch
+            batch = to_global(host_batch, self.devices.batch, self.layout.micro)
+            with jax.profiler.StepTraceAnnotation("train", step_num=global_step):
+                state, metrics = self.train_step(state, self.frozen, batch, epoch, seed_array(self.seed))
+            global_step, steps_run = global_step + 1, steps_run + 1
+            pending.append(metrics)
+            in_flight.append(metrics["loss"])
+            if len(in_flight) > IN_FLIGHT:
+                jax.block_until_ready(in_flight.popleft())
+            progress.step()
+            last = global_step >= plan.max_train_steps
+
+            if args.profile_steps and steps_run in (1, 1 + args.profile_steps):  # step 1 compiled: trace after it
+                jax.block_until_ready(metrics)
+                tracing = not tracing
+                if tracing:
+                    jax.profiler.start_trace(args.output_dir)
+                else:
+                    jax.profiler.stop_trace()
+                    progress.write(f"profile of {args.profile_steps} step(s) written under "
+                                   f"{Path(args.output_dir) / 'plugins' / 'profile'}")
+            if global_step % args.logging_steps == 0 or last:
+                self.log(pending, global_step, progress)
+                pending = []
+            checkpoint = global_step % args.checkpointing_steps == 0
+            validate = self.validate is not None and global_step % args.validation_steps == 0 and not last
+            if checkpoint or validate:
+                progress.pause_started()
+                if checkpoint:
+                    self.checkpoint(state, global_step)
+                if validate:  # the last step gets the final validation
+                    self.trackers.log_images(self.validate(global_step, state.params), global_step, final=False)
+                progress.pause_ended()
+            if last:
+                break
+        if tracing:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+        jax.block_until_ready(state)
+        progress.close()
+        return state, global_step

@@ -1,0 +1,195 @@
+"""The run around the Flax loop: start (checks before any model loads, devices, global batch, output folder, Hub
+repo), the data and the train state (fresh or resumed), and finish (export, final validation, card, upload)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from .. import hub
+from ..arguments import InputError, exit_on_input_error
+from ..data import Collator, ControlNetDataset, PairedTransform
+from ..logs import report_outputs, run_summary, setup_logging
+from ..preflight import SD_MODEL_FILES, Preflight, run_preflight
+from ..steps import StepPlan, plan_steps
+from ..validation import save_images
+from . import checkpoints
+from .data import BatchLayout, MapBatches, StreamBatches, steps_per_epoch
+from .models import LoadedModels, check_configs, controlnet_shapes
+from .runtime import Devices, barrier, jax_processes, make_devices, replicate, resolve_output_dir
+from .step import TrainState, abstract_state, create_state
+from .trackers import Trackers
+from .validation import export_controlnet
+
+logger = logging.getLogger("controlnet_training")
+
+
+@dataclass
+class Session:
+    args: Any
+    devices: Devices
+    preflight: Preflight
+    scheduler_config: dict
+    layout: BatchLayout
+    plan: StepPlan
+    repo_id: str | None
+
+    @property
+    def is_main_process(self) -> bool:
+        return jax.process_index() == 0
+
+
+def start_session(args, prog: str) -> Session:
+    """Everything checkable without models (files, data, resume target, global batch against the data), then the
+    output folder and the Hub repo. Bad input exits with one line, before any model loads."""
+    setup_logging(jax.process_index() == 0)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every step of every save at INFO
+    try:
+        args.output_dir = resolve_output_dir(args.output_dir)
+        preflight = run_preflight(args, SD_MODEL_FILES, jax_processes, default_seed=0)
+        scheduler_config = check_configs(args)
+        devices = make_devices()
+        micro = args.train_batch_size * devices.count
+        layout = BatchLayout(args.gradient_accumulation_steps, micro, devices.local_columns(micro))
+        rows = args.max_train_samples if args.streaming else len(preflight.dataset)
+        steps = steps_per_epoch(rows, layout)
+        if steps == 0:
+            raise InputError(f"{rows} training rows are fewer than one global batch of {layout.global_batch} "
+                             f"(--train_batch_size {args.train_batch_size} × {devices.count} devices × "
+                             f"--gradient_accumulation_steps {args.gradient_accumulation_steps})")
+    except InputError as error:
+        exit_on_input_error(prog, error)
+    plan = plan_steps(steps * layout.accumulation, layout.accumulation, args.max_train_steps, args.num_train_epochs)
+    if args.scale_lr:
+        args.learning_rate *= layout.global_batch
+    args.max_train_steps, args.num_train_epochs = plan.max_train_steps, plan.num_epochs
+    repo_id = None
+    if jax.process_index() == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if args.push_to_hub:
+            repo_id = hub.create_hub_repo(args.hub_model_id, args.output_dir, args.hub_token)
+    barrier("start")
+    return Session(args, devices, preflight, scheduler_config, layout, plan, repo_id)
+
+
+def make_batches(session: Session, tokenizer) -> MapBatches | StreamBatches:
+    """This host's rows of every global batch, tokenised, as numpy."""
+    args, preflight = session.args, session.preflight
+    rows = ControlNetDataset(preflight.dataset, preflight.columns, PairedTransform(args.resolution), preflight.seed,
+                             args.proportion_empty_prompts)
+    collate = Collator([tokenizer], as_torch=False)
+    if args.streaming:
+        return StreamBatches(preflight.dataset, rows.make_row, session.layout, collate, args.max_train_samples)
+    return MapBatches(rows, session.layout, collate, preflight.seed, args.dataloader_num_workers)
+
+
+def initial_state(session: Session, loaded: LoadedModels, tx) -> tuple[TrainState, int]:
+    """A fresh train state, or the one of --resume_from_checkpoint (exact: params, optimizer state, step)."""
+    replicated = session.devices.replicated
+    resume_from = session.preflight.resume_from
+    if resume_from is None:
+        return create_state(replicate(loaded.controlnet_params, replicated), tx, replicated), 0
+    target = abstract_state(controlnet_shapes(loaded.models.controlnet), tx, replicated)
+    state, info = checkpoints.restore(resume_from, target)
+    if info.get("global_batch", session.layout.global_batch) != session.layout.global_batch:
+        logger.warning("the checkpoint was trained with a global batch of %d, this run uses %d: the data order "
+                       "after resuming differs from an uninterrupted run", info["global_batch"],
+                       session.layout.global_batch)
+    return state, info["global_step"]
+
+
+def checkpointer(session: Session, loaded: LoadedModels) -> Callable[[TrainState, int], None]:
+    """checkpoint(state, step): the full train state, the data position and the ControlNet in diffusers layout."""
+    args = session.args
+
+    def checkpoint(state: TrainState, step: int) -> None:
+        epoch, micro_batches_done = session.plan.position(step)
+        info = {"global_step": step, "seed": session.preflight.seed, "epoch": epoch,
+                "micro_batches_done": micro_batches_done, "global_batch": session.layout.global_batch,
+                "trainer": "flax"}
+        checkpoints.save(args.output_dir, state, info,
+                         lambda folder: export_controlnet(folder, state.params, loaded.controlnet_config),
+                         args.checkpoints_total_limit)
+
+    return checkpoint
+
+
+def log_summary(session: Session, global_step: int) -> None:
+    if not session.is_main_process:
+        return
+    args, layout, plan = session.args, session.layout, session.plan
+    rows = f"{args.max_train_samples} per pass (streamed)" if args.streaming else len(session.preflight.dataset)
+    logger.info("***** Running training *****\n%s", run_summary([
+        ("examples", rows),
+        ("devices", f"{session.devices.count} ({jax.process_count()} process(es), {jax.devices()[0].platform})"),
+        ("batch per device", args.train_batch_size),
+        ("gradient accumulation", args.gradient_accumulation_steps),
+        ("global batch", layout.global_batch),
+        ("steps per epoch", plan.updates_per_epoch),
+        ("epochs", plan.num_epochs),
+        ("optimizer steps", plan.max_train_steps),
+        ("learning rate", f"{args.learning_rate:g} ({args.lr_scheduler}, warmup {args.lr_warmup_steps})"),
+        ("mixed precision", args.mixed_precision),
+        ("gradient checkpointing", args.gradient_checkpointing),
+        ("min-SNR gamma", args.snr_gamma),
+        ("seed", session.preflight.seed),
+        ("resuming from", f"{session.preflight.resume_from} (step {global_step})"
+         if session.preflight.resume_from else "no"),
+    ]))
+
+
+def memory_profile(output_dir: str, name: str) -> None:
+    suffix = f"_process{jax.process_index()}" if jax.process_count() > 1 else ""
+    jax.profiler.save_device_memory_profile(str(Path(output_dir) / f"{name}{suffix}.prof"))
+
+
+def peak_device_memory() -> str | None:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else f"{peak / 2**30:.2f} GiB on {jax.local_devices()[0].device_kind} (device 0)"
+
+
+def finish_session(session: Session, state: TrainState, global_step: int, loaded: LoadedModels, validator,
+                   trackers: Trackers, tags: list[str], license: str) -> None:
+    """The trained ControlNet in diffusers layout in output_dir, the final validation, images, model card,
+    upload, and where everything went. Files are written by process 0."""
+    args = session.args
+    barrier("finish")
+    if session.is_main_process:
+        export_controlnet(args.output_dir, state.params, loaded.controlnet_config)
+    logs = []
+    if validator is not None:
+        if args.profile_validation:
+            jax.profiler.start_trace(args.output_dir)
+        logs = validator(global_step, state.params)
+        if args.profile_validation:
+            jax.profiler.stop_trace()
+        trackers.log_images(logs, global_step, final=True)
+    if args.profile_memory:
+        memory_profile(args.output_dir, "memory_final")
+    if session.is_main_process:
+        save_images(logs, args.output_dir)
+        details = hub.training_details({
+            "optimizer steps": global_step, "global batch": session.layout.global_batch,
+            "devices": session.devices.count, "learning rate": f"{args.learning_rate:g} ({args.lr_scheduler})",
+            "resolution": args.resolution, "mixed precision": args.mixed_precision, "min-SNR gamma": args.snr_gamma,
+            "seed": session.preflight.seed, "trainer": "JAX/Flax (train_controlnet_flax.py)"})
+        hub.write_model_card(args.output_dir, session.repo_id or hub.repo_name(args.hub_model_id, args.output_dir),
+                             args.pretrained_model_name_or_path, logs, tags, license,
+                             dataset=args.dataset_name or args.train_data_dir, token=args.hub_token,
+                             from_hub=session.repo_id is not None, extra=details)
+        if session.repo_id is not None:
+            hub.upload_outputs(args.output_dir, session.repo_id, args.hub_token)
+        report = report_outputs(args.output_dir, trackers.logging_dir)
+        peak = peak_device_memory()
+        if peak:
+            report += f"\npeak memory  : {peak}"
+        logger.info("done after %d steps. Outputs:\n%s", global_step, report)
+    trackers.close()
+    barrier("end")

@@ -1,0 +1,194 @@
+"""The jitted train step: per-row random draws, the ControlNet + frozen UNet loss with per-sample Min-SNR,
+gradient accumulation over micro-batches inside one jit, clipping and AdamW (optax), LR schedules.
+
+Frozen parameters are jit arguments (never closed over: a closed-over array is baked into the program as a
+constant); the train state is donated. Every random draw of a row (VAE posterior sample, noise, timestep) comes
+from fold_in(fold_in(key(seed), epoch), row), so a run is independent of batch size, accumulation, device count
+and resumption. The seed and the epoch are arguments, not constants, so one compiled step serves every seed
+(and the persistent compilation cache can reuse it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from ..flax_models.schedule import NoiseSchedule, add_noise, min_snr_weights, prediction_target, snr
+from ..flax_models.vae import AutoencoderKL
+
+TRAIN_STREAM, INIT_STREAM, VALIDATION_STREAM = 0, 1, 2  # independent key streams of one seed
+POLYNOMIAL_LR_END = 1e-7  # diffusers' polynomial schedule decays to this
+
+
+def seed_array(seed: int) -> np.uint32:
+    """The seed as a jit argument (uint32: seeds of any size fit)."""
+    return np.uint32(seed % 2**32)
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything an optimizer step changes; what a checkpoint holds (with the data position beside it)."""
+
+    step: jax.Array
+    params: Any  # {"params": ControlNet tree}, float32
+    opt_state: Any
+
+
+@dataclass(frozen=True)
+class Models:
+    """The modules (configs and compute dtypes) and the noise schedule; parameters travel separately."""
+
+    text_encoder: nn.Module
+    vae: nn.Module
+    unet: nn.Module
+    controlnet: nn.Module
+    schedule: NoiseSchedule
+    scaling_factor: float
+
+
+# encode(frozen params, micro-batch) -> (posterior mean, posterior std, text hidden states); latents in the UNet's
+# scale. A cache of encodings only has to supply another `encode` (and the batch fields it reads).
+Encode = Callable[[dict, dict], tuple[jax.Array, jax.Array, jax.Array]]
+
+
+def vae_clip_encode(models: Models) -> Encode:
+    def encode(frozen: dict, micro: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+        mean, std = models.vae.apply(frozen["vae"], micro["pixel_values"], method=AutoencoderKL.encode)
+        hidden = models.text_encoder.apply(frozen["text_encoder"], micro["input_ids"])
+        scale = models.scaling_factor
+        return mean.astype(jnp.float32) * scale, std.astype(jnp.float32) * scale, hidden
+
+    return encode
+
+
+def lr_schedule(name: str, learning_rate: float, warmup_steps: int, total_steps: int, num_cycles: int = 1,
+                power: float = 1.0) -> optax.Schedule:
+    """diffusers' get_scheduler shapes (the same names and formulas) as an optax schedule of the update count."""
+    warmup, total = float(warmup_steps), float(total_steps)
+
+    def schedule(count: jax.Array) -> jax.Array:
+        step = jnp.asarray(count, jnp.float32)
+        progress = (step - warmup) / max(1.0, total - warmup)
+        if name == "constant":
+            return jnp.full_like(step, learning_rate)
+        if name == "constant_with_warmup":
+            after = jnp.ones_like(step)
+        elif name == "linear":
+            after = jnp.maximum(0.0, (total - step) / max(1.0, total - warmup))
+        elif name == "cosine":  # a half cosine: diffusers does not pass num_cycles here
+            after = jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(jnp.pi * 0.5 * 2.0 * progress)))
+        elif name == "cosine_with_restarts":
+            after = jnp.where(progress >= 1.0, 0.0, 0.5 * (1.0 + jnp.cos(jnp.pi * ((num_cycles * progress) % 1.0))))
+        elif name == "polynomial":
+            remaining = jnp.clip(1.0 - progress, 0.0, 1.0)
+            decayed = (learning_rate - POLYNOMIAL_LR_END) * remaining**power + POLYNOMIAL_LR_END
+            after = jnp.where(step > total, POLYNOMIAL_LR_END, decayed) / learning_rate
+        else:
+            raise ValueError(f"unknown learning rate schedule {name}")
+        return learning_rate * jnp.where(step < warmup, step / max(1.0, warmup), after)
+
+    return schedule
+
+
+def make_optimizer(args, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW with decoupled weight decay (torch.optim.AdamW's update)."""
+    return optax.chain(
+        optax.clip_by_global_norm(args.max_grad_norm),
+        optax.adamw(schedule, b1=args.adam_beta1, b2=args.adam_beta2, eps=args.adam_epsilon,
+                    weight_decay=args.adam_weight_decay))
+
+
+def row_draws(key: jax.Array, epoch: jax.Array, rows: jax.Array, latent_shape: tuple[int, ...],
+              num_train_timesteps: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(posterior noise, diffusion noise, timestep) of each row, from the row's own key."""
+
+    def draw(row):
+        posterior_key, noise_key, timestep_key = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, epoch),
+                                                                                      row), 3)
+        return (jax.random.normal(posterior_key, latent_shape), jax.random.normal(noise_key, latent_shape),
+                jax.random.randint(timestep_key, (), 0, num_train_timesteps))
+
+    return jax.vmap(draw)(rows)
+
+
+def diffusion_loss(pred: jax.Array, target: jax.Array, timesteps: jax.Array, schedule: NoiseSchedule,
+                   snr_gamma: float | None) -> jax.Array:
+    """Mean squared error in float32; with `snr_gamma`, each sample's C,H,W-mean error is weighted by its Min-SNR
+    weight before the batch mean (the reference broadcast the weights along the latent width instead)."""
+    per_sample = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)),
+                          axis=tuple(range(1, pred.ndim)))
+    if snr_gamma is None:
+        return jnp.mean(per_sample)
+    weights = min_snr_weights(snr(schedule, timesteps), snr_gamma, schedule.prediction_type)
+    return jnp.mean(per_sample * weights)
+
+
+def make_loss(models: Models, encode: Encode, snr_gamma: float | None) -> Callable:
+    schedule = models.schedule
+
+    def loss_fn(params: dict, frozen: dict, micro: dict, epoch: jax.Array, seed: jax.Array) -> jax.Array:
+        key = jax.random.fold_in(jax.random.key(seed), TRAIN_STREAM)
+        mean, std, hidden = encode(frozen, micro)
+        posterior_noise, noise, timesteps = row_draws(key, epoch, micro["index"], mean.shape[1:],
+                                                      schedule.num_train_timesteps)
+        latents = mean + std * posterior_noise  # a sample of the VAE posterior, as the reference
+        noisy = add_noise(schedule, latents, noise, timesteps)
+        down, mid = models.controlnet.apply(params, noisy, timesteps, hidden, micro["conditioning_pixel_values"])
+        dtype = models.unet.dtype
+        pred = models.unet.apply(frozen["unet"], noisy, timesteps, hidden,
+                                 down_block_additional_residuals=tuple(r.astype(dtype) for r in down),
+                                 mid_block_additional_residual=mid.astype(dtype))
+        return diffusion_loss(pred, prediction_target(schedule, latents, noise, timesteps), timesteps, schedule,
+                              snr_gamma)
+
+    return loss_fn
+
+
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    replicated: jax.sharding.NamedSharding) -> Callable:
+    """step(state, frozen, batch, epoch, seed) -> (state, metrics); batch fields are (accumulation, micro, ...) arrays
+    split over the devices along axis 1. Gradients are summed over the micro-batches in a scan and divided by
+    their number, so accumulation 2 × batch b is the update of batch 2b. XLA inserts the cross-device mean."""
+
+    def step(state: TrainState, frozen: dict, batch: dict, epoch: jax.Array, seed: jax.Array
+             ) -> tuple[TrainState, dict]:
+        grad_fn = jax.value_and_grad(loss_fn)
+
+        def micro_step(carry, micro):
+            loss_sum, grad_sum = carry
+            loss, grads = grad_fn(state.params, frozen, micro, epoch, seed)
+            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+        count = jax.tree.leaves(batch)[0].shape[0]
+        if count == 1:  # no loop: on XLA:CPU a while loop around the step costs ~1 s more per step (measured)
+            loss, grads = grad_fn(state.params, frozen, jax.tree.map(lambda x: x[0], batch), epoch, seed)
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (loss, grads), _ = jax.lax.scan(micro_step, (jnp.zeros((), jnp.float32), zeros), batch)
+            loss, grads = loss / count, jax.tree.map(lambda g: g / count, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_state = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
+        # lr: the rate of the next update, as the PyTorch trainers log it
+        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(new_state.step)}
+
+    return jax.jit(step, donate_argnums=(0,), out_shardings=replicated)
+
+
+def create_state(params: dict, tx: optax.GradientTransformation, replicated: jax.sharding.NamedSharding
+                 ) -> TrainState:
+    """A fresh, replicated train state (params must already be replicated global arrays)."""
+    return jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)), out_shardings=replicated)(params)
+
+
+def abstract_state(params_shapes: Any, tx: optax.GradientTransformation, replicated: jax.sharding.NamedSharding
+                   ) -> TrainState:
+    """Shapes, dtypes and shardings of the train state, for restoring a checkpoint into."""
+    shapes = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)), params_shapes)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)

@@ -1,0 +1,89 @@
+"""Validation images (DDIM, 50 steps, classifier-free guidance 7.5) from the in-memory models, on process 0's
+own devices: the other hosts go on to the next step and wait for process 0 there. And the ControlNet's export
+in diffusers layout."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from PIL import Image
+
+from ..data import PairedTransform
+from ..flax_models import convert
+from ..flax_models.sampling import sample_controlnet
+from ..validation import ValidationLog, load_control_image, validation_pairs
+from .runtime import to_host
+from .step import VALIDATION_STREAM, Models, seed_array
+
+logger = logging.getLogger("controlnet_training")
+
+NUM_INFERENCE_STEPS = 50  # as the reference Flax script
+GUIDANCE_SCALE = 7.5
+
+
+def local_view(tree: Any, sharding: NamedSharding) -> Any:
+    """Replicated global arrays as arrays over this host's devices only (the same buffers, no copy)."""
+    return jax.tree.map(lambda x: jax.make_array_from_single_device_arrays(
+        x.shape, sharding, [shard.data for shard in x.addressable_shards]), tree)
+
+
+class Validator:
+    def __init__(self, args, models: Models, frozen: dict, tokenizer, scheduler_config: dict, num_devices: int,
+                 seed: int):
+        self.models, self.frozen, self.tokenizer, self.scheduler_config = models, frozen, tokenizer, scheduler_config
+        self.pairs = validation_pairs(args.validation_prompt, args.validation_image)
+        self.transform = PairedTransform(args.resolution)
+        self.count = args.num_validation_images or num_devices
+        self.key = jax.random.fold_in(jax.random.key(seed_array(seed)), VALIDATION_STREAM)
+        mesh = Mesh(np.array(jax.local_devices()), ("data",))
+        self.replicated = NamedSharding(mesh, P())
+        split = self.count % mesh.devices.size == 0
+        self.batch = NamedSharding(mesh, P("data")) if split else self.replicated
+        self.embeddings: dict[str, jax.Array] = {}
+        self.logs: list[ValidationLog] = []
+
+    def embed(self, prompt: str, frozen: dict) -> jax.Array:
+        """The text encoder's hidden states for `prompt`, computed once and repeated for the batch."""
+        if prompt not in self.embeddings:
+            ids = self.tokenizer([prompt], max_length=self.tokenizer.model_max_length, padding="max_length",
+                                 truncation=True, return_tensors="np").input_ids
+            hidden = jax.jit(self.models.text_encoder.apply)(frozen["text_encoder"], jnp.asarray(ids))
+            self.embeddings[prompt] = jax.device_put(jnp.repeat(hidden, self.count, axis=0), self.batch)
+        return self.embeddings[prompt]
+
+    def __call__(self, step: int, params: Any) -> list[ValidationLog]:
+        """Images for every (prompt, control image) pair with the ControlNet `params`; [] off process 0."""
+        if jax.process_index() != 0:
+            return []
+        frozen = local_view(self.frozen, self.replicated)
+        controlnet_params = local_view(params, self.replicated)
+        negative = self.embed("", frozen)
+        logs = []
+        for i, (prompt, path) in enumerate(self.pairs):
+            control_image = load_control_image(path, self.transform)
+            control = np.asarray(control_image, np.float32).transpose(2, 0, 1)[None] / 255.0
+            control = jax.device_put(np.repeat(control, self.count, axis=0), self.batch)
+            latent_size = self.transform.resolution // 2 ** (len(self.models.vae.config["block_out_channels"]) - 1)
+            shape = (self.count, self.models.unet.config.get("in_channels", 4), latent_size, latent_size)
+            latents = jax.device_put(jax.random.normal(jax.random.fold_in(self.key, i), shape), self.batch)
+            images = sample_controlnet(self.models.unet, frozen["unet"], self.models.controlnet, controlnet_params,
+                                       self.models.vae, frozen["vae"], self.embed(prompt, frozen), negative, control,
+                                       None, num_steps=NUM_INFERENCE_STEPS, guidance_scale=GUIDANCE_SCALE,
+                                       scheduler_config=self.scheduler_config, latents=latents)
+            pixels = np.asarray(images * 255.0).round().clip(0, 255).astype(np.uint8)
+            logs.append(ValidationLog(prompt, control_image, [Image.fromarray(p) for p in pixels]))
+        logger.info("validation at step %d: %d image(s) for %d pair(s)", step, self.count * len(logs), len(logs))
+        self.logs = logs
+        return logs
+
+
+def export_controlnet(folder: str | Path, params: Any, config: dict) -> Path:
+    """The ControlNet in diffusers layout (config.json + diffusion_pytorch_model.safetensors, fp32)."""
+    return convert.save_diffusers_model(folder, to_host(params), config, "ControlNetModel")

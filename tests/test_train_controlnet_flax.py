@@ -1,0 +1,446 @@
+"""train_controlnet_flax.py on the tiny pipeline, each run in its own process on 4 simulated CPU devices
+(--xla_force_host_platform_device_count); its pieces (flags, LR schedules, Min-SNR, row draws, host sharding) and
+its bad-input checks in-process.
+
+Runs share a persistent JAX compilation cache, so only the first run of each shape pays for compilation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, THREADS, base_args, read_image_summaries, read_scalars, run_script
+
+SCRIPT = "train_controlnet_flax.py"
+DEVICES = 4
+XLA_THREADS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"  # must come last in XLA_FLAGS
+PROMPT = "red circle with blue background"
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+@pytest.fixture(scope="module")
+def flax_env(tmp_path_factory) -> dict[str, str]:
+    cache = tmp_path_factory.mktemp("jax-compilation-cache")
+    return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES} {XLA_THREADS}",
+            "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def flax_args(tiny_sd: Path, data: Path, out: Path, **overrides) -> list[str]:
+    """The tiny run: batch 1 per device (a global batch of 4: 3 steps per 12-row epoch), lr 1e-3 so that the zero
+    convolutions move enough for the export comparison to mean something."""
+    flags = dict(train_batch_size=1, logging_steps=1, learning_rate=1e-3, proportion_empty_prompts=0.3,
+                 snr_gamma=5.0)
+    return base_args(tiny_sd, data, out, **{**flags, **overrides})
+
+
+def run(argv: list[str], env: dict) -> subprocess.CompletedProcess:
+    return run_script(SCRIPT, argv, env=env)
+
+
+def weights(folder: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+
+
+def same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def restore_train_state(checkpoint: Path) -> dict:
+    """A checkpoint's orbax train state as numpy (on any number of devices)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    path = checkpoint.absolute() / "train_state"
+    tree = ocp.PyTreeCheckpointHandler().metadata(path).tree
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
+
+def checkpoint_names(output_dir: Path) -> set[str]:
+    return {p.name for p in output_dir.iterdir() if "checkpoint" in p.name}
+
+
+# ------------------------------------------------------------------------------------------------ runs
+@pytest.fixture(scope="module")
+def straight(tiny_sd, fill_data, tmp_path_factory, flax_env) -> tuple[Path, subprocess.CompletedProcess]:
+    """6 steps (two epochs) with checkpoints every 2 (keep 2), validation at step 3 and at the end, a log every
+    2 steps, Min-SNR and caption dropout."""
+    out = tmp_path_factory.mktemp("flax") / "straight"
+    result = run(flax_args(tiny_sd, fill_data["imagefolder"], out, max_train_steps=6, checkpointing_steps=2,
+                           checkpoints_total_limit=2, logging_steps=2, validation_steps=3, validation_prompt=[PROMPT],
+                           validation_image=[fill_data["validation"] / "control_0.png"]), flax_env)
+    return out, result
+
+
+def test_end_to_end_on_four_devices(straight, tiny_sd):
+    out, result = straight
+    assert "devices                : 4 (1 process(es), cpu)" in result.stderr
+    assert "global batch           : 4" in result.stderr
+
+    # checkpoints: pruned to the newest two; the full train state and the data position
+    assert checkpoint_names(out) == {"checkpoint-4", "checkpoint-6"}
+    info = json.loads((out / "checkpoint-6" / "training_state.json").read_text())
+    assert info == {"global_step": 6, "seed": 7, "epoch": 2, "micro_batches_done": 0, "global_batch": 4,
+                    "trainer": "flax"}
+    state = restore_train_state(out / "checkpoint-6")
+    assert int(state["step"]) == 6 and "opt_state" in state
+    assert same(weights(out), weights(out / "checkpoint-6" / "controlnet"))
+
+    # logs every 2 steps, including the last; validation at step 3 and the final one at step 6
+    logs = out / "logs"
+    for tag in ("loss", "lr", "grad_norm", "samples_per_second"):
+        assert sorted(read_scalars(logs, tag)) == [2, 4, 6], tag
+    summaries = read_image_summaries(logs)
+    assert sorted(step for _, step, _, _ in summaries) == [3, 6]
+    assert all((w, h) == ((1 + DEVICES) * 64, 64) for _, _, w, h in summaries)  # control + one image per device
+    assert (out / "images_0.png").exists() and (out / "image_control_0.png").exists()
+    card = (out / "README.md").read_text()
+    assert "jax-diffusers-event" in card and PROMPT in card
+
+
+def test_export_loads_in_pytorch_and_matches_flax(straight):
+    """The exported ControlNet in PyTorch diffusers gives the Flax ControlNet's output with the trained params."""
+    import jax
+    from diffusers import ControlNetModel as TorchControlNet
+
+    from controlnet_training.flax_models.controlnet import ControlNetModel
+    from controlnet_training.flax_models.convert import load_config
+
+    out, _ = straight
+    assert json.loads((out / "config.json").read_text())["_class_name"] == "ControlNetModel"
+    torch_model = TorchControlNet.from_pretrained(out).eval()
+    params = restore_train_state(out / "checkpoint-6")["params"]
+    flax_model = ControlNetModel(config=load_config(out))
+
+    rng = np.random.default_rng(0)
+    sample = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    timesteps = np.array([10, 700])
+    hidden = rng.standard_normal((2, 77, 32)).astype(np.float32)
+    control = rng.random((2, 3, 64, 64)).astype(np.float32)
+    down, mid = jax.jit(flax_model.apply)(params, sample, timesteps, hidden, control)
+    with torch.no_grad():
+        torch_down, torch_mid = torch_model(torch.from_numpy(sample), torch.from_numpy(timesteps),
+                                            encoder_hidden_states=torch.from_numpy(hidden),
+                                            controlnet_cond=torch.from_numpy(control), return_dict=False)
+    pairs = [*zip(down, torch_down, strict=True), (mid, torch_mid)]
+    for flax_out, torch_out in pairs:
+        expected = torch_out.numpy()
+        got = np.asarray(flax_out).transpose(0, 3, 1, 2)  # our residuals are NHWC
+        assert np.abs(got - expected).max() <= 1e-4
+    assert max(np.abs(t.numpy()).max() for _, t in pairs) > 1e-2  # trained: the residuals are not ~0
+
+
+def test_resume_is_exact_and_the_same_seed_repeats_the_run(straight, tiny_sd, fill_data, tmp_path, flax_env):
+    """4 steps, then resume to 6: the same weights, optimizer state and losses as 6 straight. Step 4 is mid-epoch
+    (3 steps per epoch), so the resumed run must skip the rows already seen. The first run stops at another
+    max_train_steps in another process, and its step-4 checkpoint is bit-identical to the straight run's. The
+    resumed half loads its rows in a worker process."""
+    out, _ = straight
+    split = tmp_path / "split"
+    common = dict(logging_steps=2)
+    run(flax_args(tiny_sd, fill_data["imagefolder"], split, max_train_steps=4, checkpointing_steps=4, **common),
+        flax_env)
+    assert same(weights(split / "checkpoint-4" / "controlnet"), weights(out / "checkpoint-4" / "controlnet"))
+    result = run(flax_args(tiny_sd, fill_data["imagefolder"], split, max_train_steps=6, checkpointing_steps=6,
+                           resume_from_checkpoint="latest", seed=None, dataloader_num_workers=1, **common), flax_env)
+    assert "checkpoint-4 (step 4)" in result.stderr and "seed                   : 7" in result.stderr
+    assert same(weights(split), weights(out))
+    a, b = restore_train_state(out / "checkpoint-6"), restore_train_state(split / "checkpoint-6")
+    import jax
+
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+    assert read_scalars(split / "logs", "loss")[6] == read_scalars(out / "logs", "loss")[6]
+    assert np.abs(weights(out)["controlnet_mid_block.weight"]).max() > 0  # it trained
+
+
+def test_seed_changes_the_run(straight, tiny_sd, fill_data, tmp_path, flax_env):
+    out, _ = straight
+    other = tmp_path / "seed8"
+    run(flax_args(tiny_sd, fill_data["imagefolder"], other, max_train_steps=4, checkpointing_steps=4, seed=8,
+                  logging_steps=2, profile_steps=1, profile_memory=True), flax_env)
+    a, b = weights(other / "checkpoint-4" / "controlnet"), weights(out / "checkpoint-4" / "controlnet")
+    assert not np.array_equal(a["controlnet_mid_block.weight"], b["controlnet_mid_block.weight"])
+    # the new conditioning encoder is initialised from the seed; the copied UNet encoder is not
+    embedding = "controlnet_cond_embedding.conv_in.weight"
+    assert not np.array_equal(a[embedding], b[embedding])
+    assert read_scalars(other / "logs", "loss")[2] != read_scalars(out / "logs", "loss")[2]
+    # --profile_steps / --profile_memory
+    assert list((other / "plugins" / "profile").rglob("*.xplane.pb"))
+    assert (other / "memory_initial.prof").exists() and (other / "memory_final.prof").exists()
+
+
+def test_accumulation_matches_larger_batch(straight, tiny_sd, fill_data, tmp_path, flax_env):
+    """Accumulation 2 × batch 1 reads the same rows per step as batch 2 and averages the same gradients. No
+    clipping, and an Adam epsilon large enough that near-zero gradients summed in another order do not turn into
+    full-size steps of different sign. Both continue from the straight run's ControlNet, and read a save_to_disk
+    folder with --load_from_disk."""
+    start, _ = straight
+    common = dict(max_train_steps=2, max_grad_norm=1e9, adam_epsilon=1e-3, snr_gamma=None, load_from_disk=True,
+                  controlnet_model_name_or_path=start)
+    big, accumulated = tmp_path / "big", tmp_path / "accumulated"
+    run(flax_args(tiny_sd, fill_data["disk"], big, train_batch_size=2, **common), flax_env)
+    run(flax_args(tiny_sd, fill_data["disk"], accumulated, gradient_accumulation_steps=2, **common), flax_env)
+    a, b = weights(big), weights(accumulated)
+    moved = np.abs(a["controlnet_mid_block.weight"] - weights(start)["controlnet_mid_block.weight"]).max()
+    assert moved > 1e-4  # fine-tuning changed the loaded weights
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-7)
+    losses_a, losses_b = read_scalars(big / "logs", "loss"), read_scalars(accumulated / "logs", "loss")
+    assert sorted(losses_a) == [1, 2]
+    for step in losses_a:
+        assert losses_a[step] == pytest.approx(losses_b[step], rel=1e-5)
+
+
+def test_streaming_bf16_remat_schedule_and_exact_resume(tiny_sd, fill_data, tmp_path, flax_env):
+    """--streaming (12 rows per pass: 3 steps per epoch), bf16 compute with float32 master weights, remat, a
+    linear schedule with warmup. Resuming from the step-2 checkpoint (mid-epoch: the stream is skipped to row 8)
+    in another folder ends with the straight run's weights and losses."""
+    import shutil
+
+    common = dict(streaming=True, max_train_samples=12, mixed_precision="bf16", gradient_checkpointing=True,
+                  lr_scheduler="linear", lr_warmup_steps=1, learning_rate=1e-4, max_train_steps=4)
+    straight_out, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(flax_args(tiny_sd, fill_data["parquet"], straight_out, checkpointing_steps=2, **common), flax_env)
+    shutil.copytree(straight_out / "checkpoint-2", tmp_path / "kept")
+    run(flax_args(tiny_sd, fill_data["parquet"], resumed, resume_from_checkpoint=tmp_path / "kept", **common),
+        flax_env)
+    a = weights(straight_out)
+    assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in a.values())
+    assert same(a, weights(resumed))
+    lrs = read_scalars(straight_out / "logs", "lr")
+    assert [lrs[s] for s in (1, 2, 3, 4)] == pytest.approx([1e-4, 2 / 3 * 1e-4, 1 / 3 * 1e-4, 0.0])
+    epochs = read_scalars(straight_out / "logs", "epoch")
+    assert [epochs[s] for s in (1, 3, 4)] == pytest.approx([1 / 3, 1.0, 4 / 3])
+    losses = read_scalars(straight_out / "logs", "loss")
+    assert read_scalars(resumed / "logs", "loss") == {3: losses[3], 4: losses[4]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_hosts_train_as_one(straight, tiny_sd, fill_data, tmp_path, flax_env):
+    """Two processes with 2 devices each (jax.distributed, gloo collectives on the CPU): each loads only its own
+    rows, only process 0 writes, and the result is the 4-device single-process run's (up to summation order)."""
+    out, _ = straight
+    multi = tmp_path / "multi"
+    argv = flax_args(tiny_sd, fill_data["imagefolder"], multi, max_train_steps=4, checkpointing_steps=4,
+                     logging_steps=2)
+    env = {**os.environ, **THREADS, **flax_env, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {XLA_THREADS}",
+           "JAX_COORDINATOR_ADDRESS": f"localhost:{free_port()}", "JAX_NUM_PROCESSES": "2",
+           "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+    processes = [subprocess.Popen([sys.executable, str(ROOT / SCRIPT), *argv], cwd=ROOT, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  env={**env, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    outputs = [p.communicate(timeout=900)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "devices                : 4 (2 process(es), cpu)" in outputs[0]
+    a, b = weights(multi), weights(out / "checkpoint-4" / "controlnet")
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=0, atol=2e-5)  # Adam magnifies reduction-order noise
+    assert len(list((multi / "logs").rglob("events.out.tfevents.*"))) == 1  # process 1 wrote no tracker files
+    assert read_scalars(multi / "logs", "loss")[4] == pytest.approx(read_scalars(out / "logs", "loss")[4], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+REFERENCE_FLAX_FLAGS = {
+    "pretrained_model_name_or_path", "controlnet_model_name_or_path", "revision", "tokenizer_name", "from_pt",
+    "controlnet_revision", "controlnet_from_pt", "profile_steps", "profile_validation", "profile_memory", "ccache",
+    "output_dir", "cache_dir", "seed", "resolution", "train_batch_size", "num_train_epochs", "max_train_steps",
+    "checkpointing_steps", "gradient_accumulation_steps", "learning_rate", "scale_lr", "lr_scheduler", "snr_gamma",
+    "dataloader_num_workers", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm",
+    "push_to_hub", "hub_token", "hub_model_id", "logging_steps", "report_to", "mixed_precision", "dataset_name",
+    "streaming", "dataset_config_name", "train_data_dir", "load_from_disk", "image_column",
+    "conditioning_image_column", "caption_column", "max_train_samples", "proportion_empty_prompts",
+    "validation_prompt", "validation_image", "validation_steps", "tracker_project_name", "wandb_entity", "local_rank",
+}
+ADDED_FLAGS = {"resume_from_checkpoint", "checkpoints_total_limit", "gradient_checkpointing", "lr_warmup_steps",
+               "lr_num_cycles", "lr_power", "logging_dir", "num_validation_images", "multi_host"}
+REFERENCE_FLAX_DEFAULTS = {
+    "output_dir": "runs/{timestamp}", "resolution": 512, "train_batch_size": 1, "num_train_epochs": 100,
+    "max_train_steps": None, "checkpointing_steps": 5000, "gradient_accumulation_steps": 1, "learning_rate": 1e-4,
+    "scale_lr": False, "lr_scheduler": "constant", "snr_gamma": None, "dataloader_num_workers": 0,
+    "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_weight_decay": 1e-2, "adam_epsilon": 1e-8, "max_grad_norm": 1.0,
+    "logging_steps": 100, "mixed_precision": "no", "validation_steps": 100,
+    "tracker_project_name": "train_controlnet_flax", "profile_steps": 0, "local_rank": -1, "image_column": "image",
+    "conditioning_image_column": "conditioning_image", "caption_column": "text", "proportion_empty_prompts": 0,
+}
+
+
+def test_every_reference_flax_flag_with_its_default():
+    from controlnet_training.flax_training.args import build_parser
+
+    parser = build_parser("test")
+    assert len(REFERENCE_FLAX_FLAGS) == 52  # the spec's 53 counts --help
+    assert {a.dest for a in parser._actions if a.dest != "help"} == REFERENCE_FLAX_FLAGS | ADDED_FLAGS
+    args = parser.parse_args(["--pretrained_model_name_or_path", "m", "--dataset_name", "d"])
+    for name, value in REFERENCE_FLAX_DEFAULTS.items():
+        assert getattr(args, name) == value, name
+    assert args.seed is None  # resolved to 0 for a fresh run, to the checkpoint's seed on resume
+    assert args.report_to == "tensorboard"  # the reference's wandb default refused every --hub_token
+
+
+@pytest.mark.parametrize("name", ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                                  "polynomial"])
+def test_lr_schedules_match_diffusers(name):
+    from diffusers.optimization import get_scheduler
+
+    from controlnet_training.flax_training.step import lr_schedule
+
+    lr, warmup, total = 1e-3, 3, 20
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total, num_cycles=3,
+                              power=2.0)
+    schedule = lr_schedule(name, lr, warmup, total, num_cycles=3, power=2.0)
+    for step in range(total + 3):
+        assert float(schedule(step)) == pytest.approx(scheduler.get_last_lr()[0], rel=1e-5, abs=1e-10), step
+        optimizer.step()
+        scheduler.step()
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_min_snr_loss_matches_independent_computation(kind):
+    from diffusers import DDPMScheduler
+    from test_noise import reference_weights
+
+    from controlnet_training.flax_models.schedule import NoiseSchedule
+    from controlnet_training.flax_training.step import diffusion_loss
+
+    config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=kind)
+    schedule = NoiseSchedule.from_config(config)
+    rng = np.random.default_rng(0)
+    pred, target = rng.standard_normal((5, 4, 8, 8)), rng.standard_normal((5, 4, 8, 8))
+    timesteps = np.array([0, 10, 250, 600, 999])
+    loss = diffusion_loss(pred.astype(np.float32), target.astype(np.float32), timesteps, schedule, 5.0)
+
+    alphas_cumprod = DDPMScheduler(**config).alphas_cumprod.numpy()
+    weights = reference_weights(alphas_cumprod, timesteps, 5.0, kind)
+    expected = float((((pred - target) ** 2).mean(axis=(1, 2, 3)) * weights).mean())
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert len(set(np.round(weights, 6))) > 2  # per-sample weights, not a broadcast along the latent width
+
+
+def test_row_draws_depend_only_on_seed_epoch_and_row():
+    import jax
+
+    from controlnet_training.flax_training.step import row_draws
+
+    key = jax.random.key(3)
+    together = row_draws(key, 1, np.array([5, 9, 2]), (4, 8, 8), 1000)
+    apart = [row_draws(key, 1, np.array([i]), (4, 8, 8), 1000) for i in (5, 9, 2)]
+    for k in range(3):
+        np.testing.assert_array_equal(together[k], np.concatenate([a[k] for a in apart]))
+    other_epoch = row_draws(key, 2, np.array([5, 9, 2]), (4, 8, 8), 1000)
+    assert not np.array_equal(together[1], other_epoch[1])
+    assert not np.array_equal(together[0], together[1])  # posterior noise and diffusion noise are distinct
+
+
+def test_hosts_load_disjoint_rows_and_accumulation_reads_the_same_rows():
+    from controlnet_training.flax_training.data import BatchLayout, MapBatches
+
+    class Rows:
+        def __len__(self):
+            return 24
+
+    micro = 8  # 2 per device × 4 devices
+    hosts = [BatchLayout(2, micro, slice(h * 4, h * 4 + 4)) for h in range(2)]
+    positions = np.concatenate([layout.positions().ravel() for layout in hosts])
+    assert sorted(positions) == list(range(16))  # two hosts cover the global batch exactly once
+
+    def rows_per_step(layout):
+        batches = MapBatches(Rows(), layout, collate=None, seed=1)
+        return [sorted(row for _, row in keys) for keys in batches.step_keys(0, 3)]
+
+    accumulated = rows_per_step(BatchLayout(2, 4, slice(0, 4)))
+    big = rows_per_step(BatchLayout(1, 8, slice(0, 8)))
+    assert accumulated == big and len({r for step in big[:1] for r in step}) == 8
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    import train_controlnet_flax
+
+    def fail(*_args, **_kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(train_controlnet_flax, "load_models", fail)
+
+
+def bad_input_cases() -> dict[str, tuple[dict, str]]:
+    from test_bad_inputs import CASES
+
+    pytorch_only = {"xformers", "bitsandbytes"}  # flags the Flax trainer does not have: tested below
+    cases = {k: v for k, v in CASES.items() if k not in pytorch_only}
+    cases["tracker not installed"] = (dict(report_to="comet_ml"), "--report_to comet_ml: the Flax trainer supports")
+    cases.update({
+        "streaming without max_train_samples": (dict(streaming=True), "--streaming needs --max_train_samples"),
+        "load_from_disk without a folder": (dict(train_data_dir=None, dataset_name="x/y", load_from_disk=True),
+                                            "--load_from_disk needs --train_data_dir"),
+        "load_from_disk on an imagefolder": (dict(load_from_disk=True), "--load_from_disk: "),
+        "batch larger than the data": (dict(train_batch_size=13), "12 training rows are fewer than one global batch"),
+        "pytorch-only flag": (dict(use_8bit_adam=True), "unrecognized arguments: --use_8bit_adam"),
+        "negative profile steps": (dict(profile_steps=-1), "--profile_steps must be >= 0"),
+        "resolution the UNet cannot halve": (dict(resolution=72), "--resolution must be a multiple of 16"),
+        "zero logging steps": (dict(logging_steps=0), "--logging_steps must be > 0"),
+    })
+    return cases
+
+
+def test_hub_token_passes_the_checks_with_the_default_tracker(tiny_sd, fill_data, tmp_path, no_model_loading):
+    """The reference refused --hub_token unless --report_to was changed (its default was wandb)."""
+    import train_controlnet_flax
+
+    with pytest.raises(AssertionError, match="a model was loaded"):
+        train_controlnet_flax.main(base_args(tiny_sd, fill_data["imagefolder"], tmp_path / "out", hub_token="hf_x"))
+
+
+@pytest.mark.parametrize("case", sorted(bad_input_cases()))
+def test_bad_input_fails_early_with_one_line(case, tiny_sd, fill_data, tmp_path, no_model_loading, capsys):
+    from test_bad_inputs import corrupt_copy, empty_parquet, snapshot
+
+    import train_controlnet_flax
+
+    overrides, expected = bad_input_cases()[case]
+    out = tmp_path / "out"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "checkpoint-2" / "training_state.json").write_text('{"global_step": 2, "seed": 1}')
+    (out / "keep.txt").write_text("user data")
+    places = {"tmp": str(tmp_path), "v0": str(fill_data["validation"] / "control_0.png"),
+              "v1": str(fill_data["validation"] / "control_1.png")}
+    if "{corrupt}" in str(overrides):
+        places["corrupt"] = str(corrupt_copy(fill_data["imagefolder"], tmp_path / "corrupt"))
+    if "{empty}" in str(overrides):
+        places["empty"] = str(empty_parquet(tmp_path / "empty"))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "weights.txt").write_text("not a dataset")
+
+    def fill(value):
+        if isinstance(value, list):
+            return [fill(v) for v in value]
+        return value.format(**places) if isinstance(value, str) else value
+
+    overrides = {k: fill(v) for k, v in overrides.items()}
+    before = snapshot(out)
+    with pytest.raises(SystemExit) as exit_info:
+        train_controlnet_flax.main(base_args(tiny_sd, fill_data["imagefolder"], out, **overrides))
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert len(errors) == 1, errors
+    assert fill(expected) in errors[0]
+    assert snapshot(out) == before

@@ -88,10 +88,9 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_fails_early_with_one_line(case, tiny_sd, fill_data, tmp_path, existing_output, no_model_loading,
-                                             capsys):
-    overrides, expected = CASES[case]
+def expect_one_line_error(main, overrides: dict, expected: str, tiny_sd, fill_data, tmp_path, out, capsys) -> None:
+    """`main` with the base flags plus `overrides` ({tmp}, {v0}, {v1}, {corrupt}, {empty} filled in) exits with
+    status 2 and exactly one error line containing `expected`, leaving `out` as it was."""
     places = {"tmp": str(tmp_path), "v0": str(fill_data["validation"] / "control_0.png"),
               "v1": str(fill_data["validation"] / "control_1.png")}
     if "{corrupt}" in str(overrides):
@@ -107,11 +106,19 @@ def test_bad_input_fails_early_with_one_line(case, tiny_sd, fill_data, tmp_path,
         return value.format(**places) if isinstance(value, str) else value
 
     overrides = {k: fill(v) for k, v in overrides.items()}
-    before = snapshot(existing_output)
+    before = snapshot(out)
     with pytest.raises(SystemExit) as exit_info:
-        train_controlnet.main(base_args(tiny_sd, fill_data["imagefolder"], existing_output, **overrides))
+        main(base_args(tiny_sd, fill_data["imagefolder"], out, **overrides))
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
     assert len(errors) == 1, errors
     assert fill(expected) in errors[0]
-    assert snapshot(existing_output) == before
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_fails_early_with_one_line(case, tiny_sd, fill_data, tmp_path, existing_output, no_model_loading,
+                                             capsys):
+    overrides, expected = CASES[case]
+    expect_one_line_error(train_controlnet.main, overrides, expected, tiny_sd, fill_data, tmp_path, existing_output,
+                          capsys)

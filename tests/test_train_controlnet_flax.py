@@ -412,7 +412,7 @@ def test_hub_token_passes_the_checks_with_the_default_tracker(tiny_sd, fill_data
 
 @pytest.mark.parametrize("case", sorted(bad_input_cases()))
 def test_bad_input_fails_early_with_one_line(case, tiny_sd, fill_data, tmp_path, no_model_loading, capsys):
-    from test_bad_inputs import corrupt_copy, empty_parquet, snapshot
+    from test_bad_inputs import expect_one_line_error
 
     import train_controlnet_flax
 
@@ -421,26 +421,4 @@ def test_bad_input_fails_early_with_one_line(case, tiny_sd, fill_data, tmp_path,
     (out / "checkpoint-2").mkdir(parents=True)
     (out / "checkpoint-2" / "training_state.json").write_text('{"global_step": 2, "seed": 1}')
     (out / "keep.txt").write_text("user data")
-    places = {"tmp": str(tmp_path), "v0": str(fill_data["validation"] / "control_0.png"),
-              "v1": str(fill_data["validation"] / "control_1.png")}
-    if "{corrupt}" in str(overrides):
-        places["corrupt"] = str(corrupt_copy(fill_data["imagefolder"], tmp_path / "corrupt"))
-    if "{empty}" in str(overrides):
-        places["empty"] = str(empty_parquet(tmp_path / "empty"))
-    (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "weights.txt").write_text("not a dataset")
-
-    def fill(value):
-        if isinstance(value, list):
-            return [fill(v) for v in value]
-        return value.format(**places) if isinstance(value, str) else value
-
-    overrides = {k: fill(v) for k, v in overrides.items()}
-    before = snapshot(out)
-    with pytest.raises(SystemExit) as exit_info:
-        train_controlnet_flax.main(base_args(tiny_sd, fill_data["imagefolder"], out, **overrides))
-    assert exit_info.value.code == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
-    assert len(errors) == 1, errors
-    assert fill(expected) in errors[0]
-    assert snapshot(out) == before
+    expect_one_line_error(train_controlnet_flax.main, overrides, expected, tiny_sd, fill_data, tmp_path, out, capsys)

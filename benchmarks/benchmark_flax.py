@@ -1,0 +1,215 @@
+#!/usr/bin/env python
+"""Training-step benchmark of the JAX/Flax trainer: the same jitted step train_controlnet_flax.py runs
+(flax_training/step.py: make_loss over vae_clip_encode, make_optimizer, make_train_step over a mesh of every
+device), on random-weight models of the fixture sizes (controlnet_training/fixtures.py; weights initialised in
+JAX on the devices, no PyTorch) and one fixed synthetic batch, sharded as the trainer shards its batches.
+
+Prints the device kind and count, the compile time, steady s/step (the median of --steps timed steps after
+--warmup untimed ones; each timed step ends with jax.block_until_ready), samples/s (global batch / s/step) and
+the peak device memory of device 0 where JAX exposes it (n/a on the CPU).
+
+    python benchmarks/benchmark_flax.py --model sd15 --resolution 512 --batch_size 8 --mixed_precision bf16 \\
+        --steps 20 --warmup 3 [--gradient_checkpointing] [--gradient_accumulation_steps 2]
+    python benchmarks/benchmark_flax.py --model tiny --resolution 64 --batch_size 1 --steps 2 --warmup 1  # CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from controlnet_training.fixtures import SIZES  # noqa: E402
+from controlnet_training.flax_models.clip import CLIPTextModel  # noqa: E402
+from controlnet_training.flax_models.controlnet import (  # noqa: E402
+    ControlNetModel,
+    controlnet_config_from_unet,
+    controlnet_params_from_unet,
+)
+from controlnet_training.flax_models.schedule import NoiseSchedule  # noqa: E402
+from controlnet_training.flax_models.unet import UNet2DConditionModel  # noqa: E402
+from controlnet_training.flax_models.vae import AutoencoderKL  # noqa: E402
+from controlnet_training.flax_training.data import to_global  # noqa: E402
+from controlnet_training.flax_training.models import DTYPES  # noqa: E402
+from controlnet_training.flax_training.runtime import make_devices, replicate  # noqa: E402
+from controlnet_training.flax_training.step import (  # noqa: E402
+    Models,
+    create_state,
+    lr_schedule,
+    make_loss,
+    make_optimizer,
+    make_train_step,
+    seed_array,
+    vae_clip_encode,
+)
+
+# The fixture pipeline's DDPMScheduler (fixtures.make_pipeline), as its scheduler_config.json has it.
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                        clip_sample=False, steps_offset=1, prediction_type="epsilon")
+VOCAB = {"tiny": 1000, "sd15": 49408}  # the tiny fixture's vocabulary is a few hundred tokens; SD's CLIP 49408
+MAX_LENGTH = 77
+# The trainers' defaults (controlnet_training/arguments.py).
+OPTIMIZER = SimpleNamespace(max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+                            adam_weight_decay=1e-2)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(VOCAB), default="tiny")
+    parser.add_argument("--resolution", type=int, default=None, help="default: 64 (tiny), 512 (sd15)")
+    parser.add_argument("--batch_size", type=int, default=1, help="per device; the global batch is this × devices")
+    parser.add_argument("--mixed_precision", choices=("no", "bf16"), default="no")
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--snr_gamma", type=float, default=None)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the compile")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.resolution is None:
+        args.resolution = 64 if args.model == "tiny" else 512
+    for name in ("batch_size", "gradient_accumulation_steps", "steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be at least 0")
+    return args
+
+
+def configs(model: str) -> tuple[dict, dict, dict]:
+    """(UNet, VAE, CLIP text) config dicts of a fixture size, as the diffusers / transformers configs hold them."""
+    size = SIZES[model]
+    unet = {"in_channels": 4, "out_channels": 4, **size.unet}
+    vae = {"in_channels": 3, "out_channels": 3, "scaling_factor": 0.18215, **size.vae}
+    text = {"vocab_size": VOCAB[model], "max_position_embeddings": MAX_LENGTH, "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-5, **size.text}
+    return unet, vae, text
+
+
+def build(args, devices) -> tuple[Models, dict, dict]:
+    """(models, frozen params, ControlNet params) as load_models makes them (frozen in the compute dtype, the
+    ControlNet float32 and copied from the UNet), but random; replicated on every device."""
+    dtype = DTYPES[args.mixed_precision]
+    controlnet_dtype = jnp.bfloat16 if args.mixed_precision == "bf16" else jnp.float32
+    unet_config, vae_config, text_config = configs(args.model)
+    factor = 2 ** (len(vae_config["block_out_channels"]) - 1) * 2 ** (len(unet_config["block_out_channels"]) - 1)
+    if args.resolution % factor:
+        raise SystemExit(f"--resolution must be a multiple of {factor} for --model {args.model}")
+    text_encoder = CLIPTextModel(text_config, dtype)
+    vae = AutoencoderKL(vae_config, dtype)
+    unet = UNet2DConditionModel(unet_config, dtype, gradient_checkpointing=args.gradient_checkpointing)
+    controlnet = ControlNetModel(controlnet_config_from_unet(unet_config), controlnet_dtype,
+                                 gradient_checkpointing=args.gradient_checkpointing)
+    replicated = devices.replicated
+
+    def shapes(module):
+        return jax.eval_shape(module.init, jax.random.key(0), *module.init_inputs())
+
+    # Random normal leaves of each module's parameter tree (shapes from eval_shape), drawn on the host and
+    # replicated: compiling `module.init` (or a jitted draw per leaf) costs minutes on a CPU for no change in
+    # step time.
+    rng = np.random.default_rng(args.seed)
+
+    def draw(tree):
+        return jax.tree.map(lambda s: (0.02 * rng.standard_normal(s.shape, np.float32)).astype(s.dtype), tree)
+
+    unet_params = draw(shapes(unet))
+    controlnet_params = controlnet_params_from_unet(unet_params, draw(shapes(controlnet)))
+    frozen = {"text_encoder": draw(shapes(text_encoder)), "vae": draw(shapes(vae)), "unet": unet_params}
+    frozen = jax.tree.map(lambda x: np.asarray(x).astype(dtype), frozen)
+    frozen, controlnet_params = replicate(frozen, replicated), replicate(controlnet_params, replicated)
+    models = Models(text_encoder, vae, unet, controlnet, NoiseSchedule.from_config(SCHEDULER_CONFIG),
+                    float(vae_config["scaling_factor"]))
+    return models, frozen, controlnet_params
+
+
+def synthetic_batch(args, micro: int, devices) -> dict:
+    """One global batch, (accumulation, micro, ...) per field, split over the devices as the trainer splits it."""
+    rng = np.random.default_rng(args.seed)
+    shape = (args.gradient_accumulation_steps, micro)
+    image = (*shape, 3, args.resolution, args.resolution)
+    host = {
+        "pixel_values": rng.uniform(-1.0, 1.0, image).astype(np.float32),
+        "conditioning_pixel_values": rng.uniform(0.0, 1.0, image).astype(np.float32),
+        "input_ids": rng.integers(0, VOCAB[args.model], (*shape, MAX_LENGTH)).astype(np.int32),
+        "index": np.arange(np.prod(shape), dtype=np.int32).reshape(shape),
+    }
+    return to_global(host, devices.batch, micro)
+
+
+def peak_memory() -> str:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return "n/a" if peak is None else f"{peak / 2**30:.2f} GiB (device 0)"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    devices = make_devices()
+    device = jax.devices()[0]
+    micro = args.batch_size * devices.count
+    global_batch = micro * args.gradient_accumulation_steps
+    print(f"devices: {devices.count} × {device.device_kind} ({device.platform})")
+    print(f"model: {args.model}  resolution: {args.resolution}  batch per device: {args.batch_size}  "
+          f"accumulation: {args.gradient_accumulation_steps}  global batch: {global_batch}  "
+          f"mixed precision: {args.mixed_precision}  gradient checkpointing: {args.gradient_checkpointing}", flush=True)
+
+    start = time.perf_counter()
+    models, frozen, controlnet_params = build(args, devices)
+    jax.block_until_ready((frozen, controlnet_params))
+    init_s = time.perf_counter() - start
+    count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
+    print(f"init: {init_s:.2f} s  (ControlNet {count(controlnet_params) / 1e6:.1f} M params, "
+          f"UNet {count(frozen['unet']) / 1e6:.1f} M)", flush=True)
+
+    total = args.warmup + args.steps + 1
+    schedule = lr_schedule("constant", 1e-5, 0, total)
+    tx = make_optimizer(OPTIMIZER, schedule)
+    state = create_state(controlnet_params, tx, devices.replicated)
+    del controlnet_params
+    train_step = make_train_step(make_loss(models, vae_clip_encode(models), args.snr_gamma), tx, schedule,
+                                 devices.replicated)
+    batch = synthetic_batch(args, micro, devices)
+    seed, epoch = seed_array(args.seed), np.int32(0)
+
+    start = time.perf_counter()
+    compiled = train_step.lower(state, frozen, batch, epoch, seed).compile()
+    compile_s = time.perf_counter() - start
+    print(f"compile: {compile_s:.2f} s", flush=True)
+
+    for _ in range(args.warmup + 1):  # the first run pays one-off costs (allocations, autotuning)
+        state, metrics = compiled(state, frozen, batch, epoch, seed)
+    jax.block_until_ready((state, metrics))
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, frozen, batch, epoch, seed)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - start)
+    s_per_step = statistics.median(times)
+    loss = float(np.asarray(metrics["loss"].addressable_data(0)))
+    report = {"devices": devices.count, "device_kind": device.device_kind, "compile_s": compile_s,
+              "s_per_step": s_per_step, "samples_per_second": global_batch / s_per_step, "peak_memory": peak_memory(),
+              "loss": loss, "step_times_s": times}
+    print(f"steady: {s_per_step:.4f} s/step (median of {args.steps}; min {min(times):.4f}, max {max(times):.4f})")
+    print(f"throughput: {report['samples_per_second']:.2f} samples/s (global batch {global_batch})")
+    print(f"peak device memory: {report['peak_memory']}")
+    print(f"loss (last step): {loss:.4f}")
+    if not np.isfinite(loss):
+        raise SystemExit("the loss is not finite")
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -182,6 +182,11 @@ def use_fused_adamw(args, device: torch.device | str | None = None) -> bool:
 
     if args.use_8bit_adam or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("true", "1"):
         return False
+    # fp16: accelerate detects a step the GradScaler skipped (inf/NaN gradients) only for unfused optimizers; with
+    # a fused one the LR schedule would advance on skipped steps.
+    precision = getattr(args, "mixed_precision", None) or os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if precision == "fp16":
+        return False
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     return device.type in ("cuda", "cpu")
 

@@ -101,9 +101,14 @@ def test_fused_adamw_where_torch_has_it(monkeypatch, tiny_models):
     from controlnet_training.models import make_optimizer, use_fused_adamw
 
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     assert use_fused_adamw(options(), "cuda") and use_fused_adamw(options(), "cpu")
     assert not use_fused_adamw(options(), "mps")
     assert not use_fused_adamw(options(use_8bit_adam=True), "cuda")
+    assert not use_fused_adamw(options(mixed_precision="fp16"), "cuda")  # skipped fp16 steps stay visible
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # `accelerate launch --mixed_precision fp16`
+    assert not use_fused_adamw(options(), "cuda")
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
     optimizer = make_optimizer(options(), tiny_models[1].parameters(), "cpu")
     assert optimizer.defaults["fused"] is True
     assert not make_optimizer(options(), tiny_models[1].parameters(), "cpu", fused=False).defaults["fused"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
@@ -208,11 +209,12 @@ def check_args(args: argparse.Namespace) -> None:
                          f"(got {len(images)} images and {len(prompts)} prompts)")
 
 
-def parse_args(parser: Parser, argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse and check; bad flags exit with status 2 and a one-line message."""
+def parse_args(parser: Parser, argv: list[str] | None = None,
+               check: Callable[[argparse.Namespace], None] | None = None) -> argparse.Namespace:
+    """Parse and check (`check`, default check_args); bad flags exit with status 2 and a one-line message."""
     args = parser.parse_args(argv)
     try:
-        check_args(args)
+        (check or check_args)(args)
     except InputError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     return args

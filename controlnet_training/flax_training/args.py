@@ -17,6 +17,7 @@ from ..arguments import (
     add_validation_args,
     check_args,
 )
+from ..arguments import parse_args as parse_checked  # the shared parse-then-check, with the Flax checks
 from ..data import is_saved_to_disk
 
 # Shared flags that only make sense with PyTorch/accelerate (or need the PyTorch control signal).
@@ -117,10 +118,4 @@ def check_flax_args(args: argparse.Namespace) -> None:
 
 def parse_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check; bad flags exit with status 2 and a one-line message."""
-    parser = build_parser(description)
-    args = parser.parse_args(argv)
-    try:
-        check_flax_args(args)
-    except InputError as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
-    return args
+    return parse_checked(build_parser(description), argv, check=check_flax_args)

@@ -16,8 +16,15 @@ import torch
 
 from controlnet_training.arguments import build_parser, parse_args
 from controlnet_training.cache import model_identity, tokenizer_identity
-from controlnet_training.data import ControlNetDataset, PairedTransform, caption_variants
-from controlnet_training.encodings import drop_encoders, latent_cache, posterior, text_cache, wants_cache
+from controlnet_training.data import ControlNetDataset, PairedTransform
+from controlnet_training.encodings import (
+    caption_cache,
+    drop_encoders,
+    latent_cache,
+    posterior,
+    text_cache,
+    wants_cache,
+)
 from controlnet_training.loop import Trainer
 from controlnet_training.models import enable_memory_options, load_sd_models, make_controlnet, place_frozen
 from controlnet_training.preflight import SD_MODEL_FILES
@@ -60,10 +67,7 @@ def train(args) -> None:
         latents = latent_cache(session, models.vae, transform, str(base / "vae"))
         encoder_key = {"encoder": model_identity(models.text_encoder, str(base / "text_encoder")),
                        "tokenizer": tokenizer_identity(models.tokenizer)}
-        # Training and held-out captions together: the same cache whatever --validation_split is.
-        heldout = caption_variants(preflight.heldout, preflight.columns.caption) if preflight.heldout else []
-        texts = text_cache(session, [*caption_variants(preflight.dataset, preflight.columns.caption), "", *heldout],
-                           encoder_key, encode_text)
+        texts = caption_cache(session, encoder_key, encode_text)
         if args.validation_prompt:
             prompts = text_cache(session, [*args.validation_prompt, ""], encoder_key, encode_text)
 

@@ -19,8 +19,15 @@ import torch
 
 from controlnet_training.arguments import build_parser, parse_args
 from controlnet_training.cache import model_identity, tokenizer_identity
-from controlnet_training.data import ControlNetDataset, PairedTransform, caption_variants
-from controlnet_training.encodings import drop_encoders, latent_cache, posterior, text_cache, wants_cache
+from controlnet_training.data import ControlNetDataset, PairedTransform
+from controlnet_training.encodings import (
+    caption_cache,
+    drop_encoders,
+    latent_cache,
+    posterior,
+    text_cache,
+    wants_cache,
+)
 from controlnet_training.loop import Trainer
 from controlnet_training.models import enable_memory_options, make_controlnet, place_frozen
 from controlnet_training.presets import exit_on_oom
@@ -65,7 +72,6 @@ def train(args) -> None:
     # --cache_encodings) every training image's VAE posterior: computed once into an on-disk cache keyed by what
     # they depend on. The text encoders then leave the device, and so does the VAE encoder when it is cached.
     base = Path(args.pretrained_model_name_or_path)
-    heldout_captions = caption_variants(preflight.heldout, preflight.columns.caption) if preflight.heldout else []
     encoders_key = {"kind": "sdxl-prompt-embeds",
                     "encoders": [model_identity(e, str(base / sub)) for e, sub in
                                  zip(models.text_encoders, ("text_encoder", "text_encoder_2"), strict=True)],
@@ -74,9 +80,7 @@ def train(args) -> None:
     def encode_captions(captions: list[str]) -> dict:
         return encode_prompts(captions, models.tokenizers, models.text_encoders)
 
-    # Training and held-out captions together (the same cache whatever --validation_split is); prompts apart.
-    texts = text_cache(session, [*caption_variants(preflight.dataset, preflight.columns.caption), "",
-                                 *heldout_captions], encoders_key, encode_captions)
+    texts = caption_cache(session, encoders_key, encode_captions)  # validation prompts in a cache apart
     prompts = text_cache(session, args.validation_prompt, encoders_key, encode_captions) \
         if args.validation_prompt else None
     transform = PairedTransform(args.resolution, args.image_interpolation_mode)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .cache import TensorCache, build_or_load, model_identity
-from .data import Collator, ControlNetDataset, PairedTransform
+from .data import Collator, ControlNetDataset, PairedTransform, caption_variants
 
 
 def cache_root(args) -> Path:
@@ -74,6 +74,16 @@ def text_cache(session, captions: list[str], identity: dict, encode_captions) ->
             return encode_captions(batch)
 
     return _cache(session, {"kind": "text-embeddings", **identity}, captions, compute, "caching text embeddings")
+
+
+def caption_cache(session, identity: dict, encode_captions) -> TensorCache:
+    """Text embeddings of every caption variant of the training and held-out rows, and of "" (caption dropout).
+    Training and held-out captions together: the same cache whatever --validation_split is."""
+    preflight = session.preflight
+    captions = caption_variants(preflight.dataset, preflight.columns.caption)
+    if preflight.heldout is not None:
+        captions += caption_variants(preflight.heldout, preflight.columns.caption)
+    return text_cache(session, [*captions, ""], identity, encode_captions)
 
 
 def drop_encoders(vae, text_encoders: list) -> None:

@@ -23,6 +23,7 @@ from controlnet_training.encodings import (
     latent_cache,
     posterior,
     text_cache,
+    torch_posterior,
     wants_cache,
 )
 from controlnet_training.loop import Trainer
@@ -54,6 +55,7 @@ def train(args) -> None:
 
     # Every training image's VAE posterior and every caption's embedding, encoded once into an on-disk cache
     # (--cache_encodings); without it they are encoded at every step, as in the reference.
+    @torch.no_grad()
     def encode_text(captions: list[str]) -> dict[str, torch.Tensor]:
         ids = models.tokenizer(captions, max_length=models.tokenizer.model_max_length, padding="max_length",
                                truncation=True, return_tensors="pt").input_ids
@@ -64,7 +66,8 @@ def train(args) -> None:
     latents = texts = prompts = None
     if cached:
         base = Path(args.pretrained_model_name_or_path)
-        latents = latent_cache(session, models.vae, transform, str(base / "vae"))
+        latents = latent_cache(session, transform, model_identity(models.vae, str(base / "vae")),
+                               torch_posterior(models.vae))
         encoder_key = {"encoder": model_identity(models.text_encoder, str(base / "text_encoder")),
                        "tokenizer": tokenizer_identity(models.tokenizer)}
         texts = caption_cache(session, encoder_key, encode_text)

@@ -15,8 +15,9 @@ from __future__ import annotations
 import sys
 
 from controlnet_training.flax_training.args import parse_args
+from controlnet_training.flax_training.encodings import HostEncoders, build_caches, training_frozen
 from controlnet_training.flax_training.loop import Trainer
-from controlnet_training.flax_training.models import load_models
+from controlnet_training.flax_training.models import load_models, model_folders
 from controlnet_training.flax_training.runtime import replicate, start_processes
 from controlnet_training.flax_training.session import (
     checkpointer,
@@ -28,6 +29,7 @@ from controlnet_training.flax_training.session import (
     start_session,
 )
 from controlnet_training.flax_training.step import (
+    cached_encode,
     lr_schedule,
     make_loss,
     make_optimizer,
@@ -49,29 +51,41 @@ def main(argv: list[str] | None = None) -> None:
     session = start_session(args, "train_controlnet_flax.py")
     devices, seed = session.devices, session.preflight.seed
 
-    # Models: frozen CLIP / VAE / UNet in the compute dtype, replicated on every device; a float32 ControlNet.
+    # Models: frozen CLIP / VAE / UNet in the compute dtype and a float32 ControlNet, on the host for now.
     loaded = load_models(args, session.scheduler_config, seed, resuming=session.preflight.resume_from is not None)
-    frozen = replicate(loaded.frozen, devices.replicated)
     tokenizer = load_tokenizer(args)
+
+    # Every training image's VAE posterior and every caption's embedding, encoded once into an on-disk cache
+    # (--cache_encodings); the validation prompts embedded up front. Then the devices get only what the step reads:
+    # without a cache the VAE and the text encoder run inside every step, as in the reference.
+    encoders = HostEncoders(loaded.models, loaded.frozen, tokenizer)
+    cached = session.caches_encodings
+    encodings = build_caches(session, encoders, model_folders(args)) if cached else None
+    validating = bool(args.validation_prompt)
+    frozen = replicate(training_frozen(loaded.frozen, cached, validating), devices.replicated)
 
     # Optimizer and schedule, the train state (fresh or resumed), the jitted step.
     schedule = lr_schedule(args.lr_scheduler, args.learning_rate, args.lr_warmup_steps, session.plan.max_train_steps,
                            args.lr_num_cycles, args.lr_power)
     tx = make_optimizer(args, schedule)
     state, global_step = initial_state(session, loaded, tx)
-    loss = make_loss(loaded.models, vae_clip_encode(loaded.models), args.snr_gamma)
+    loss = make_loss(loaded.models, cached_encode if cached else vae_clip_encode(loaded.models), args.snr_gamma)
     train_step = make_train_step(loss, tx, schedule, devices.replicated)
 
     validator = None
-    if args.validation_prompt:
-        validator = Validator(args, loaded.models, frozen, tokenizer, loaded.scheduler_config, devices.count, seed)
+    if validating:
+        validator = Validator(args, loaded.models, frozen, encoders.embed, loaded.scheduler_config, devices.count,
+                              seed)
+    del encoders  # and its device copies of the encoders
+    loaded.frozen = None  # the host copies: the devices hold what training needs
     trackers = Trackers(args, enabled=session.is_main_process)
-    log_summary(session, global_step)
+    log_summary(session, global_step, encodings)
     if args.profile_memory:
         memory_profile(args.output_dir, "memory_initial")
 
-    trainer = Trainer(args, devices, session.layout, session.plan, train_step, frozen, make_batches(session, tokenizer),
-                      trackers, checkpointer(session, loaded), seed, validator)
+    trainer = Trainer(args, devices, session.layout, session.plan, train_step, frozen,
+                      make_batches(session, tokenizer, encodings), trackers, checkpointer(session, loaded), seed,
+                      validator)
     state, global_step = trainer.train(state, global_step)
 
     finish_session(session, state, global_step, loaded, validator, trackers, TAGS, license="creativeml-openrail-m")

@@ -26,6 +26,7 @@ from controlnet_training.encodings import (
     latent_cache,
     posterior,
     text_cache,
+    torch_posterior,
     wants_cache,
 )
 from controlnet_training.loop import Trainer
@@ -88,7 +89,8 @@ def train(args) -> None:
     latents = None
     if cached:
         vae_folder = args.pretrained_vae_model_name_or_path or str(base / "vae")
-        latents = latent_cache(session, models.vae, transform, vae_folder)
+        latents = latent_cache(session, transform, model_identity(models.vae, vae_folder),
+                               torch_posterior(models.vae))
 
     dataset = ControlNetDataset(preflight.dataset, preflight.columns, transform, preflight.seed,
                                 args.proportion_empty_prompts, with_target=not cached)

@@ -1,20 +1,36 @@
-"""Encode once, train many (PyTorch trainers): the VAE posterior of every training image and the text embeddings of
+"""Encode once, train many (every trainer): the VAE posterior of every training image and the text embeddings of
 every caption variant are computed before training and stored on disk (cache.py); the encoders then leave the device.
 
-The semantics are the reference's: the cache holds the posterior's mean and std, and a latent is still sampled from
-it at every step (with the same per-row draw as an uncached run); caption dropout picks the cached "" embedding.
+The semantics are the reference's: the cache holds the posterior's mean and std in the UNet's latent scale, and a
+latent is still sampled from it at every step (with the same per-row draw as an uncached run); caption dropout picks
+the cached "" embedding. What fills a cache is the trainer's (a PyTorch or a Flax VAE / text encoder); which rows,
+captions and dependencies go into it is decided here, once.
+
+A session passed here has `.args`, `.preflight` and `.cache_workers` (the processes that build a cache together).
 """
 
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from .cache import TensorCache, build_or_load, model_identity
+from .cache import TensorCache, build_or_load
 from .data import Collator, ControlNetDataset, PairedTransform, caption_variants
+
+
+@dataclass(frozen=True)
+class Workers:
+    """The processes that build a cache together: each encodes its share of the shards; `barrier` waits for all."""
+
+    rank: int = 0
+    world_size: int = 1
+    barrier: Callable[[], None] = field(default=lambda: None)
 
 
 def cache_root(args) -> Path:
@@ -36,47 +52,54 @@ def posterior(batch: dict, vae) -> tuple[torch.Tensor, torch.Tensor]:
     if "latent_mean" in batch:
         return batch["latent_mean"], batch["latent_std"]
     with torch.no_grad():
-        latent_dist = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist
+        pixels = torch.as_tensor(batch["pixel_values"])
+        latent_dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
     scale = vae.config.scaling_factor
     return latent_dist.mean * scale, latent_dist.std * scale
 
 
 def _cache(session, parts: dict, keys, compute, desc: str) -> TensorCache:
-    accelerator = session.accelerator
-    return build_or_load(cache_root(session.args), parts, keys, compute, desc=desc, rank=accelerator.process_index,
-                         world_size=accelerator.num_processes, barrier=accelerator.wait_for_everyone)
+    workers: Workers = session.cache_workers
+    return build_or_load(cache_root(session.args), parts, keys, compute, desc=desc, rank=workers.rank,
+                         world_size=workers.world_size, barrier=workers.barrier)
 
 
-def latent_cache(session, vae, transform: PairedTransform, vae_folder: str | None) -> TensorCache:
-    """Posterior (mean, std), original size and crop of every training row, keyed by row number."""
+def latent_cache(session, transform: PairedTransform, vae_identity: dict,
+                 encode_pixels: Callable[[np.ndarray], tuple[Any, Any]]) -> TensorCache:
+    """Posterior (mean, std), original size and crop of every training row, keyed by row number.
+    `encode_pixels(images in [-1, 1], N×3×H×W float32) -> (mean, std)` in the UNet's latent scale; `vae_identity`
+    is everything its output depends on (config, weights, dtype, framework)."""
     args, preflight = session.args, session.preflight
     rows = ControlNetDataset(preflight.dataset, preflight.columns, transform, preflight.seed)
-    collate = Collator([])
+    collate = Collator([], as_torch=False)
 
     def compute(indices: list[int]) -> dict[str, Any]:
         batch = collate([rows[i] for i in indices])
-        mean, std = posterior(batch, vae)
+        mean, std = encode_pixels(batch["pixel_values"])
         return {"latent_mean": mean, "latent_std": std, "original_sizes": batch["original_sizes"],
                 "crops_top_left": batch["crops_top_left"]}
 
     parts = {"kind": "vae-posterior", "data": preflight.dataset._fingerprint, "rows": len(preflight.dataset),
              "image_column": preflight.columns.image, "resolution": transform.resolution,
-             "interpolation": transform.interpolation, "vae": model_identity(vae, vae_folder),
-             "revision": args.revision, "variant": args.variant}
+             "interpolation": transform.interpolation, "vae": vae_identity,
+             "revision": args.revision, "variant": getattr(args, "variant", None)}
     return _cache(session, parts, range(len(rows)), compute, "caching VAE posteriors")
 
 
-def text_cache(session, captions: list[str], identity: dict, encode_captions) -> TensorCache:
-    """Text embeddings of `captions` (keyed by caption), from `encode_captions(list) -> {name: tensor}`."""
-
-    def compute(batch: list[str]) -> dict[str, Any]:
-        with torch.no_grad():
-            return encode_captions(batch)
-
-    return _cache(session, {"kind": "text-embeddings", **identity}, captions, compute, "caching text embeddings")
+def torch_posterior(vae) -> Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]:
+    """encode_pixels for latent_cache with a diffusers AutoencoderKL."""
+    return lambda pixels: posterior({"pixel_values": pixels}, vae)
 
 
-def caption_cache(session, identity: dict, encode_captions) -> TensorCache:
+def text_cache(session, captions: list[str], identity: dict, encode_captions: Callable[[list[str]], dict]
+               ) -> TensorCache:
+    """Text embeddings of `captions` (keyed by caption), from `encode_captions(list) -> {name: array}` (without
+    gradients)."""
+    return _cache(session, {"kind": "text-embeddings", **identity}, captions, encode_captions,
+                  "caching text embeddings")
+
+
+def caption_cache(session, identity: dict, encode_captions: Callable[[list[str]], dict]) -> TensorCache:
     """Text embeddings of every caption variant of the training and held-out rows, and of "" (caption dropout).
     Training and held-out captions together: the same cache whatever --validation_split is."""
     preflight = session.preflight

@@ -19,6 +19,7 @@ from .arguments import InputError, exit_on_input_error
 from .checkpoints import read_state
 from .control_signal import METRICS_FILE, ControlSignal, append_metrics, plot_metrics, truncate_metrics
 from .data import Collator, ControlNetDataset, PairedTransform
+from .encodings import Workers
 from .logs import logger, report_outputs, run_summary, setup_logging
 from .loop import (
     StepPlan,
@@ -49,6 +50,11 @@ class Session:
     def effective_batch(self) -> int:
         args = self.args
         return args.train_batch_size * self.accelerator.num_processes * args.gradient_accumulation_steps
+
+    @property
+    def cache_workers(self) -> Workers:
+        accelerator = self.accelerator
+        return Workers(accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone)
 
 
 def start_session(args, prog: str, model_files: tuple[str, ...], extra_checks: Callable[[Any], None] = lambda a: None

@@ -8,23 +8,26 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from controlnet_training.cache import model_identity
 from controlnet_training.data import Collator, Columns, ControlNetDataset, PairedTransform, load_train_split
-from controlnet_training.encodings import drop_encoders, latent_cache, posterior, text_cache, wants_cache
-
-
-class OneProcess:
-    process_index, num_processes, device = 0, 1, torch.device("cpu")
-
-    def wait_for_everyone(self):
-        pass
+from controlnet_training.encodings import (
+    Workers,
+    drop_encoders,
+    latent_cache,
+    posterior,
+    text_cache,
+    torch_posterior,
+    wants_cache,
+)
 
 
 def make_session(fill_data, cache_dir, rows=5):
     args = SimpleNamespace(dataset_name=None, dataset_config_name=None, train_data_dir=str(fill_data["imagefolder"]),
                            cache_dir=str(cache_dir), revision=None, variant=None)
     data = load_train_split(args).select(range(rows))
-    preflight = SimpleNamespace(dataset=data, columns=Columns("image", "conditioning_image", "text"), seed=0)
-    return SimpleNamespace(args=args, preflight=preflight, accelerator=OneProcess())
+    preflight = SimpleNamespace(dataset=data, columns=Columns("image", "conditioning_image", "text"), seed=0,
+                                heldout=None)
+    return SimpleNamespace(args=args, preflight=preflight, cache_workers=Workers())
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +37,10 @@ def vae(tiny_sd):
     return AutoencoderKL.from_pretrained(tiny_sd / "vae")
 
 
+def vae_latents(session, vae, transform, folder: str):
+    return latent_cache(session, transform, model_identity(vae, folder), torch_posterior(vae))
+
+
 def fresh_rows(session, transform, indices):
     rows = ControlNetDataset(session.preflight.dataset, session.preflight.columns, transform, seed=0)
     return Collator([])([rows[i] for i in indices])
@@ -41,7 +48,7 @@ def fresh_rows(session, transform, indices):
 
 def test_cached_posteriors_equal_fresh_encodes_and_are_reused(fill_data, vae, tiny_sd, tmp_path, monkeypatch):
     session, transform = make_session(fill_data, tmp_path), PairedTransform(64)
-    cache = latent_cache(session, vae, transform, str(tiny_sd / "vae"))
+    cache = vae_latents(session, vae, transform, str(tiny_sd / "vae"))
     batch = fresh_rows(session, transform, [3, 1])
     batch = {k: torch.as_tensor(v) if not isinstance(v, list) else v for k, v in batch.items()}
     mean, std = posterior(batch, vae)
@@ -59,15 +66,15 @@ def test_cached_posteriors_equal_fresh_encodes_and_are_reused(fill_data, vae, ti
     torch.testing.assert_close(served["latent_mean"], torch.from_numpy(found["latent_mean"]))
 
     monkeypatch.setattr(vae, "encode", lambda *a, **k: pytest.fail("encoded again"))
-    assert latent_cache(session, vae, transform, str(tiny_sd / "vae")).path == cache.path
+    assert vae_latents(session, vae, transform, str(tiny_sd / "vae")).path == cache.path
 
 
 def test_posteriors_are_rebuilt_for_another_resolution_or_vae(fill_data, vae, tiny_sd, tmp_path):
     from diffusers import AutoencoderKL
 
     session = make_session(fill_data, tmp_path / "cache")
-    first = latent_cache(session, vae, PairedTransform(64), str(tiny_sd / "vae"))
-    smaller = latent_cache(session, vae, PairedTransform(32), str(tiny_sd / "vae"))
+    first = vae_latents(session, vae, PairedTransform(64), str(tiny_sd / "vae"))
+    smaller = vae_latents(session, vae, PairedTransform(32), str(tiny_sd / "vae"))
     assert smaller.path != first.path and smaller.lookup([0])["latent_mean"].shape[-1] == 4
 
     folder = tmp_path / "other-vae"
@@ -76,7 +83,7 @@ def test_posteriors_are_rebuilt_for_another_resolution_or_vae(fill_data, vae, ti
     with torch.no_grad():
         other.encoder.conv_in.weight.mul_(1.5)
     other.save_pretrained(folder)  # other weights on disk: another cache, with other values
-    rebuilt = latent_cache(session, other, PairedTransform(64), str(folder))
+    rebuilt = vae_latents(session, other, PairedTransform(64), str(folder))
     assert rebuilt.path != first.path
     assert abs(rebuilt.lookup([0])["latent_mean"] - first.lookup([0])["latent_mean"]).max() > 1e-4
 

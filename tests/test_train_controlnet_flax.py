@@ -88,6 +88,9 @@ def test_end_to_end_on_four_devices(straight, tiny_sd):
     out, result = straight
     assert "devices                : 4 (1 process(es), cpu)" in result.stderr
     assert "global batch           : 4" in result.stderr
+    # --cache_encodings auto: 6 steps × 4 rows read every one of the 12 rows
+    assert "caching VAE posteriors: cached 12 rows" in result.stderr
+    assert "caching text embeddings: cached" in result.stderr
 
     # checkpoints: pruned to the newest two; the full train state and the data position
     assert checkpoint_names(out) == {"checkpoint-4", "checkpoint-6"}
@@ -163,6 +166,28 @@ def test_resume_is_exact_and_the_same_seed_repeats_the_run(straight, tiny_sd, fi
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
     assert read_scalars(split / "logs", "loss")[6] == read_scalars(out / "logs", "loss")[6]
     assert np.abs(weights(out)["controlnet_mid_block.weight"]).max() > 0  # it trained
+
+
+def test_cached_and_uncached_runs_end_with_the_same_weights(straight, tiny_sd, fill_data, tmp_path, flax_env):
+    """4 steps reading the encodings from the cache (the straight run built it: reused) and 4 steps encoding at
+    every step (the reference's way) end with the same weights and losses: the posterior sample, noise and
+    timestep draws do not depend on where the posterior came from. Not bit-identical (the cache encoded in batches
+    of 32, the step in batches of one row per device): no clipping, and an Adam epsilon large enough that near-zero
+    gradients rounded differently do not turn into full-size steps of different sign."""
+    cached, uncached = tmp_path / "cached", tmp_path / "uncached"
+    common = dict(max_train_steps=4, logging_steps=2, max_grad_norm=1e9, adam_epsilon=1e-3)
+    result = run(flax_args(tiny_sd, fill_data["imagefolder"], cached, cache_encodings="always", **common), flax_env)
+    assert "caching VAE posteriors: reusing" in result.stderr and "caching text embeddings: reusing" in result.stderr
+    result = run(flax_args(tiny_sd, fill_data["imagefolder"], uncached, cache_encodings="never", **common), flax_env)
+    assert "caching" not in result.stderr and "cached encodings       : no" in result.stderr
+    a, b = weights(uncached), weights(cached)
+    assert np.abs(a["controlnet_mid_block.weight"]).max() > 1e-4  # it trained
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    losses, cached_losses = read_scalars(uncached / "logs", "loss"), read_scalars(cached / "logs", "loss")
+    assert sorted(losses) == sorted(cached_losses) == [2, 4]
+    for step in losses:
+        assert losses[step] == pytest.approx(cached_losses[step], rel=1e-4)
 
 
 def test_seed_changes_the_run(straight, tiny_sd, fill_data, tmp_path, flax_env):
@@ -398,6 +423,8 @@ def bad_input_cases() -> dict[str, tuple[dict, str]]:
         "negative profile steps": (dict(profile_steps=-1), "--profile_steps must be >= 0"),
         "resolution the UNet cannot halve": (dict(resolution=72), "--resolution must be a multiple of 16"),
         "zero logging steps": (dict(logging_steps=0), "--logging_steps must be > 0"),
+        "caching a stream": (dict(streaming=True, max_train_samples=12, cache_encodings="always"),
+                             "--cache_encodings always cannot cache a stream"),
     })
     return cases
 

@@ -90,7 +90,8 @@ def pytorch_to_flax(state: Mapping[str, Any], template: Mapping, ignore: Iterabl
     """Map a PyTorch state dict onto `template` (a shape pytree, e.g. `jax.eval_shape(module.init, ...)`).
 
     Strict: raises WeightMismatchError unless every template leaf is filled and every key not matching one of the
-    `ignore` regexes is used. Returns the same structure as the template (with or without the 'params' level)."""
+    `ignore` regexes is used. Returns the same structure as the template (with or without the 'params' level), of host
+    numpy arrays."""
     shapes, wrapped = _strip_collection(template)
     shapes = flatten_dict(shapes)
     ignore = [re.compile(pattern) for pattern in ignore]
@@ -111,7 +112,7 @@ def pytorch_to_flax(state: Mapping[str, Any], template: Mapping, ignore: Iterabl
             wrong_shape.append(f"{key} {tuple(np.shape(value))} -> {'/'.join(path)} {tuple(shapes[path].shape)}")
             wrong_paths.add(path)
             continue
-        params[path] = jnp.asarray(array, dtype=shapes[path].dtype)
+        params[path] = np.asarray(array, dtype=shapes[path].dtype)  # host arrays: the caller places them
     missing = ["/".join(p) for p in shapes if p not in params and p not in wrong_paths]
     if missing or unexpected or wrong_shape:
         raise WeightMismatchError(_report(missing, unexpected, wrong_shape))

@@ -22,7 +22,7 @@ from ..data import is_saved_to_disk
 
 # Shared flags that only make sense with PyTorch/accelerate (or need the PyTorch control signal).
 PYTORCH_ONLY = ("variant", "use_8bit_adam", "allow_tf32", "enable_xformers_memory_efficient_attention",
-                "set_grads_to_none", "validation_split", "cache_encodings", "torch_compile", "channels_last")
+                "set_grads_to_none", "validation_split", "torch_compile", "channels_last")
 TRACKERS = ("tensorboard", "wandb", "all", "none")
 
 # The reference Flax script's defaults where they differ from the PyTorch scripts'; see the README for report_to.
@@ -43,6 +43,10 @@ HELP = {
     "num_validation_images": "Images per validation pair (default: one per device, as the reference).",
     "scale_lr": "Multiply the learning rate by the global batch (batch × devices × accumulation).",
     "output_dir": "Output folder; {timestamp} is replaced by the local time (YYYYmmdd_HHMMSS).",
+    "cache_encodings": "Encode every training image (VAE posterior) and caption once, before training, into an "
+                       "on-disk cache reused across runs (built by all hosts together); the text encoder and the VAE "
+                       "encoder then leave the devices. auto: when the run reads every row at least once and the "
+                       "dataset is not streamed.",
     "dataloader_num_workers": "Worker processes that decode images (map-style datasets; a stream is decoded in "
                               "the main process).",
 }
@@ -108,6 +112,8 @@ def check_flax_args(args: argparse.Namespace) -> None:
         if Path(args.train_data_dir).is_dir() and not is_saved_to_disk(args.train_data_dir):
             raise InputError(f"--load_from_disk: {args.train_data_dir} is not a save_to_disk folder "
                              f"(no dataset_dict.json or state.json)")
+    if args.streaming and args.cache_encodings == "always":
+        raise InputError("--cache_encodings always cannot cache a stream (--streaming): use auto or never")
     if args.report_to not in TRACKERS:
         raise InputError(f"--report_to {args.report_to}: the Flax trainer supports {', '.join(TRACKERS)}")
     if args.mixed_precision is None:  # not settable from the command line; programmatic callers

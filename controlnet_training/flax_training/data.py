@@ -21,7 +21,8 @@ from ..data import ControlNetDataset, EpochSampler
 
 logger = logging.getLogger("controlnet_training")
 
-FIELDS = ("pixel_values", "conditioning_pixel_values", "input_ids", "index")
+FIELDS = ("pixel_values", "conditioning_pixel_values", "input_ids", "index",
+          "latent_mean", "latent_std", "prompt_embeds")  # the last three: cached encodings
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,12 @@ def model_folder(name_or_path: str, subfolder: str | None = None, revision: str 
     return folder / subfolder if subfolder else folder
 
 
+def model_folders(args) -> dict[str, Path]:
+    """The folders of the base model's text encoder and VAE (what a cache of their outputs depends on)."""
+    base, revision = args.pretrained_model_name_or_path, args.revision
+    return {name: model_folder(base, name, revision) for name in ("text_encoder", "vae")}
+
+
 def check_configs(args) -> dict:
     """Checks of the model configs against the flags, before any model loads: the prediction type must be
     trainable, and the latents must halve cleanly through every UNet down block. Returns the scheduler config."""
@@ -62,7 +68,8 @@ def check_configs(args) -> dict:
 @dataclass
 class LoadedModels:
     models: Models
-    frozen: dict[str, Any]  # {"text_encoder", "vae", "unet"}: host/default-device params in the compute dtype
+    frozen: dict[str, Any] | None  # {"text_encoder", "vae", "unet"}: host params in the compute dtype (None once
+    # the devices hold what training needs)
     controlnet_params: Any | None  # the ControlNet to continue from, or None (start from the UNet)
     controlnet_config: dict
     unet_config: dict

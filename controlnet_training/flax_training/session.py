@@ -15,12 +15,14 @@ import jax
 from .. import hub
 from ..arguments import InputError, exit_on_input_error
 from ..data import Collator, ControlNetDataset, PairedTransform
+from ..encodings import Workers, wants_cache
 from ..logs import report_outputs, run_summary, setup_logging
 from ..preflight import SD_MODEL_FILES, Preflight, run_preflight
 from ..steps import StepPlan, plan_steps
 from ..validation import save_images
 from . import checkpoints
 from .data import BatchLayout, MapBatches, StreamBatches, steps_per_epoch
+from .encodings import CachedCollator, Encodings
 from .models import LoadedModels, check_configs, controlnet_shapes
 from .runtime import Devices, barrier, jax_processes, make_devices, replicate, resolve_output_dir
 from .step import TrainState, abstract_state, create_state
@@ -43,6 +45,16 @@ class Session:
     @property
     def is_main_process(self) -> bool:
         return jax.process_index() == 0
+
+    @property
+    def cache_workers(self) -> Workers:
+        return Workers(jax.process_index(), jax.process_count(), lambda: barrier("encodings cache"))
+
+    @property
+    def caches_encodings(self) -> bool:
+        """--cache_encodings (auto: when the run reads every row at least once); a stream is never cached."""
+        args = self.args
+        return not args.streaming and wants_cache(args, len(self.preflight.dataset), self.layout.global_batch)
 
 
 def start_session(args, prog: str) -> Session:
@@ -78,12 +90,13 @@ def start_session(args, prog: str) -> Session:
     return Session(args, devices, preflight, scheduler_config, layout, plan, repo_id)
 
 
-def make_batches(session: Session, tokenizer) -> MapBatches | StreamBatches:
-    """This host's rows of every global batch, tokenised, as numpy."""
+def make_batches(session: Session, tokenizer, encodings: Encodings | None) -> MapBatches | StreamBatches:
+    """This host's rows of every global batch as numpy: tokenised, or with their cached encodings (the target
+    image is then never read)."""
     args, preflight = session.args, session.preflight
     rows = ControlNetDataset(preflight.dataset, preflight.columns, PairedTransform(args.resolution), preflight.seed,
-                             args.proportion_empty_prompts)
-    collate = Collator([tokenizer], as_torch=False)
+                             args.proportion_empty_prompts, with_target=encodings is None)
+    collate = Collator([tokenizer], as_torch=False) if encodings is None else CachedCollator(encodings)
     if args.streaming:
         return StreamBatches(preflight.dataset, rows.make_row, session.layout, collate, args.max_train_samples)
     return MapBatches(rows, session.layout, collate, preflight.seed, args.dataloader_num_workers)
@@ -120,7 +133,7 @@ def checkpointer(session: Session, loaded: LoadedModels) -> Callable[[TrainState
     return checkpoint
 
 
-def log_summary(session: Session, global_step: int) -> None:
+def log_summary(session: Session, global_step: int, encodings: Encodings | None) -> None:
     if not session.is_main_process:
         return
     args, layout, plan = session.args, session.layout, session.plan
@@ -138,6 +151,7 @@ def log_summary(session: Session, global_step: int) -> None:
         ("mixed precision", args.mixed_precision),
         ("gradient checkpointing", args.gradient_checkpointing),
         ("min-SNR gamma", args.snr_gamma),
+        ("cached encodings", encodings.latents.path.parent if encodings else "no (encoded at every step)"),
         ("seed", session.preflight.seed),
         ("resuming from", f"{session.preflight.resume_from} (step {global_step})"
          if session.preflight.resume_from else "no"),

@@ -54,18 +54,31 @@ class Models:
 
 
 # encode(frozen params, micro-batch) -> (posterior mean, posterior std, text hidden states); latents in the UNet's
-# scale. A cache of encodings only has to supply another `encode` (and the batch fields it reads).
+# scale, float32.
 Encode = Callable[[dict, dict], tuple[jax.Array, jax.Array, jax.Array]]
 
 
+def vae_posterior(models: Models, vae_params: dict, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(mean, std) of the VAE posterior in the UNet's latent scale and the VAE's dtype: what the cache stores."""
+    mean, std = models.vae.apply(vae_params, pixels, method=AutoencoderKL.encode)
+    return mean * models.scaling_factor, std * models.scaling_factor
+
+
 def vae_clip_encode(models: Models) -> Encode:
+    """Encode at every step (the reference's way): the VAE and the text encoder run inside the step."""
+
     def encode(frozen: dict, micro: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
-        mean, std = models.vae.apply(frozen["vae"], micro["pixel_values"], method=AutoencoderKL.encode)
+        mean, std = vae_posterior(models, frozen["vae"], micro["pixel_values"])
         hidden = models.text_encoder.apply(frozen["text_encoder"], micro["input_ids"])
-        scale = models.scaling_factor
-        return mean.astype(jnp.float32) * scale, std.astype(jnp.float32) * scale, hidden
+        return mean.astype(jnp.float32), std.astype(jnp.float32), hidden
 
     return encode
+
+
+def cached_encode(frozen: dict, micro: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Encodings read from the cache (flax_training/encodings.py), in the dtypes the encoders gave them."""
+    return (micro["latent_mean"].astype(jnp.float32), micro["latent_std"].astype(jnp.float32),
+            micro["prompt_embeds"])
 
 
 def lr_schedule(name: str, learning_rate: float, warmup_steps: int, total_steps: int, num_cycles: int = 1,

@@ -5,11 +5,11 @@ in diffusers layout."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -35,9 +35,12 @@ def local_view(tree: Any, sharding: NamedSharding) -> Any:
 
 
 class Validator:
-    def __init__(self, args, models: Models, frozen: dict, tokenizer, scheduler_config: dict, num_devices: int,
-                 seed: int):
-        self.models, self.frozen, self.tokenizer, self.scheduler_config = models, frozen, tokenizer, scheduler_config
+    """`frozen` needs the UNet and the VAE (its decoder); the prompts are embedded up front by `embed(prompts)` (the
+    text encoder need not stay on the devices)."""
+
+    def __init__(self, args, models: Models, frozen: dict, embed: Callable[[list[str]], np.ndarray],
+                 scheduler_config: dict, num_devices: int, seed: int):
+        self.models, self.frozen, self.scheduler_config = models, frozen, scheduler_config
         self.pairs = validation_pairs(args.validation_prompt, args.validation_image)
         self.transform = PairedTransform(args.resolution)
         self.count = args.num_validation_images or num_devices
@@ -46,17 +49,13 @@ class Validator:
         self.replicated = NamedSharding(mesh, P())
         split = self.count % mesh.devices.size == 0
         self.batch = NamedSharding(mesh, P("data")) if split else self.replicated
-        self.embeddings: dict[str, jax.Array] = {}
+        prompts = list(dict.fromkeys([*args.validation_prompt, ""]))
+        self.embeddings = dict(zip(prompts, embed(prompts), strict=True))  # kept on the host until used
         self.logs: list[ValidationLog] = []
 
-    def embed(self, prompt: str, frozen: dict) -> jax.Array:
-        """The text encoder's hidden states for `prompt`, computed once and repeated for the batch."""
-        if prompt not in self.embeddings:
-            ids = self.tokenizer([prompt], max_length=self.tokenizer.model_max_length, padding="max_length",
-                                 truncation=True, return_tensors="np").input_ids
-            hidden = jax.jit(self.models.text_encoder.apply)(frozen["text_encoder"], jnp.asarray(ids))
-            self.embeddings[prompt] = jax.device_put(jnp.repeat(hidden, self.count, axis=0), self.batch)
-        return self.embeddings[prompt]
+    def embed(self, prompt: str) -> jax.Array:
+        """The prompt's hidden states repeated for the batch, on this host's devices."""
+        return jax.device_put(np.repeat(self.embeddings[prompt][None], self.count, axis=0), self.batch)
 
     def __call__(self, step: int, params: Any) -> list[ValidationLog]:
         """Images for every (prompt, control image) pair with the ControlNet `params`; [] off process 0."""
@@ -64,7 +63,7 @@ class Validator:
             return []
         frozen = local_view(self.frozen, self.replicated)
         controlnet_params = local_view(params, self.replicated)
-        negative = self.embed("", frozen)
+        negative = self.embed("")
         logs = []
         for i, (prompt, path) in enumerate(self.pairs):
             control_image = load_control_image(path, self.transform)
@@ -74,7 +73,7 @@ class Validator:
             shape = (self.count, self.models.unet.config.get("in_channels", 4), latent_size, latent_size)
             latents = jax.device_put(jax.random.normal(jax.random.fold_in(self.key, i), shape), self.batch)
             images = sample_controlnet(self.models.unet, frozen["unet"], self.models.controlnet, controlnet_params,
-                                       self.models.vae, frozen["vae"], self.embed(prompt, frozen), negative, control,
+                                       self.models.vae, frozen["vae"], self.embed(prompt), negative, control,
                                        None, num_steps=NUM_INFERENCE_STEPS, guidance_scale=GUIDANCE_SCALE,
                                        scheduler_config=self.scheduler_config, latents=latents)
             pixels = np.asarray(images * 255.0).round().clip(0, 255).astype(np.uint8)

@@ -1,12 +1,18 @@
 #!/usr/bin/env python
 """Training-step benchmark of the JAX/Flax trainer: the same jitted step train_controlnet_flax.py runs
-(flax_training/step.py: make_loss over vae_clip_encode, make_optimizer, make_train_step over a mesh of every
-device), on random-weight models of the fixture sizes (controlnet_training/fixtures.py; weights initialised in
-JAX on the devices, no PyTorch) and one fixed synthetic batch, sharded as the trainer shards its batches.
+(flax_training/step.py: make_loss, make_optimizer, make_train_step over a mesh of every device), on random-weight
+models of the fixture sizes (controlnet_training/fixtures.py; weights drawn on the host, no PyTorch) and one fixed
+synthetic batch, sharded as the trainer shards its batches. Two paths, in one run:
 
-Prints the device kind and count, the compile time, steady s/step (the median of --steps timed steps after
---warmup untimed ones; each timed step ends with jax.block_until_ready), samples/s (global batch / s/step) and
-the peak device memory of device 0 where JAX exposes it (n/a on the CPU).
+- optimized: the trainer's default for a run that reads every row (--cache_encodings auto): posteriors and caption
+  embeddings come with the batch (step.cached_encode), the devices hold only the UNet;
+- reference: the reference's step, the VAE and the text encoder run inside every step (step.vae_clip_encode).
+
+For each: compile time, steady s/step (the median of --steps timed steps after --warmup untimed ones; each timed
+step ends with jax.block_until_ready), samples/s, FLOPs per sample (XLA's cost analysis of the compiled step), MFU
+against the device's dense bf16 peak where known, and the peak memory of device 0 where JAX exposes it (n/a on the
+CPU). JAX keeps one peak per process: the optimized path runs first, so the reference's figure is the peak of both.
+Then the ratio of their samples/s.
 
     python benchmarks/benchmark_flax.py --model sd15 --resolution 512 --batch_size 8 --mixed_precision bf16 \\
         --steps 20 --warmup 3 [--gradient_checkpointing] [--gradient_accumulation_steps 2]
@@ -41,10 +47,12 @@ from controlnet_training.flax_models.schedule import NoiseSchedule  # noqa: E402
 from controlnet_training.flax_models.unet import UNet2DConditionModel  # noqa: E402
 from controlnet_training.flax_models.vae import AutoencoderKL  # noqa: E402
 from controlnet_training.flax_training.data import to_global  # noqa: E402
+from controlnet_training.flax_training.encodings import training_frozen  # noqa: E402
 from controlnet_training.flax_training.models import DTYPES  # noqa: E402
 from controlnet_training.flax_training.runtime import make_devices, replicate  # noqa: E402
 from controlnet_training.flax_training.step import (  # noqa: E402
     Models,
+    cached_encode,
     create_state,
     lr_schedule,
     make_loss,
@@ -59,6 +67,11 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0
                         clip_sample=False, steps_offset=1, prediction_type="epsilon")
 VOCAB = {"tiny": 1000, "sd15": 49408}  # the tiny fixture's vocabulary is a few hundred tokens; SD's CLIP 49408
 MAX_LENGTH = 77
+PATHS = ("optimized", "reference")
+# Dense bf16 peak FLOP/s per chip (vendor figures) for the TPUs; GPUs as in benchmarks/benchmark.py.
+PEAK_BF16 = (("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12),
+             ("TPU v6", 918e12), ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
+             ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12))
 # The trainers' defaults (controlnet_training/arguments.py).
 OPTIMIZER = SimpleNamespace(max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
                             adam_weight_decay=1e-2)
@@ -76,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the compile")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS), help="which paths to time")
     args = parser.parse_args(argv)
     if args.resolution is None:
         args.resolution = 64 if args.model == "tiny" else 512
@@ -99,7 +113,8 @@ def configs(model: str) -> tuple[dict, dict, dict]:
 
 def build(args, devices) -> tuple[Models, dict, dict]:
     """(models, frozen params, ControlNet params) as load_models makes them (frozen in the compute dtype, the
-    ControlNet float32 and copied from the UNet), but random; replicated on every device."""
+    ControlNet float32 and copied from the UNet), but random; the frozen ones on the host (each path places what
+    it reads), the ControlNet's replicated on every device."""
     dtype = DTYPES[args.mixed_precision]
     controlnet_dtype = jnp.bfloat16 if args.mixed_precision == "bf16" else jnp.float32
     unet_config, vae_config, text_config = configs(args.model)
@@ -128,66 +143,69 @@ def build(args, devices) -> tuple[Models, dict, dict]:
     controlnet_params = controlnet_params_from_unet(unet_params, draw(shapes(controlnet)))
     frozen = {"text_encoder": draw(shapes(text_encoder)), "vae": draw(shapes(vae)), "unet": unet_params}
     frozen = jax.tree.map(lambda x: np.asarray(x).astype(dtype), frozen)
-    frozen, controlnet_params = replicate(frozen, replicated), replicate(controlnet_params, replicated)
+    controlnet_params = replicate(controlnet_params, replicated)
     models = Models(text_encoder, vae, unet, controlnet, NoiseSchedule.from_config(SCHEDULER_CONFIG),
                     float(vae_config["scaling_factor"]))
     return models, frozen, controlnet_params
 
 
-def synthetic_batch(args, micro: int, devices) -> dict:
-    """One global batch, (accumulation, micro, ...) per field, split over the devices as the trainer splits it."""
+def synthetic_batch(args, micro: int, devices, models: Models, path: str) -> dict:
+    """One global batch, (accumulation, micro, ...) per field, split over the devices as the trainer splits it:
+    images and token ids (reference), or cached posteriors and caption embeddings in the encoders' dtype
+    (optimized)."""
     rng = np.random.default_rng(args.seed)
     shape = (args.gradient_accumulation_steps, micro)
     image = (*shape, 3, args.resolution, args.resolution)
-    host = {
-        "pixel_values": rng.uniform(-1.0, 1.0, image).astype(np.float32),
-        "conditioning_pixel_values": rng.uniform(0.0, 1.0, image).astype(np.float32),
-        "input_ids": rng.integers(0, VOCAB[args.model], (*shape, MAX_LENGTH)).astype(np.int32),
-        "index": np.arange(np.prod(shape), dtype=np.int32).reshape(shape),
-    }
+    host = {"conditioning_pixel_values": rng.uniform(0.0, 1.0, image).astype(np.float32),
+            "index": np.arange(np.prod(shape), dtype=np.int32).reshape(shape)}
+    if path == "reference":
+        host["pixel_values"] = rng.uniform(-1.0, 1.0, image).astype(np.float32)
+        host["input_ids"] = rng.integers(0, VOCAB[args.model], (*shape, MAX_LENGTH)).astype(np.int32)
+    else:
+        latent_size = args.resolution // 2 ** (len(models.vae.config["block_out_channels"]) - 1)
+        latent = (*shape, models.unet.config["in_channels"], latent_size, latent_size)
+        dtype = models.vae.dtype
+        host["latent_mean"] = rng.standard_normal(latent).astype(dtype)
+        host["latent_std"] = rng.uniform(0.01, 0.1, latent).astype(dtype)
+        hidden = (*shape, MAX_LENGTH, models.text_encoder.config["hidden_size"])
+        host["prompt_embeds"] = rng.standard_normal(hidden).astype(models.text_encoder.dtype)
     return to_global(host, devices.batch, micro)
 
 
-def peak_memory() -> str:
-    stats = jax.local_devices()[0].memory_stats() or {}
-    peak = stats.get("peak_bytes_in_use")
-    return "n/a" if peak is None else f"{peak / 2**30:.2f} GiB (device 0)"
+def peak_memory_gib() -> float | None:
+    peak = (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**30
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    devices = make_devices()
-    device = jax.devices()[0]
+def peak_flops(device_kind: str) -> float | None:
+    return next((value for key, value in PEAK_BF16 if key in device_kind), None)
+
+
+def xla_flops(compiled) -> float | None:
+    """FLOPs of one call of a compiled step on one device, by XLA's cost analysis (None where unavailable)."""
+    try:
+        analysis = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return None
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+def time_path(path: str, args, devices, models: Models, frozen: dict, controlnet_params, tx, schedule) -> dict:
     micro = args.batch_size * devices.count
     global_batch = micro * args.gradient_accumulation_steps
-    print(f"devices: {devices.count} × {device.device_kind} ({device.platform})")
-    print(f"model: {args.model}  resolution: {args.resolution}  batch per device: {args.batch_size}  "
-          f"accumulation: {args.gradient_accumulation_steps}  global batch: {global_batch}  "
-          f"mixed precision: {args.mixed_precision}  gradient checkpointing: {args.gradient_checkpointing}", flush=True)
-
-    start = time.perf_counter()
-    models, frozen, controlnet_params = build(args, devices)
-    jax.block_until_ready((frozen, controlnet_params))
-    init_s = time.perf_counter() - start
-    count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
-    print(f"init: {init_s:.2f} s  (ControlNet {count(controlnet_params) / 1e6:.1f} M params, "
-          f"UNet {count(frozen['unet']) / 1e6:.1f} M)", flush=True)
-
-    total = args.warmup + args.steps + 1
-    schedule = lr_schedule("constant", 1e-5, 0, total)
-    tx = make_optimizer(OPTIMIZER, schedule)
+    encode = vae_clip_encode(models) if path == "reference" else cached_encode
+    frozen = replicate(training_frozen(frozen, cached=path == "optimized", validating=False), devices.replicated)
     state = create_state(controlnet_params, tx, devices.replicated)
-    del controlnet_params
-    train_step = make_train_step(make_loss(models, vae_clip_encode(models), args.snr_gamma), tx, schedule,
-                                 devices.replicated)
-    batch = synthetic_batch(args, micro, devices)
+    train_step = make_train_step(make_loss(models, encode, args.snr_gamma), tx, schedule, devices.replicated)
+    batch = synthetic_batch(args, micro, devices, models, path)
     seed, epoch = seed_array(args.seed), np.int32(0)
 
     start = time.perf_counter()
     compiled = train_step.lower(state, frozen, batch, epoch, seed).compile()
     compile_s = time.perf_counter() - start
-    print(f"compile: {compile_s:.2f} s", flush=True)
-
     for _ in range(args.warmup + 1):  # the first run pays one-off costs (allocations, autotuning)
         state, metrics = compiled(state, frozen, batch, epoch, seed)
     jax.block_until_ready((state, metrics))
@@ -199,16 +217,54 @@ def main(argv: list[str] | None = None) -> dict:
         times.append(time.perf_counter() - start)
     s_per_step = statistics.median(times)
     loss = float(np.asarray(metrics["loss"].addressable_data(0)))
-    report = {"devices": devices.count, "device_kind": device.device_kind, "compile_s": compile_s,
-              "s_per_step": s_per_step, "samples_per_second": global_batch / s_per_step, "peak_memory": peak_memory(),
-              "loss": loss, "step_times_s": times}
-    print(f"steady: {s_per_step:.4f} s/step (median of {args.steps}; min {min(times):.4f}, max {max(times):.4f})")
-    print(f"throughput: {report['samples_per_second']:.2f} samples/s (global batch {global_batch})")
-    print(f"peak device memory: {report['peak_memory']}")
-    print(f"loss (last step): {loss:.4f}")
     if not np.isfinite(loss):
-        raise SystemExit("the loss is not finite")
-    return report
+        raise SystemExit(f"{path}: the loss is not finite")
+    flops = xla_flops(compiled)
+    result = {"compile_s": compile_s, "s_per_step": s_per_step, "samples_per_second": global_batch / s_per_step,
+              "flops_per_sample": None if flops is None else flops * devices.count / global_batch,
+              "peak_memory_gib": peak_memory_gib(), "loss": loss, "step_times_s": times}
+    peak = peak_flops(jax.devices()[0].device_kind)
+    result["mfu"] = None if peak is None or flops is None else flops / s_per_step / peak
+    return result
+
+
+def fmt(value, spec: str, unit: str = "") -> str:
+    return "n/a" if value is None else format(value, spec) + unit
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    devices = make_devices()
+    device = jax.devices()[0]
+    global_batch = args.batch_size * devices.count * args.gradient_accumulation_steps
+    print(f"devices: {devices.count} × {device.device_kind} ({device.platform})")
+    print(f"model: {args.model}  resolution: {args.resolution}  batch per device: {args.batch_size}  "
+          f"accumulation: {args.gradient_accumulation_steps}  global batch: {global_batch}  "
+          f"mixed precision: {args.mixed_precision}  gradient checkpointing: {args.gradient_checkpointing}", flush=True)
+
+    start = time.perf_counter()
+    models, frozen, controlnet_params = build(args, devices)
+    jax.block_until_ready(controlnet_params)
+    count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
+    print(f"init: {time.perf_counter() - start:.2f} s  (ControlNet {count(controlnet_params) / 1e6:.1f} M params, "
+          f"UNet {count(frozen['unet']) / 1e6:.1f} M)", flush=True)
+
+    schedule = lr_schedule("constant", 1e-5, 0, args.warmup + args.steps + 1)
+    tx = make_optimizer(OPTIMIZER, schedule)
+    results = {}
+    for path in [p for p in PATHS if p in args.paths]:
+        r = results[path] = time_path(path, args, devices, models, frozen, controlnet_params, tx, schedule)
+        gflops = r["flops_per_sample"] and r["flops_per_sample"] / 1e9
+        print(f"{path}: compile {r['compile_s']:.2f} s | steady {r['s_per_step']:.4f} s/step (median of "
+              f"{args.steps}; min {min(r['step_times_s']):.4f}, max {max(r['step_times_s']):.4f}) | "
+              f"{r['samples_per_second']:.2f} samples/s | {fmt(gflops, '.2f', ' GFLOP')}/sample | "
+              f"MFU {fmt(r['mfu'], '.1%')} | peak memory "
+              f"{fmt(r['peak_memory_gib'], '.2f', ' GiB')} | loss {r['loss']:.4f}", flush=True)
+    if len(results) == 2:
+        ratio = results["optimized"]["samples_per_second"] / results["reference"]["samples_per_second"]
+        print(f"optimized / reference: {ratio:.2f}× samples/s "
+              f"(optimized step = {1 / ratio:.2f}× the reference step)")
+    return {"devices": devices.count, "device_kind": device.device_kind, "global_batch": global_batch, **results}
 
 
 if __name__ == "__main__":

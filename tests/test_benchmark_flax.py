@@ -1,5 +1,5 @@
 """A CPU smoke run of benchmarks/benchmark_flax.py (tiny model, one thread, two host devices so the step runs over
-a real mesh): the figures are printed; no thresholds on any timing."""
+a real mesh): the figures of both paths and their ratio are printed; no thresholds on any timing."""
 
 from __future__ import annotations
 
@@ -20,10 +20,13 @@ def test_tiny_cpu_run_prints_the_figures():
                              "--resolution", "64", "--batch_size", "1", "--steps", "2", "--warmup", "1"],
                             capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
-    out = result.stdout
+    out, flops = result.stdout, {}
     assert re.search(r"devices: 2 × \S+", out), out
     assert "global batch: 2" in out, out
-    assert re.search(r"compile: \d+\.\d+ s", out), out
-    assert re.search(r"steady: \d+\.\d+ s/step", out), out
-    assert re.search(r"throughput: \d+\.\d+ samples/s", out), out
-    assert "peak device memory: n/a" in out, out
+    for path in ("optimized", "reference"):
+        line = re.search(rf"^{path}: compile \d+\.\d+ s \| steady \d+\.\d+ s/step .* \| \d+\.\d+ samples/s \| "
+                         r"(\d+\.\d+) GFLOP/sample \| MFU n/a \| peak memory n/a \| loss \d+\.\d+$", out, re.M)
+        assert line, out
+        flops[path] = float(line.group(1))
+    assert flops["reference"] > flops["optimized"] > 0  # the reference also runs the VAE and the text encoder
+    assert re.search(r"optimized / reference: \d+\.\d+× samples/s", out), out

@@ -259,12 +259,13 @@ def free_port() -> int:
 
 
 def test_two_hosts_train_as_one(straight, tiny_sd, fill_data, tmp_path, flax_env):
-    """Two processes with 2 devices each (jax.distributed, gloo collectives on the CPU): each loads only its own
-    rows, only process 0 writes, and the result is the 4-device single-process run's (up to summation order)."""
+    """Two processes with 2 devices each (jax.distributed, gloo collectives on the CPU): they build the encodings
+    cache together (in a folder of their own), each loads only its own rows, only process 0 writes, and the result
+    is the 4-device single-process run's (up to summation order)."""
     out, _ = straight
     multi = tmp_path / "multi"
     argv = flax_args(tiny_sd, fill_data["imagefolder"], multi, max_train_steps=4, checkpointing_steps=4,
-                     logging_steps=2)
+                     logging_steps=2, cache_dir=tmp_path / "cache")
     env = {**os.environ, **THREADS, **flax_env, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
            "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {XLA_THREADS}",
            "JAX_COORDINATOR_ADDRESS": f"localhost:{free_port()}", "JAX_NUM_PROCESSES": "2",
@@ -275,6 +276,7 @@ def test_two_hosts_train_as_one(straight, tiny_sd, fill_data, tmp_path, flax_env
     outputs = [p.communicate(timeout=900)[0] for p in processes]
     assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "devices                : 4 (2 process(es), cpu)" in outputs[0]
+    assert "caching VAE posteriors: cached 12 rows" in outputs[0]
     a, b = weights(multi), weights(out / "checkpoint-4" / "controlnet")
     for key in a:
         np.testing.assert_allclose(a[key], b[key], rtol=0, atol=2e-5)  # Adam magnifies reduction-order noise
@@ -295,7 +297,7 @@ REFERENCE_FLAX_FLAGS = {
     "validation_prompt", "validation_image", "validation_steps", "tracker_project_name", "wandb_entity", "local_rank",
 }
 ADDED_FLAGS = {"resume_from_checkpoint", "checkpoints_total_limit", "gradient_checkpointing", "lr_warmup_steps",
-               "lr_num_cycles", "lr_power", "logging_dir", "num_validation_images", "multi_host"}
+               "lr_num_cycles", "lr_power", "logging_dir", "num_validation_images", "multi_host", "cache_encodings"}
 REFERENCE_FLAX_DEFAULTS = {
     "output_dir": "runs/{timestamp}", "resolution": 512, "train_batch_size": 1, "num_train_epochs": 100,
     "max_train_steps": None, "checkpointing_steps": 5000, "gradient_accumulation_steps": 1, "learning_rate": 1e-4,

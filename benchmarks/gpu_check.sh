@@ -11,6 +11,8 @@
 #      every 2 steps, checkpoint at step 2 and an exact resume to step 4
 #   F  the DeepSpeed ZeRO-2 CPU-offload config (configs/deepspeed_zero2_offload.yaml) with the real trainer,
 #      SD1.5-size 512 px batch 1: peak memory (only if deepspeed imports)
+#   H  the Flax trainer's step (benchmarks/benchmark_flax.py), SD1.5-size 512 px, batch 8, bf16: cached
+#      (optimized) vs encode-every-step (reference), if jax sees the GPU
 #   G  SDXL-size 1024 px with --torch_compile, if the budget still allows
 #
 # The benchmark (benchmarks/benchmark.py) times the trainers' own step; see its docstring for what each path
@@ -106,7 +108,8 @@ step() {
   WALL[$name]=$(($(date +%s) - t0))
   say "$name: exit ${RC[$name]} after ${WALL[$name]}s"
   if [ "${RC[$name]}" = 0 ]; then
-    sed -n '/^path \|^preset \|^ratio \|^memory presets/,$p' "$OUT/$name.log" | grep -v '^W[0-9]' | head -n 20
+    sed -n '/^path \|^preset \|^ratio \|^memory presets\|^optimized: /,$p' "$OUT/$name.log" | grep -v '^W[0-9]' \
+      | head -n 20
     grep -h 'trainer check:\|peak memory *:' "$OUT/$name.log" | tail -n 3
   else
     echo "---- last lines of $OUT/$name.log"
@@ -184,6 +187,17 @@ elif ! "$PY" -c 'import deepspeed' >/dev/null 2>&1; then
 else
   export -f deepspeed_check
   step F 150 90 bash -c deepspeed_check
+fi
+
+# ------------------------------------------------------------------------------------------- the Flax step
+if [ "$TINY" = 1 ] || "$PY" -c 'import jax, sys; sys.exit(jax.devices()[0].platform != "gpu")' >/dev/null 2>&1; then
+  step H 150 90 env XLA_PYTHON_CLIENT_MEM_FRACTION=.9 "$PY" benchmarks/benchmark_flax.py --model "$SD" \
+    --resolution "$RES" --batch_size "$([ "$TINY" = 1 ] && echo 1 || echo 8)" --mixed_precision bf16 \
+    --steps "$STEPS" --warmup "$WARMUP"
+else
+  NAMES+=(H)
+  RC[H]="skipped (jax does not see a GPU)"
+  say "H skipped: jax does not see a GPU here"
 fi
 
 step G 400 150 "${BENCH[@]}" --model "$XL" --resolution "$XL_RES" --batch_size 1 --mixed_precision bf16 \

@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -58,6 +59,23 @@ def broadcast(value: int) -> int:
     if jax.process_count() == 1:
         return value
     return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int64)))
+
+
+def all_hosts_see(folder: str | os.PathLike) -> bool:
+    """Whether `folder` is shared by every host (a network file system) rather than each host's own disk, as on
+    the VMs of a TPU pod slice: process 0 writes a marker there and every host looks for it."""
+    if jax.process_count() == 1:
+        return True
+    marker = Path(folder) / f".shared-{broadcast(int.from_bytes(os.urandom(4), 'little'))}"
+    if jax.process_index() == 0:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    barrier("shared folder: written")
+    seen = multihost_utils.process_allgather(np.asarray(marker.exists()))
+    barrier("shared folder: checked")
+    if jax.process_index() == 0:
+        marker.unlink()
+    return bool(np.all(seen))
 
 
 def jax_processes() -> Processes:

@@ -3,6 +3,7 @@ repo), the data and the train state (fresh or resumed), and finish (export, fina
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -15,7 +16,7 @@ import jax
 from .. import hub
 from ..arguments import InputError, exit_on_input_error
 from ..data import Collator, ControlNetDataset, PairedTransform
-from ..encodings import Workers, wants_cache
+from ..encodings import Workers, cache_root, wants_cache
 from ..logs import report_outputs, run_summary, setup_logging
 from ..preflight import SD_MODEL_FILES, Preflight, run_preflight
 from ..steps import StepPlan, plan_steps
@@ -24,7 +25,7 @@ from . import checkpoints
 from .data import BatchLayout, MapBatches, StreamBatches, steps_per_epoch
 from .encodings import CachedCollator, Encodings
 from .models import LoadedModels, check_configs, controlnet_shapes
-from .runtime import Devices, barrier, jax_processes, make_devices, replicate, resolve_output_dir
+from .runtime import Devices, all_hosts_see, barrier, jax_processes, make_devices, replicate, resolve_output_dir
 from .step import TrainState, abstract_state, create_state
 from .trackers import Trackers
 from .validation import export_controlnet
@@ -46,9 +47,15 @@ class Session:
     def is_main_process(self) -> bool:
         return jax.process_index() == 0
 
-    @property
+    @functools.cached_property
     def cache_workers(self) -> Workers:
-        return Workers(jax.process_index(), jax.process_count(), lambda: barrier("encodings cache"))
+        """All hosts split the encoding when the cache folder is shared; on hosts with disks of their own (a TPU pod
+        slice's VMs) each host builds the whole cache on its disk."""
+        if all_hosts_see(cache_root(self.args)):
+            return Workers(jax.process_index(), jax.process_count(), lambda: barrier("encodings cache"))
+        logger.info("the encodings cache folder %s is not shared between hosts: each host encodes every row",
+                    cache_root(self.args))
+        return Workers()
 
     @property
     def caches_encodings(self) -> bool:

@@ -9,7 +9,6 @@ different shards of a cache, so they do not run the same programs in step.
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,6 @@ from ..cache import TensorCache, model_identity, tokenizer_identity
 from ..data import Collator, PairedTransform
 from ..encodings import caption_cache, latent_cache
 from .step import Models, vae_posterior
-
-logger = logging.getLogger("controlnet_training")
 
 ENCODE_BATCH = 32  # rows per call of an encoder outside the step (rounded up to a multiple of the local devices)
 DECODER = ("decoder", "post_quant_conv")

@@ -14,11 +14,10 @@ from typing import Any
 import torch
 
 from .checkpoints import prune_checkpoints, save_checkpoint
-from .logs import Progress, logger, tracker_config  # noqa: F401 - tracker_config re-exported
+from .logs import Progress, logger
 from .models import controlled_prediction
 from .noise import diffusion_loss, prediction_target, sample_draws
-from .presets import exit_on_oom, family_of
-from .steps import StepPlan, plan_steps  # noqa: F401 - plan_steps re-exported
+from .steps import StepPlan
 
 # encode(batch) -> (posterior mean, posterior std, encoder_hidden_states, added_cond_kwargs); latents are in the
 # UNet's scaled space. A latent/text-embedding cache only has to supply a different `encode`.
@@ -121,16 +120,15 @@ class Trainer:
             torch.cuda.synchronize(self.accelerator.device)
 
     def train(self, global_step: int) -> int:
-        """Train to plan.max_train_steps; running out of device memory ends the run naming the next memory preset."""
+        """Train to plan.max_train_steps (the scripts turn running out of device memory into the next preset)."""
         args, accelerator = self.args, self.accelerator
         total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-        with exit_on_oom(args, family_of(self.unet)):
-            progress = Progress(self.plan.max_train_steps, global_step, total_batch,
-                                accelerator.is_local_main_process, sync=self.sync_device)
-            try:
-                return self._train(global_step, progress)
-            finally:
-                progress.close()  # before any error message, so that the bar does not print after it
+        progress = Progress(self.plan.max_train_steps, global_step, total_batch, accelerator.is_local_main_process,
+                            sync=self.sync_device)
+        try:
+            return self._train(global_step, progress)
+        finally:
+            progress.close()  # before any error message, so that the bar does not print after it
 
     def _train(self, global_step: int, progress: Progress) -> int:
         accelerator, args, plan = self.accelerator, self.args, self.plan

@@ -84,11 +84,6 @@ def presets_for(family: str) -> list[Preset]:
     return sorted((p for p in PRESETS if p.family == family), key=lambda p: -p.memory_gb)
 
 
-def family_of(unet) -> str:
-    """"sdxl" for a UNet with SDXL's added text/time conditioning, else "sd"."""
-    return "sdxl" if getattr(unet.config, "addition_embed_type", None) == "text_time" else "sd"
-
-
 def next_preset(args, family: str, device_gib: float | None = None) -> Preset | None:
     """The preset to try after running out of memory with `args`.
 

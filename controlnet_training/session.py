@@ -20,19 +20,17 @@ from .checkpoints import read_state
 from .control_signal import METRICS_FILE, ControlSignal, append_metrics, plot_metrics, truncate_metrics
 from .data import Collator, ControlNetDataset, PairedTransform
 from .encodings import Workers
-from .logs import logger, report_outputs, run_summary, setup_logging
+from .logs import logger, report_outputs, run_summary, setup_logging, tracker_config
 from .loop import (
-    StepPlan,
     make_accelerator,
     make_dataloader,
     make_lr_scheduler,
-    plan_steps,
     register_controlnet_state_hooks,
-    tracker_config,
     weight_dtype_of,
 )
 from .models import make_optimizer
 from .preflight import Preflight, run_preflight
+from .steps import StepPlan, plan_steps
 
 
 @dataclass
@@ -55,7 +53,6 @@ class Session:
     def cache_workers(self) -> Workers:
         accelerator = self.accelerator
         return Workers(accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone)
-
 
 def start_session(args, prog: str, model_files: tuple[str, ...], extra_checks: Callable[[Any], None] = lambda a: None
                   ) -> Session:

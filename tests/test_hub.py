@@ -61,7 +61,7 @@ def test_push_uploads_only_outputs_and_passes_the_token(tiny_sd, fill_data, tmp_
 
 def test_tracker_config_never_holds_the_token():
     from controlnet_training.arguments import build_parser
-    from controlnet_training.loop import tracker_config
+    from controlnet_training.logs import tracker_config
 
     args = build_parser("t").parse_args(["--pretrained_model_name_or_path", "m", "--hub_token", "hf_zz_secret",
                                          "--validation_prompt", "a", "--validation_image", "b.png"])

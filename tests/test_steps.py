@@ -1,8 +1,8 @@
-"""Step arithmetic of the training loop: updates per epoch, epochs, and where a resumed run starts."""
+"""Step arithmetic (steps.py): updates per epoch, epochs, and where a resumed run starts."""
 
 from __future__ import annotations
 
-from controlnet_training.loop import plan_steps
+from controlnet_training.steps import plan_steps
 
 
 def test_epochs_and_updates_with_a_partial_accumulation_group():

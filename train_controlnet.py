@@ -20,11 +20,9 @@ from controlnet_training.data import ControlNetDataset, PairedTransform
 from controlnet_training.encodings import (
     caption_cache,
     drop_encoders,
-    latent_cache,
     posterior,
     text_cache,
-    torch_posterior,
-    wants_cache,
+    vae_latent_cache,
 )
 from controlnet_training.loop import Trainer
 from controlnet_training.models import enable_memory_options, load_sd_models, make_controlnet, place_frozen
@@ -62,12 +60,11 @@ def train(args) -> None:
         return {"prompt_embeds": models.text_encoder(ids.to(accelerator.device), return_dict=False)[0]}
 
     transform = PairedTransform(args.resolution)
-    cached = wants_cache(args, len(preflight.dataset), session.effective_batch)
+    cached = session.caches_encodings
     latents = texts = prompts = None
     if cached:
         base = Path(args.pretrained_model_name_or_path)
-        latents = latent_cache(session, transform, model_identity(models.vae, str(base / "vae")),
-                               torch_posterior(models.vae))
+        latents = vae_latent_cache(session, transform, models.vae, str(base / "vae"))
         encoder_key = {"encoder": model_identity(models.text_encoder, str(base / "text_encoder")),
                        "tokenizer": tokenizer_identity(models.tokenizer)}
         texts = caption_cache(session, encoder_key, encode_text)

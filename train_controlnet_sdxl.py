@@ -23,11 +23,9 @@ from controlnet_training.data import ControlNetDataset, PairedTransform
 from controlnet_training.encodings import (
     caption_cache,
     drop_encoders,
-    latent_cache,
     posterior,
     text_cache,
-    torch_posterior,
-    wants_cache,
+    vae_latent_cache,
 )
 from controlnet_training.loop import Trainer
 from controlnet_training.models import enable_memory_options, make_controlnet, place_frozen
@@ -85,12 +83,11 @@ def train(args) -> None:
     prompts = text_cache(session, args.validation_prompt, encoders_key, encode_captions) \
         if args.validation_prompt else None
     transform = PairedTransform(args.resolution, args.image_interpolation_mode)
-    cached = wants_cache(args, len(preflight.dataset), session.effective_batch)
+    cached = session.caches_encodings
     latents = None
     if cached:
         vae_folder = args.pretrained_vae_model_name_or_path or str(base / "vae")
-        latents = latent_cache(session, transform, model_identity(models.vae, vae_folder),
-                               torch_posterior(models.vae))
+        latents = vae_latent_cache(session, transform, models.vae, vae_folder)
 
     dataset = ControlNetDataset(preflight.dataset, preflight.columns, transform, preflight.seed,
                                 args.proportion_empty_prompts, with_target=not cached)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cache import TensorCache, build_or_load
+from .cache import TensorCache, build_or_load, model_identity
 from .data import Collator, ControlNetDataset, PairedTransform, caption_variants
 
 
@@ -86,9 +86,10 @@ def latent_cache(session, transform: PairedTransform, vae_identity: dict,
     return _cache(session, parts, range(len(rows)), compute, "caching VAE posteriors")
 
 
-def torch_posterior(vae) -> Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]:
-    """encode_pixels for latent_cache with a diffusers AutoencoderKL."""
-    return lambda pixels: posterior({"pixel_values": pixels}, vae)
+def vae_latent_cache(session, transform: PairedTransform, vae, vae_folder: str | None) -> TensorCache:
+    """latent_cache filled by a diffusers AutoencoderKL (its weights in `vae_folder`)."""
+    return latent_cache(session, transform, model_identity(vae, vae_folder),
+                        lambda pixels: posterior({"pixel_values": pixels}, vae))
 
 
 def text_cache(session, captions: list[str], identity: dict, encode_captions: Callable[[list[str]], dict]

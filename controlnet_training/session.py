@@ -19,7 +19,7 @@ from .arguments import InputError, exit_on_input_error
 from .checkpoints import read_state
 from .control_signal import METRICS_FILE, ControlSignal, append_metrics, plot_metrics, truncate_metrics
 from .data import Collator, ControlNetDataset, PairedTransform
-from .encodings import Workers
+from .encodings import Workers, wants_cache
 from .logs import logger, report_outputs, run_summary, setup_logging, tracker_config
 from .loop import (
     make_accelerator,
@@ -53,6 +53,12 @@ class Session:
     def cache_workers(self) -> Workers:
         accelerator = self.accelerator
         return Workers(accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone)
+
+    @property
+    def caches_encodings(self) -> bool:
+        """--cache_encodings (auto: when the run reads every row at least once)."""
+        return wants_cache(self.args, len(self.preflight.dataset), self.effective_batch)
+
 
 def start_session(args, prog: str, model_files: tuple[str, ...], extra_checks: Callable[[Any], None] = lambda a: None
                   ) -> Session:

@@ -8,15 +8,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from controlnet_training.cache import model_identity
 from controlnet_training.data import Collator, Columns, ControlNetDataset, PairedTransform, load_train_split
 from controlnet_training.encodings import (
     Workers,
     drop_encoders,
-    latent_cache,
     posterior,
     text_cache,
-    torch_posterior,
+    vae_latent_cache,
     wants_cache,
 )
 
@@ -37,10 +35,6 @@ def vae(tiny_sd):
     return AutoencoderKL.from_pretrained(tiny_sd / "vae")
 
 
-def vae_latents(session, vae, transform, folder: str):
-    return latent_cache(session, transform, model_identity(vae, folder), torch_posterior(vae))
-
-
 def fresh_rows(session, transform, indices):
     rows = ControlNetDataset(session.preflight.dataset, session.preflight.columns, transform, seed=0)
     return Collator([])([rows[i] for i in indices])
@@ -48,7 +42,7 @@ def fresh_rows(session, transform, indices):
 
 def test_cached_posteriors_equal_fresh_encodes_and_are_reused(fill_data, vae, tiny_sd, tmp_path, monkeypatch):
     session, transform = make_session(fill_data, tmp_path), PairedTransform(64)
-    cache = vae_latents(session, vae, transform, str(tiny_sd / "vae"))
+    cache = vae_latent_cache(session, transform, vae, str(tiny_sd / "vae"))
     batch = fresh_rows(session, transform, [3, 1])
     batch = {k: torch.as_tensor(v) if not isinstance(v, list) else v for k, v in batch.items()}
     mean, std = posterior(batch, vae)
@@ -66,15 +60,15 @@ def test_cached_posteriors_equal_fresh_encodes_and_are_reused(fill_data, vae, ti
     torch.testing.assert_close(served["latent_mean"], torch.from_numpy(found["latent_mean"]))
 
     monkeypatch.setattr(vae, "encode", lambda *a, **k: pytest.fail("encoded again"))
-    assert vae_latents(session, vae, transform, str(tiny_sd / "vae")).path == cache.path
+    assert vae_latent_cache(session, transform, vae, str(tiny_sd / "vae")).path == cache.path
 
 
 def test_posteriors_are_rebuilt_for_another_resolution_or_vae(fill_data, vae, tiny_sd, tmp_path):
     from diffusers import AutoencoderKL
 
     session = make_session(fill_data, tmp_path / "cache")
-    first = vae_latents(session, vae, PairedTransform(64), str(tiny_sd / "vae"))
-    smaller = vae_latents(session, vae, PairedTransform(32), str(tiny_sd / "vae"))
+    first = vae_latent_cache(session, PairedTransform(64), vae, str(tiny_sd / "vae"))
+    smaller = vae_latent_cache(session, PairedTransform(32), vae, str(tiny_sd / "vae"))
     assert smaller.path != first.path and smaller.lookup([0])["latent_mean"].shape[-1] == 4
 
     folder = tmp_path / "other-vae"
@@ -83,7 +77,7 @@ def test_posteriors_are_rebuilt_for_another_resolution_or_vae(fill_data, vae, ti
     with torch.no_grad():
         other.encoder.conv_in.weight.mul_(1.5)
     other.save_pretrained(folder)  # other weights on disk: another cache, with other values
-    rebuilt = vae_latents(session, other, PairedTransform(64), str(folder))
+    rebuilt = vae_latent_cache(session, PairedTransform(64), other, str(folder))
     assert rebuilt.path != first.path
     assert abs(rebuilt.lookup([0])["latent_mean"] - first.lookup([0])["latent_mean"]).max() > 1e-4
 

@@ -187,6 +187,7 @@ def synthetic_batch(models: Models, batch_size: int, resolution: int, device, we
     (posterior mean and std from the fp32 VAE, text embeddings) the optimized path reads instead."""
     import torch
 
+    from controlnet_training.encodings import posterior
     from controlnet_training.models import place_frozen
     from controlnet_training.sdxl import time_ids
 
@@ -196,10 +197,7 @@ def synthetic_batch(models: Models, batch_size: int, resolution: int, device, we
         "conditioning_pixel_values": torch.rand(batch_size, 3, resolution, resolution, generator=generator).to(device),
     }
     place_frozen((models.vae,), device, torch.float32)
-    with torch.no_grad():
-        posterior = models.vae.encode(batch["pixel_values"]).latent_dist
-        scale = models.vae.config.scaling_factor
-        batch["latent_mean"], batch["latent_std"] = posterior.mean * scale, posterior.std * scale
+    batch["latent_mean"], batch["latent_std"] = posterior(batch, models.vae)
     place_frozen((models.vae,), torch.device("cpu"), torch.float32)
     config = models.unet.config
     if models.family == "sd":
@@ -277,6 +275,7 @@ def encoder_for(spec: PathSpec, models: Models, device, weight_dtype, private: b
     them (paths that run interleaved)."""
     import torch
 
+    from controlnet_training.encodings import posterior
     from controlnet_training.models import place_frozen
 
     cpu = torch.device("cpu")
@@ -299,16 +298,13 @@ def encoder_for(spec: PathSpec, models: Models, device, weight_dtype, private: b
     place_frozen((vae,), device, vae_dtype)
     if text_encoder is not None:
         place_frozen((text_encoder,), device, weight_dtype)
-    scale = vae.config.scaling_factor
 
     def encode(batch):
+        mean, std = posterior({"pixel_values": batch["pixel_values"]}, vae)  # in the VAE's dtype (vae_dtype)
+        if text_encoder is None:
+            return mean, std, batch["encoder_hidden_states"], batch["added_cond_kwargs"]
         with torch.no_grad():
-            posterior = vae.encode(batch["pixel_values"].to(vae_dtype)).latent_dist
-            if text_encoder is not None:
-                hidden = text_encoder(batch["input_ids"], return_dict=False)[0]
-            else:
-                hidden = batch["encoder_hidden_states"]
-        return posterior.mean * scale, posterior.std * scale, hidden, batch["added_cond_kwargs"]
+            return mean, std, text_encoder(batch["input_ids"], return_dict=False)[0], batch["added_cond_kwargs"]
 
     return encode
 

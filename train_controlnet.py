@@ -16,7 +16,7 @@ import torch
 
 from controlnet_training.arguments import build_parser, parse_args
 from controlnet_training.cache import model_identity, tokenizer_identity
-from controlnet_training.data import ControlNetDataset, PairedTransform
+from controlnet_training.data import ControlNetDataset, PairedTransform, token_ids
 from controlnet_training.encodings import (
     caption_cache,
     drop_encoders,
@@ -55,9 +55,8 @@ def train(args) -> None:
     # (--cache_encodings); without it they are encoded at every step, as in the reference.
     @torch.no_grad()
     def encode_text(captions: list[str]) -> dict[str, torch.Tensor]:
-        ids = models.tokenizer(captions, max_length=models.tokenizer.model_max_length, padding="max_length",
-                               truncation=True, return_tensors="pt").input_ids
-        return {"prompt_embeds": models.text_encoder(ids.to(accelerator.device), return_dict=False)[0]}
+        ids = token_ids(models.tokenizer, captions, return_tensors="pt").to(accelerator.device)
+        return {"prompt_embeds": models.text_encoder(ids, return_dict=False)[0]}
 
     transform = PairedTransform(args.resolution)
     cached = session.caches_encodings

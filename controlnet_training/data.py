@@ -268,6 +268,12 @@ class ControlNetDataset:
         return item
 
 
+def token_ids(tokenizer, captions: Sequence[str], return_tensors: str = "np"):
+    """Token ids as the Stable Diffusion pipelines make them: padded to the tokenizer's max length, truncated."""
+    return tokenizer(list(captions), max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                     return_tensors=return_tensors).input_ids
+
+
 class Collator:
     """Stack rows and tokenise captions in one batched call per tokenizer (input_ids, input_ids_2, …).
 
@@ -293,8 +299,7 @@ class Collator:
             batch.update(self.texts.lookup(captions))
         for i, tokenizer in enumerate(self.tokenizers):
             key = "input_ids" if i == 0 else f"input_ids_{i + 1}"
-            batch[key] = tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length",
-                                   truncation=True, return_tensors="np").input_ids.astype(np.int64)
+            batch[key] = token_ids(tokenizer, captions).astype(np.int64)
         if self.as_torch:
             import torch
 

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import torch
 
 from .arguments import InputError
+from .data import token_ids
 from .models import load_tokenizer, text_encoder_class
 
 SDXL_MODEL_FILES = ("unet/config.json", "text_encoder/config.json", "text_encoder_2/config.json", "tokenizer",
@@ -83,8 +84,7 @@ def encode_prompts(captions: Sequence[str], tokenizers, text_encoders) -> dict[s
     """Penultimate hidden states of both encoders concatenated, and the second encoder's pooled projection."""
     hidden, pooled = [], None
     for tokenizer, encoder in zip(tokenizers, text_encoders, strict=True):
-        ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids.to(encoder.device)
+        ids = token_ids(tokenizer, captions, return_tensors="pt").to(encoder.device)
         out = encoder(ids, output_hidden_states=True, return_dict=True)
         hidden.append(out.hidden_states[-2])
         pooled = out[0]

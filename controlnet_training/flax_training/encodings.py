@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ..cache import TensorCache, model_identity, tokenizer_identity
-from ..data import Collator, PairedTransform
+from ..data import Collator, PairedTransform, token_ids
 from ..encodings import caption_cache, latent_cache
 from .step import Models, vae_posterior
 
@@ -52,11 +52,6 @@ class LocalEncoder:
         return jax.tree.map(lambda *arrays: np.concatenate(arrays), *parts)
 
 
-def tokenize(tokenizer, captions: list[str]) -> np.ndarray:
-    return tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
-                     return_tensors="np").input_ids
-
-
 class HostEncoders:
     """The frozen text encoder and VAE encoder outside the train step, on this host's devices (placed on first
     use): they fill the caches and embed the validation prompts, then are dropped with this object."""
@@ -74,7 +69,7 @@ class HostEncoders:
 
     def embed(self, captions: list[str]) -> np.ndarray:
         """The text encoder's last hidden states, in its compute dtype."""
-        return self._text_encoder(tokenize(self.tokenizer, captions))
+        return self._text_encoder(token_ids(self.tokenizer, captions))
 
     def posterior(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(mean, std) in the UNet's latent scale and the VAE's compute dtype."""

@@ -51,10 +51,11 @@ if str(ROOT) not in sys.path:
 MODELS = {"tiny": "tiny", "tiny-sdxl": "tiny-sdxl", "sd15": "sd15", "sdxl": "sdxl"}
 DEFAULT_RESOLUTION = {"tiny": 64, "tiny-sdxl": 64, "sd15": 512, "sdxl": 1024}
 
-# Dense bf16 peak FLOP/s by device name (first match wins; vendor figures without sparsity).
+# Dense bf16 peak FLOP/s by device name or JAX device kind (first match wins; vendor figures without sparsity).
 PEAK_BF16 = (
     ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("GH200", 989e12),
     ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12),
+    ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12), ("TPU v6", 918e12),
 )
 
 

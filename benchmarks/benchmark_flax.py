@@ -29,12 +29,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
+
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from benchmark import peak_bf16_flops  # noqa: E402 - benchmarks/benchmark.py (this script's folder): one chip table
 
 from controlnet_training.fixtures import SIZES  # noqa: E402
 from controlnet_training.flax_models.clip import CLIPTextModel  # noqa: E402
@@ -50,6 +52,7 @@ from controlnet_training.flax_training.data import to_global  # noqa: E402
 from controlnet_training.flax_training.encodings import training_frozen  # noqa: E402
 from controlnet_training.flax_training.models import DTYPES  # noqa: E402
 from controlnet_training.flax_training.runtime import make_devices, replicate  # noqa: E402
+from controlnet_training.flax_training.session import peak_device_memory_gib  # noqa: E402
 from controlnet_training.flax_training.step import (  # noqa: E402
     Models,
     cached_encode,
@@ -68,10 +71,6 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0
 VOCAB = {"tiny": 1000, "sd15": 49408}  # the tiny fixture's vocabulary is a few hundred tokens; SD's CLIP 49408
 MAX_LENGTH = 77
 PATHS = ("optimized", "reference")
-# Dense bf16 peak FLOP/s per chip (vendor figures) for the TPUs; GPUs as in benchmarks/benchmark.py.
-PEAK_BF16 = (("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12),
-             ("TPU v6", 918e12), ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
-             ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12))
 # The trainers' defaults (controlnet_training/arguments.py).
 OPTIMIZER = SimpleNamespace(max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
                             adam_weight_decay=1e-2)
@@ -172,15 +171,6 @@ def synthetic_batch(args, micro: int, devices, models: Models, path: str) -> dic
     return to_global(host, devices.batch, micro)
 
 
-def peak_memory_gib() -> float | None:
-    peak = (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
-    return None if peak is None else peak / 2**30
-
-
-def peak_flops(device_kind: str) -> float | None:
-    return next((value for key, value in PEAK_BF16 if key in device_kind), None)
-
-
 def xla_flops(compiled) -> float | None:
     """FLOPs of one call of a compiled step on one device, by XLA's cost analysis (None where unavailable)."""
     try:
@@ -222,8 +212,8 @@ def time_path(path: str, args, devices, models: Models, frozen: dict, controlnet
     flops = xla_flops(compiled)
     result = {"compile_s": compile_s, "s_per_step": s_per_step, "samples_per_second": global_batch / s_per_step,
               "flops_per_sample": None if flops is None else flops * devices.count / global_batch,
-              "peak_memory_gib": peak_memory_gib(), "loss": loss, "step_times_s": times}
-    peak = peak_flops(jax.devices()[0].device_kind)
+              "peak_memory_gib": peak_device_memory_gib(), "loss": loss, "step_times_s": times}
+    peak = peak_bf16_flops(jax.devices()[0].device_kind)
     result["mfu"] = None if peak is None or flops is None else flops / s_per_step / peak
     return result
 

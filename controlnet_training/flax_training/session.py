@@ -170,10 +170,15 @@ def memory_profile(output_dir: str, name: str) -> None:
     jax.profiler.save_device_memory_profile(str(Path(output_dir) / f"{name}{suffix}.prof"))
 
 
+def peak_device_memory_gib() -> float | None:
+    """Peak memory in use on this host's first device, where the backend reports it (not on the CPU)."""
+    peak = (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**30
+
+
 def peak_device_memory() -> str | None:
-    stats = jax.local_devices()[0].memory_stats() or {}
-    peak = stats.get("peak_bytes_in_use")
-    return None if peak is None else f"{peak / 2**30:.2f} GiB on {jax.local_devices()[0].device_kind} (device 0)"
+    peak = peak_device_memory_gib()
+    return None if peak is None else f"{peak:.2f} GiB on {jax.local_devices()[0].device_kind} (device 0)"
 
 
 def finish_session(session: Session, state: TrainState, global_step: int, loaded: LoadedModels, validator,

@@ -21,6 +21,7 @@ from controlnet_training.encodings import (
     caption_cache,
     drop_encoders,
     posterior,
+    row_by_row,
     text_cache,
     vae_latent_cache,
 )
@@ -54,9 +55,13 @@ def train(args) -> None:
     # Every training image's VAE posterior and every caption's embedding, encoded once into an on-disk cache
     # (--cache_encodings); without it they are encoded at every step, as in the reference.
     @torch.no_grad()
+    def embed(input_ids: torch.Tensor) -> torch.Tensor:
+        """The text encoder's last hidden state, one caption at a time (as the VAE: see row_by_row)."""
+        return row_by_row(lambda ids: models.text_encoder(ids, return_dict=False)[0], input_ids)
+
     def encode_text(captions: list[str]) -> dict[str, torch.Tensor]:
         ids = token_ids(models.tokenizer, captions, return_tensors="pt").to(accelerator.device)
-        return {"prompt_embeds": models.text_encoder(ids, return_dict=False)[0]}
+        return {"prompt_embeds": embed(ids)}
 
     transform = PairedTransform(args.resolution)
     cached = session.caches_encodings
@@ -81,8 +86,7 @@ def train(args) -> None:
         mean, std = posterior(batch, models.vae)
         if "prompt_embeds" in batch:
             return mean, std, batch["prompt_embeds"].to(weight_dtype), None
-        with torch.no_grad():
-            return mean, std, models.text_encoder(batch["input_ids"], return_dict=False)[0], None
+        return mean, std, embed(batch["input_ids"]), None
 
     def build_pipeline(trained_controlnet):
         from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler

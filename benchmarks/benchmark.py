@@ -301,7 +301,8 @@ def encoder_for(spec: PathSpec, models: Models, device, weight_dtype, private: b
         place_frozen((text_encoder,), device, weight_dtype)
 
     def encode(batch):
-        mean, std = posterior({"pixel_values": batch["pixel_values"]}, vae)  # in the VAE's dtype (vae_dtype)
+        # In the VAE's dtype (vae_dtype), the whole batch at once as the reference encodes it.
+        mean, std = posterior({"pixel_values": batch["pixel_values"]}, vae, per_row=False)
         if text_encoder is None:
             return mean, std, batch["encoder_hidden_states"], batch["added_cond_kwargs"]
         with torch.no_grad():

@@ -185,7 +185,9 @@ class PairedTransform:
 
     @staticmethod
     def to_array(image: Image.Image) -> np.ndarray:
-        return np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        # C-contiguous CHW: a transposed (channels-last) view would send the convolutions down other kernels,
+        # whose last bits differ from those of the same values laid out contiguously.
+        return np.ascontiguousarray(np.asarray(image, dtype=np.float32).transpose(2, 0, 1)) / 255.0
 
     def target(self, image: Image.Image) -> np.ndarray:
         return self.to_array(self.resize_crop(image)) * 2.0 - 1.0

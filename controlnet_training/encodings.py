@@ -47,15 +47,35 @@ def wants_cache(args, num_rows: int, effective_batch: int) -> bool:
     return args.max_train_steps is None or args.max_train_steps * effective_batch >= num_rows
 
 
-def posterior(batch: dict, vae) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std) of the VAE posterior in the UNet's latent scale: from the cache when the batch has it."""
+def row_by_row(encode: Callable[[torch.Tensor], Any], inputs: torch.Tensor) -> Any:
+    """`encode` applied to each row of `inputs` on its own, the outputs concatenated (a tensor, or a tuple/dict of
+    them). Convolution and matmul kernels are not batch-invariant (the same row in a batch of 2 or of 32 differs in
+    the last bits), so every trainer encodes one row at a time: a row's encoding then depends on the row alone, and a
+    cached run (the cache built in batches of its own) ends bit for bit where an uncached one does, whatever the
+    batch size, accumulation or number of processes."""
+    outputs = [encode(inputs[i : i + 1]) for i in range(inputs.shape[0])]
+    first = outputs[0]
+    if isinstance(first, dict):
+        return {key: torch.cat([out[key] for out in outputs]) for key in first}
+    if isinstance(first, tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outputs, strict=True))
+    return torch.cat(outputs)
+
+
+def posterior(batch: dict, vae, per_row: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the VAE posterior in the UNet's latent scale: from the cache when the batch has it, else
+    encoded one row at a time (`per_row`; see row_by_row) or, as the reference does, the whole batch at once."""
     if "latent_mean" in batch:
         return batch["latent_mean"], batch["latent_std"]
-    with torch.no_grad():
-        pixels = torch.as_tensor(batch["pixel_values"])
-        latent_dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
     scale = vae.config.scaling_factor
-    return latent_dist.mean * scale, latent_dist.std * scale
+
+    def encode(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        latent_dist = vae.encode(pixels).latent_dist
+        return latent_dist.mean * scale, latent_dist.std * scale
+
+    with torch.no_grad():
+        pixels = torch.as_tensor(batch["pixel_values"]).to(vae.device, vae.dtype)
+        return row_by_row(encode, pixels) if per_row else encode(pixels)
 
 
 def _cache(session, parts: dict, keys, compute, desc: str) -> TensorCache:

@@ -8,6 +8,7 @@ is kept; `--snr_gamma` is new for the PyTorch scripts.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable
 
@@ -209,11 +210,24 @@ def check_args(args: argparse.Namespace) -> None:
                          f"(got {len(images)} images and {len(prompts)} prompts)")
 
 
+def check_finite(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every float flag is a finite number (argparse's float() accepts 'inf' and 'nan', which would train silently
+    on nonsense). Raises InputError."""
+    for action in parser._actions:
+        if action.type is not float:
+            continue
+        value = getattr(args, action.dest, None)
+        for number in value if isinstance(value, list) else [value]:
+            if number is not None and not math.isfinite(number):
+                raise InputError(f"{action.option_strings[0]} must be a finite number, got {number}")
+
+
 def parse_args(parser: Parser, argv: list[str] | None = None,
                check: Callable[[argparse.Namespace], None] | None = None) -> argparse.Namespace:
     """Parse and check (`check`, default check_args); bad flags exit with status 2 and a one-line message."""
     args = parser.parse_args(argv)
     try:
+        check_finite(parser, args)
         (check or check_args)(args)
     except InputError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")

@@ -149,6 +149,19 @@ def check_images(dataset, columns: Columns) -> None:
                                  f"fix or remove it") from error
 
 
+def check_captions(dataset, column: str) -> None:
+    """Every row's caption is a string or a non-empty list of strings (a row of a metadata.jsonl without the key
+    reads as None), so a bad row fails now and not when training reaches it."""
+    for row, value in enumerate(dataset.select_columns([column])[column]):
+        if isinstance(value, str):
+            continue
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+            continue
+        found = "an empty list" if isinstance(value, (list, tuple)) and not value else repr(value)[:60]
+        raise InputError(f"--caption_column '{column}': row {row} has {found} instead of a caption; give every row "
+                         f"a string or a non-empty list of strings (\"\" for no caption)")
+
+
 def select_samples(dataset, max_train_samples: int | None, seed: int):
     """Shuffle with `seed` and keep the first N rows. A stream is shuffled through a buffer (reshuffled each epoch
     by `set_epoch`) and cut to N rows per pass."""

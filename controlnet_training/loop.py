@@ -218,6 +218,9 @@ def make_accelerator(args):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and accelerator.num_processes == 1:
         raise InputError("WORLD_SIZE > 1 but accelerate sees one process: every rank would write the same "
                          "output_dir. Launch with `accelerate launch` (on CPU set ACCELERATE_USE_CPU=true)")
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise InputError("--mixed_precision fp16 (from the flag or the accelerate config) needs a CUDA GPU: fp16 "
+                         "autocast and loss scaling do not run on the CPU; use --mixed_precision bf16 or no")
     if torch.backends.mps.is_available():
         accelerator.native_amp = False
     return accelerator

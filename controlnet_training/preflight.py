@@ -6,6 +6,7 @@ Nothing here writes to output_dir, so a run that fails its checks leaves an exis
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import random
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from .arguments import InputError
 from .checkpoints import read_state, resolve_resume, stray_checkpoint_names
 from .data import (
     Columns,
+    check_captions,
     check_images,
     first_row,
     load_train_split,
@@ -25,13 +27,71 @@ from .data import (
     select_samples,
     stream_columns,
 )
-from .models import check_model_folder, check_optional_packages
+from .models import check_model_folder, check_optional_packages, looks_local
 from .validation import check_validation_images
 
 logger = logging.getLogger(__name__)
 
 SD_MODEL_FILES = ("unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer",
                   "scheduler/scheduler_config.json")
+
+
+# The ControlNet config fields that must equal its UNet's for the ControlNet's residuals to fit the UNet.
+MATCHING_FIELDS = ("in_channels", "block_out_channels", "down_block_types", "layers_per_block", "cross_attention_dim",
+                   "attention_head_dim", "num_attention_heads", "transformer_layers_per_block", "use_linear_projection",
+                   "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
+                   "class_embed_type")
+
+
+def read_model_config(value: str, subfolder: str | None = None, revision: str | None = None) -> dict | None:
+    """A model's config.json without loading the model: from a local folder, or the Hub (None when it cannot be
+    fetched; from_pretrained reports that later)."""
+    name = f"{subfolder}/config.json" if subfolder else "config.json"
+    if looks_local(value):
+        path = Path(value).expanduser() / name
+        return json.loads(path.read_text()) if path.is_file() else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(value, name, revision=revision)).read_text())
+    except Exception:  # offline, private, or not a diffusers repo
+        return None
+
+
+def is_sdxl_unet(config: dict) -> bool:
+    return config.get("addition_embed_type") == "text_time"
+
+
+def check_model_family(args, sdxl: bool) -> None:
+    """The base pipeline is of the family this trainer trains, and --controlnet_model_name_or_path fits its UNet."""
+    base = args.pretrained_model_name_or_path
+    unet = read_model_config(base, "unet", args.revision)
+    if unet is None:
+        return
+    if is_sdxl_unet(unet) and not sdxl:
+        raise InputError(f"--pretrained_model_name_or_path {base} is an SDXL pipeline; use train_controlnet_sdxl.py")
+    if not is_sdxl_unet(unet) and sdxl:
+        raise InputError(f"--pretrained_model_name_or_path {base} is an SD 1.x/2.x pipeline; use train_controlnet.py")
+    if args.controlnet_model_name_or_path is None:
+        return
+    controlnet = read_model_config(args.controlnet_model_name_or_path)
+    if controlnet is None:
+        return
+    differ = [f"{field} {controlnet.get(field)!r} vs {unet.get(field)!r}" for field in MATCHING_FIELDS
+              if field in controlnet and field in unet and not _same_setting(controlnet[field], unet[field])]
+    if differ:
+        raise InputError(f"--controlnet_model_name_or_path {args.controlnet_model_name_or_path} does not fit the UNet "
+                         f"of {base} (ControlNet config vs UNet config: {'; '.join(differ)}); give a ControlNet "
+                         f"trained for this base model, or leave the flag out to start one from the UNet")
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    """Config values equal as diffusers reads them: a number stands for the same number in every block."""
+    if isinstance(a, (list, tuple)) and not isinstance(b, (list, tuple)):
+        a, b = b, a
+    if not isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return all(value == a for value in b)
+    return (list(a) if isinstance(a, tuple) else a) == (list(b) if isinstance(b, tuple) else b)
 
 
 @dataclass
@@ -69,6 +129,7 @@ def run_preflight(args, model_files: tuple[str, ...] = SD_MODEL_FILES,
                   ) -> Preflight:
     """Every check that needs no model. Without --seed a fresh run uses `default_seed`, or a random seed (agreed
     by all processes) when that is None; a resumed run uses the checkpoint's seed."""
+    check_model_family(args, sdxl="text_encoder_2/config.json" in model_files)  # before the files: says which script
     check_model_folder("pretrained_model_name_or_path", args.pretrained_model_name_or_path, model_files)
     check_model_folder("controlnet_model_name_or_path", args.controlnet_model_name_or_path, ("config.json",))
     check_model_folder("tokenizer_name", args.tokenizer_name, ())
@@ -103,8 +164,10 @@ def run_preflight(args, model_files: tuple[str, ...] = SD_MODEL_FILES,
         dataset = load_train_split(args, streaming=streaming)
         columns = resolve_columns(stream_columns(dataset) if streaming else dataset.column_names, args)
         dataset = select_samples(dataset, args.max_train_samples, seed)
-        if state.is_main_process and not streaming:  # a stream is not read ahead: its images are checked as read
-            check_images(dataset, columns)
+        if not streaming:  # a stream is not read ahead: its rows are checked as read
+            check_captions(dataset, columns.caption)
+            if state.is_main_process:
+                check_images(dataset, columns)
     pick_caption(first_row(dataset, columns.caption), random.Random(0), 0.0)
     split = getattr(args, "validation_split", 0)  # the Flax trainer has no control signal
     if streaming or split == 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -50,6 +51,45 @@ def empty_parquet(target: Path) -> Path:
     return target
 
 
+def bad_caption_copy(source: Path, target: Path, row: int = 5, change: str = "none") -> Path:
+    """The imagefolder with row `row`'s caption None, or its text key missing."""
+    import json
+
+    shutil.copytree(source, target)
+    metadata = target / "metadata.jsonl"
+    rows = [json.loads(line) for line in metadata.read_text().splitlines()]
+    if change == "none":
+        rows[row]["text"] = None
+    else:
+        del rows[row]["text"]
+    metadata.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return target
+
+
+def caption_lists_parquet(source: Path, target: Path, row: int = 5) -> Path:
+    """The imagefolder's rows as parquet with a list of captions per row, row `row`'s list empty."""
+    import datasets
+
+    from controlnet_training.data import load_train_split
+
+    rows = load_train_split(SimpleNamespace(dataset_name=None, train_data_dir=str(source), dataset_config_name=None,
+                                            cache_dir=None), streaming=False)
+    captions = [[text, text.upper()] for text in rows["text"]]
+    captions[row] = []
+    target.mkdir()
+    rows.remove_columns("text").add_column("text", captions).to_parquet(str(target / "train.parquet"))
+    assert datasets.load_dataset("parquet", data_dir=str(target), split="train")[row]["text"] == []
+    return target
+
+
+def controlnet_of(model: Path, target: Path) -> Path:
+    """A ControlNet made from the UNet of the pipeline `model`."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(model, subfolder="unet")).save_pretrained(target)
+    return target
+
+
 # (overrides of the tiny run's flags, text the error must contain)
 CASES = {
     "no dataset": (dict(train_data_dir=None), "--dataset_name"),
@@ -71,7 +111,22 @@ CASES = {
     "mixed precision": (dict(mixed_precision="fp8"), "--mixed_precision: invalid choice"),
     "missing checkpoint": (dict(resume_from_checkpoint="checkpoint-99"), "--resume_from_checkpoint checkpoint-99"),
     "xformers": (dict(enable_xformers_memory_efficient_attention=True), "pip install xformers"),
-    "bitsandbytes": (dict(use_8bit_adam=True), "pip install bitsandbytes"),
+    "caption None in a row": (dict(train_data_dir="{captions_none}"),
+                              "--caption_column 'text': row 5 has None instead of a caption"),
+    "caption key missing in a row": (dict(train_data_dir="{captions_missing}", cache_encodings="always"),
+                                     "--caption_column 'text': row 5 has None instead of a caption"),
+    "empty caption list in a row": (dict(train_data_dir="{captions_empty_list}"),
+                                    "--caption_column 'text': row 5 has an empty list instead of a caption"),
+    "SDXL pipeline": (dict(pretrained_model_name_or_path="{sdxl}"),
+                      "--pretrained_model_name_or_path {sdxl} is an SDXL pipeline; use train_controlnet_sdxl.py"),
+    "ControlNet of another family": (dict(controlnet_model_name_or_path="{sdxl_controlnet}"),
+                                     "--controlnet_model_name_or_path {sdxl_controlnet} does not fit the UNet"),
+    "fp16 on the CPU": (dict(mixed_precision="fp16"), "--mixed_precision fp16 (from the flag or the accelerate "
+                                                      "config) needs a CUDA GPU"),
+    "infinite learning rate": (dict(learning_rate="inf"), "--learning_rate must be a finite number, got inf"),
+    "nan min-SNR gamma": (dict(snr_gamma="nan"), "--snr_gamma must be a finite number, got nan"),
+    "nan gradient clipping": (dict(max_grad_norm="nan"), "--max_grad_norm must be a finite number, got nan"),
+    "infinite adam beta": (dict(adam_beta2="inf"), "--adam_beta2 must be a finite number, got inf"),
     "zero steps": (dict(max_train_steps=0), "--max_train_steps must be > 0"),
     "zero checkpointing": (dict(checkpointing_steps=0), "--checkpointing_steps must be > 0"),
     "negative validation steps": (dict(validation_steps=-1), "--validation_steps must be > 0"),
@@ -88,15 +143,27 @@ CASES = {
 }
 
 
-def expect_one_line_error(main, overrides: dict, expected: str, tiny_sd, fill_data, tmp_path, out, capsys) -> None:
-    """`main` with the base flags plus `overrides` ({tmp}, {v0}, {v1}, {corrupt}, {empty} filled in) exits with
-    status 2 and exactly one error line containing `expected`, leaving `out` as it was."""
+def expect_one_line_error(main, overrides: dict, expected: str, tiny_sd, fill_data, tmp_path, out, capsys,
+                          request) -> None:
+    """`main` with the base flags plus `overrides` (the {placeholders} filled in) exits with status 2 and exactly one
+    error line containing `expected`, leaving `out` as it was."""
     places = {"tmp": str(tmp_path), "v0": str(fill_data["validation"] / "control_0.png"),
               "v1": str(fill_data["validation"] / "control_1.png")}
-    if "{corrupt}" in str(overrides):
-        places["corrupt"] = str(corrupt_copy(fill_data["imagefolder"], tmp_path / "corrupt"))
-    if "{empty}" in str(overrides):
-        places["empty"] = str(empty_parquet(tmp_path / "empty"))
+    images = fill_data["imagefolder"]
+    builders = {
+        "corrupt": lambda: corrupt_copy(images, tmp_path / "corrupt"),
+        "empty": lambda: empty_parquet(tmp_path / "empty"),
+        "captions_none": lambda: bad_caption_copy(images, tmp_path / "captions-none"),
+        "captions_missing": lambda: bad_caption_copy(images, tmp_path / "captions-missing", change="missing"),
+        "captions_empty_list": lambda: caption_lists_parquet(images, tmp_path / "captions-lists"),
+        "sdxl": lambda: request.getfixturevalue("tiny_sdxl"),
+        "sd": lambda: request.getfixturevalue("tiny_sd"),
+        "sd_controlnet": lambda: controlnet_of(request.getfixturevalue("tiny_sd"), tmp_path / "sd-controlnet"),
+        "sdxl_controlnet": lambda: controlnet_of(request.getfixturevalue("tiny_sdxl"), tmp_path / "sdxl-controlnet"),
+    }
+    for name, build in builders.items():
+        if f"{{{name}}}" in str(overrides):
+            places[name] = str(build())
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "weights.txt").write_text("not a dataset")
 
@@ -118,7 +185,7 @@ def expect_one_line_error(main, overrides: dict, expected: str, tiny_sd, fill_da
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_fails_early_with_one_line(case, tiny_sd, fill_data, tmp_path, existing_output, no_model_loading,
-                                             capsys):
+                                             capsys, request):
     overrides, expected = CASES[case]
     expect_one_line_error(train_controlnet.main, overrides, expected, tiny_sd, fill_data, tmp_path, existing_output,
-                          capsys)
+                          capsys, request)

@@ -416,7 +416,7 @@ def no_model_loading(monkeypatch):
 def bad_input_cases() -> dict[str, tuple[dict, str]]:
     from test_bad_inputs import CASES
 
-    pytorch_only = {"xformers", "bitsandbytes"}  # flags the Flax trainer does not have: tested below
+    pytorch_only = {"xformers", "fp16 on the CPU"}  # flags (or a precision) only the PyTorch trainers refuse
     cases = {k: v for k, v in CASES.items() if k not in pytorch_only}
     cases["tracker not installed"] = (dict(report_to="comet_ml"), "--report_to comet_ml: the Flax trainer supports")
     cases.update({
@@ -444,7 +444,7 @@ def test_hub_token_passes_the_checks_with_the_default_tracker(tiny_sd, fill_data
 
 
 @pytest.mark.parametrize("case", sorted(bad_input_cases()))
-def test_bad_input_fails_early_with_one_line(case, tiny_sd, fill_data, tmp_path, no_model_loading, capsys):
+def test_bad_input_fails_early_with_one_line(case, tiny_sd, fill_data, tmp_path, no_model_loading, capsys, request):
     from test_bad_inputs import expect_one_line_error
 
     import train_controlnet_flax
@@ -454,4 +454,5 @@ def test_bad_input_fails_early_with_one_line(case, tiny_sd, fill_data, tmp_path,
     (out / "checkpoint-2").mkdir(parents=True)
     (out / "checkpoint-2" / "training_state.json").write_text('{"global_step": 2, "seed": 1}')
     (out / "keep.txt").write_text("user data")
-    expect_one_line_error(train_controlnet_flax.main, overrides, expected, tiny_sd, fill_data, tmp_path, out, capsys)
+    expect_one_line_error(train_controlnet_flax.main, overrides, expected, tiny_sd, fill_data, tmp_path, out, capsys,
+                          request)

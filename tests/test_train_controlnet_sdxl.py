@@ -95,18 +95,35 @@ def test_resume_is_exact(tiny_sdxl, fill_data, tmp_path, accumulation):
     assert [la[s] for s in range(5, 9)] == [lb[s] for s in range(5, 9)]
 
 
-def test_bad_inputs_specific_to_sdxl(tiny_sdxl, fill_data, tmp_path):
-    cases = {
-        "npu": (dict(enable_npu_flash_attention=True), "--enable_npu_flash_attention needs torch_npu"),
-        "vae": (dict(pretrained_vae_model_name_or_path=tmp_path / "no-vae"), "--pretrained_vae_model_name_or_path"),
-        "interpolation": (dict(image_interpolation_mode="sinc"), "--image_interpolation_mode: invalid choice"),
-        "missing text_encoder_2": (dict(pretrained_model_name_or_path=tmp_path), "missing unet/config.json"),
-        "resolution": (dict(resolution=100), "--resolution must be divisible by 8"),
-    }
-    for name, (overrides, expected) in cases.items():
-        result = run_script(SCRIPT, xl_args(tiny_sdxl, fill_data, tmp_path / "out", tmp_path / "cache",
-                                            **overrides), check=False)
-        errors = [line for line in result.stderr.splitlines() if ": error: " in line]
-        assert result.returncode == 2 and len(errors) == 1 and expected in errors[0], (name, result.stderr[-800:])
-        assert "Loading" not in result.stderr, name  # no model was loaded
-    assert not (tmp_path / "out").exists()
+SDXL_BAD_INPUTS = {
+    "SD pipeline": (dict(pretrained_model_name_or_path="{sd}"),
+                    "--pretrained_model_name_or_path {sd} is an SD 1.x/2.x pipeline; use train_controlnet.py"),
+    "SD ControlNet": (dict(controlnet_model_name_or_path="{sd_controlnet}"),
+                      "--controlnet_model_name_or_path {sd_controlnet} does not fit the UNet of"),
+    "fp16 on the CPU": (dict(mixed_precision="fp16"), "--mixed_precision fp16 (from the flag or the accelerate"),
+    "nan learning rate": (dict(learning_rate="nan"), "--learning_rate must be a finite number, got nan"),
+    "caption None in a row": (dict(train_data_dir="{captions_none}"), "row 5 has None instead of a caption"),
+    "npu": (dict(enable_npu_flash_attention=True), "--enable_npu_flash_attention needs torch_npu"),
+    "vae": (dict(pretrained_vae_model_name_or_path="{tmp}/no-vae"), "--pretrained_vae_model_name_or_path"),
+    "interpolation": (dict(image_interpolation_mode="sinc"), "--image_interpolation_mode: invalid choice"),
+    "missing text_encoder_2": (dict(pretrained_model_name_or_path="{tmp}"), "missing unet/config.json"),
+    "resolution": (dict(resolution=100), "--resolution must be divisible by 8"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SDXL_BAD_INPUTS))
+def test_bad_inputs_specific_to_sdxl(case, tiny_sdxl, fill_data, tmp_path, monkeypatch, capsys, request):
+    from test_bad_inputs import expect_one_line_error
+
+    import train_controlnet_sdxl
+
+    def fail(*_args, **_kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(train_controlnet_sdxl, "load_sdxl_models", fail)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    overrides, expected = SDXL_BAD_INPUTS[case]
+    expect_one_line_error(train_controlnet_sdxl.main, {"cache_dir": tmp_path / "cache", **overrides}, expected,
+                          tiny_sdxl, fill_data, tmp_path, out, capsys, request)

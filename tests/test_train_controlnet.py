@@ -44,17 +44,19 @@ def test_stray_checkpoint_names_are_left_alone(tiny_sd, fill_data, tmp_path):
     assert "ignoring checkpoint_old" in result.stderr
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_resume_is_exact(tiny_sd, fill_data, tmp_path, accumulation):
+@pytest.mark.parametrize("accumulation,eight_bit", [(1, False), (2, False), (1, True)],
+                         ids=["cached", "accumulation", "8-bit-adam"])
+def test_resume_is_exact(tiny_sd, fill_data, tmp_path, accumulation, eight_bit):
     """8 steps straight == 4 steps, then resume to 8: bit-identical weights and identical losses for steps 5-8.
 
     12 rows at batch 2 (or 1 × accumulation 2) put step 4 in the middle of the first epoch, so the resumed run
-    must skip the batches it has already seen, and steps 7-8 run in the second epoch.
+    must skip the batches it has already seen, and steps 7-8 run in the second epoch. bitsandbytes' 8-bit AdamW
+    runs on the CPU: its quantised state (uint8 moments and their scales) is checkpointed and restored exactly.
     """
     batch = 2 // accumulation
     # One case with the encodings cached, one encoding at every step (auto would cache only the 8-step runs).
     common = dict(train_batch_size=batch, gradient_accumulation_steps=accumulation, proportion_empty_prompts=0.3,
-                  snr_gamma=5.0, cache_encodings="always" if accumulation == 1 else "never")
+                  snr_gamma=5.0, cache_encodings="always" if accumulation == 1 else "never", use_8bit_adam=eight_bit)
     straight, split = tmp_path / "straight", tmp_path / "split"
     run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], straight, max_train_steps=8, **common))
     run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], split, max_train_steps=4,
@@ -71,6 +73,11 @@ def test_resume_is_exact(tiny_sd, fill_data, tmp_path, accumulation):
     assert [losses_a[s] for s in range(5, 9)] == [losses_b[s] for s in range(5, 9)]
     # The run really trained: the weights moved away from the zero-initialised output convolutions.
     assert a["controlnet_mid_block.weight"].abs().sum() > 0
+    # bitsandbytes keeps 8-bit moments for tensors of 4096+ values (the rest in fp32), under a key of its own.
+    optimizer_state = torch.load(split / "checkpoint-4" / "optimizer.bin", weights_only=False)["state"]
+    moments = {value.dtype for state in optimizer_state.values()
+               for value in state.get("__bnb_optimizer_quant_state__", state).values() if torch.is_tensor(value)}
+    assert (torch.uint8 in moments) == eight_bit, moments
 
 
 def test_accumulation_matches_larger_batch(tiny_sd, fill_data, tmp_path):

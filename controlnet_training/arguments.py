@@ -100,6 +100,11 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGrou
     group.add_argument("--adam_weight_decay", type=float, default=1e-2)
     group.add_argument("--adam_epsilon", type=float, default=1e-08)
     group.add_argument("--max_grad_norm", type=float, default=1.0, help="Global-norm gradient clipping limit.")
+    group.add_argument("--max_consecutive_nonfinite_steps", type=int, default=3,
+                       help="A step whose loss or gradient norm is NaN/Inf updates with a zero gradient (the weights "
+                            "stay finite) and is reported with its step number where the loss is read (every "
+                            "--logging_steps, and before each checkpoint and validation); this many such steps in "
+                            "a row stop the run; its checkpoints stay usable (bad steps never reach the weights).")
     group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                        help="Frozen models in this dtype, ControlNet under autocast. Default: accelerate config.")
     group.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls and cuDNN convolutions on Ampere+.")
@@ -174,7 +179,7 @@ def build_parser(description: str) -> Parser:
 _POSITIVE = ("train_batch_size", "num_train_epochs", "max_train_steps", "gradient_accumulation_steps",
              "checkpointing_steps", "checkpoints_total_limit", "validation_steps", "num_validation_images",
              "max_train_samples", "learning_rate", "snr_gamma", "max_grad_norm", "resolution",
-             "logging_steps")
+             "logging_steps", "max_consecutive_nonfinite_steps")
 _NON_NEGATIVE = ("lr_warmup_steps", "dataloader_num_workers", "adam_weight_decay", "adam_epsilon", "validation_split")
 
 

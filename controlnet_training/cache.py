@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from .diskfull import exit_on_disk_full
+
 logger = logging.getLogger(__name__)
 
 INDEX = "index.json"
@@ -181,23 +183,38 @@ def build_or_load(cache_dir: str | os.PathLike, parts: dict, keys: Sequence[Key]
     starts = list(range(0, len(keys), rows_per_shard))
     mine = [start for i, start in enumerate(starts) if i % world_size == rank]
     todo = [start for start in mine if not (partial / f"shard-{start:09d}.safetensors").exists()]
-    bar = tqdm(total=sum(min(rows_per_shard, len(keys) - s) for s in todo), desc=desc, unit="row",
-               disable=rank != 0)
-    for start in todo:
-        shard_keys = keys[start : start + rows_per_shard]
-        chunks: dict[str, list[np.ndarray]] = {}
-        for first in range(0, len(shard_keys), batch_size):
-            batch = shard_keys[first : first + batch_size]
-            for tensor_name, value in compute(batch).items():
-                array, is_bfloat16 = to_numpy(value)
-                chunks.setdefault(tensor_name, []).append(array)
-                if is_bfloat16:
-                    (partial / f"{tensor_name}.bfloat16").touch()
-            bar.update(len(batch))
-        path = partial / f"shard-{start:09d}.safetensors"
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: np.ascontiguousarray(np.concatenate(v)) for k, v in chunks.items()}, str(tmp))
-        os.replace(tmp, path)
+    rows_left = sum(min(rows_per_shard, len(keys) - s) for s in todo)
+    bar = tqdm(total=rows_left, desc=desc, unit="row", disable=rank != 0)
+    sizes = {"rows": 0, "bytes": 0}  # encoded so far: the bytes a full disk still needs = rows left × bytes per row
+
+    def still_needed() -> int:
+        return rows_left * sizes["bytes"] // max(1, sizes["rows"])
+
+    def remove_tmp_shards() -> None:  # the shards already complete stay: the next run resumes from them
+        bar.close()
+        for stale in partial.glob(".shard-*.tmp"):
+            stale.unlink(missing_ok=True)
+
+    # A full disk: one line naming the folder and the space still needed, exit status 1 (diskfull).
+    with exit_on_disk_full(partial, still_needed, remove_tmp_shards):
+        for start in todo:
+            shard_keys = keys[start : start + rows_per_shard]
+            chunks: dict[str, list[np.ndarray]] = {}
+            for first in range(0, len(shard_keys), batch_size):
+                batch = shard_keys[first : first + batch_size]
+                for tensor_name, value in compute(batch).items():
+                    array, is_bfloat16 = to_numpy(value)
+                    chunks.setdefault(tensor_name, []).append(array)
+                    sizes["bytes"] += array.nbytes
+                    if is_bfloat16:
+                        (partial / f"{tensor_name}.bfloat16").touch()
+                sizes["rows"] += len(batch)
+                bar.update(len(batch))
+            path = partial / f"shard-{start:09d}.safetensors"
+            tmp = path.with_name(f".{path.name}.tmp")
+            save_file({k: np.ascontiguousarray(np.concatenate(v)) for k, v in chunks.items()}, str(tmp))
+            os.replace(tmp, path)
+            rows_left -= len(shard_keys)
     bar.close()
     barrier()
     if rank == 0:
@@ -209,8 +226,10 @@ def build_or_load(cache_dir: str | os.PathLike, parts: dict, keys: Sequence[Key]
         shards = [{"file": f.name, "rows": min(rows_per_shard, len(keys) - s), "bytes": f.stat().st_size,
                    "sha256": _sha256(f)} for s, f in zip(starts, files, strict=True)]
         bfloat16 = sorted(path.stem for path in partial.glob("*.bfloat16"))  # marks left by every process
-        (partial / INDEX).write_text(json.dumps({"parts": parts, "names": names, "keys": keys, "shards": shards,
-                                                 "bfloat16": bfloat16}, default=str))
+        index = json.dumps({"parts": parts, "names": names, "keys": keys, "shards": shards, "bfloat16": bfloat16},
+                           default=str)
+        with exit_on_disk_full(partial, len(index), lambda: (partial / INDEX).unlink(missing_ok=True)):
+            (partial / INDEX).write_text(index)
         os.replace(partial, folder)
         size = sum(shard["bytes"] for shard in shards)
         logger.info("%s: cached %d rows in %s (%.1f MB)", desc, len(keys), folder, size / 2**20)

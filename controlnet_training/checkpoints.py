@@ -3,6 +3,8 @@
 A checkpoint is written to a hidden temporary folder and renamed into place only once complete, so a crash
 never leaves a `checkpoint-N` that `latest` would pick up half-written. Only names of the exact form
 `checkpoint-<int>` count as checkpoints; anything else (`checkpoint_old`, `checkpoint-best`) is left alone.
+Pruning hides a checkpoint before deleting it and keeps the newest until the next one is complete; the final
+weights go through a hidden folder too (save_final). A full disk ends the run with one line (diskfull).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .arguments import InputError
+from .diskfull import exit_on_disk_full, folder_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -44,17 +47,28 @@ def stray_checkpoint_names(output_dir: str | os.PathLike) -> list[str]:
     return sorted(n for n in names if n.startswith("checkpoint") and not CHECKPOINT_NAME.match(n))
 
 
-def prune_checkpoints(output_dir: str | os.PathLike, limit: int | None) -> list[Path]:
-    """Before a save: delete the oldest checkpoints so that at most `limit` remain after it."""
+def prune_checkpoints(output_dir: str | os.PathLike, limit: int | None, room_for_next: bool = True) -> list[Path]:
+    """Delete the oldest checkpoints so that at most `limit` remain: before a save (`room_for_next`) leave room for
+    it, but never delete the newest one, which stays until the new one is complete (a crash or a full disk mid-save
+    then still leaves a checkpoint to resume from); after a save, keep `limit`.
+
+    Each is renamed to a hidden name before its files go, so a crash mid-delete never leaves a `checkpoint-N` that
+    lacks files (the debris is removed by the next save)."""
     if limit is None:
         return []
     existing = list_checkpoints(output_dir)
-    doomed = [path for _, path in existing[: max(0, len(existing) - limit + 1)]]
+    keep = limit - 1 if room_for_next else limit
+    doomed = [path for _, path in existing[: max(0, len(existing) - keep)]]
+    if room_for_next:
+        doomed = doomed[: len(existing) - 1]
     if doomed:
         logger.info("removing %d old checkpoint(s) to keep %d: %s", len(doomed), limit,
                     ", ".join(p.name for p in doomed))
     for path in doomed:
-        shutil.rmtree(path)
+        hidden = path.with_name(f".{path.name}.deleting")
+        shutil.rmtree(hidden, ignore_errors=True)
+        os.replace(path, hidden)
+        shutil.rmtree(hidden)
     return doomed
 
 
@@ -82,23 +96,67 @@ def read_state(checkpoint: Path) -> dict:
 
 
 def save_checkpoint(output_dir: str | os.PathLike, step: int, write: Callable[[Path], None], state: dict,
-                    is_main_process: bool = True, barrier: Callable[[], None] = lambda: None) -> Path:
-    """Write through `write(tmp_folder)` on every participating process, then rename on the main process.
+                    is_main_process: bool = True, barrier: Callable[[], None] = lambda: None,
+                    limit: int | None = None, expected_bytes: int | None = None) -> Path:
+    """Write through `write(tmp_folder)` on every participating process, then rename on the main process (and
+    prune to `limit` checkpoints there, once the new one is complete).
 
-    `state` (step, seed, …) is written last, so a folder without it is never considered complete.
+    `state` (step, seed, …) is written last, so a folder without it is never considered complete. A full disk ends
+    the run with one line (diskfull.exit_on_disk_full) and removes the temporary folder; the space asked for is the
+    size of the newest checkpoint, else `expected_bytes`.
     """
     final = Path(output_dir) / f"checkpoint-{step}"
     tmp = Path(output_dir) / f".checkpoint-{step}.tmp"
     if is_main_process:
-        for stale in Path(output_dir).glob(".checkpoint-*.tmp"):  # left by a crash mid-save: never complete
-            shutil.rmtree(stale)
+        remove_debris(output_dir)
     barrier()
-    write(tmp)
-    barrier()
+    existing = list_checkpoints(output_dir)
+    expected = folder_bytes(existing[-1][1]) if existing else expected_bytes
+    cleanup = (lambda: shutil.rmtree(tmp, ignore_errors=True)) if is_main_process else None
+    with exit_on_disk_full(final, expected, cleanup, written_in=tmp):
+        write(tmp)
+        barrier()
+        if is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
     if is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
+        replaced = final.with_name(f".{final.name}.deleting")
+        if final.exists():  # saved again (a resume from an older checkpoint): the old one goes once replaced
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)
         os.replace(tmp, final)
+        shutil.rmtree(replaced, ignore_errors=True)
+        prune_checkpoints(output_dir, limit, room_for_next=False)
     barrier()
     return final
+
+
+def remove_debris(output_dir: str | os.PathLike) -> list[Path]:
+    """Hidden folders left by a crash mid-save (never complete), mid-prune or mid-final-save."""
+    folder = Path(output_dir)
+    debris = [*folder.glob(".checkpoint-*.tmp"), *folder.glob(".checkpoint-*.deleting"), *folder.glob(FINAL_TMP)]
+    for stale in debris:
+        shutil.rmtree(stale, ignore_errors=True)
+    return debris
+
+
+FINAL_TMP = ".final-weights.tmp"
+
+
+def save_final(output_dir: str | os.PathLike, write: Callable[[Path], None], expected_bytes: int | None = None
+               ) -> None:
+    """The final weights: `write(folder)` into a hidden temporary folder, then its files moved into output_dir, so
+    a crash or a full disk never leaves a half-written weights file there (a full disk: the one-line error, the
+    temporary folder removed, the weights of any earlier run left as they were)."""
+    output_dir = Path(output_dir)
+    tmp = output_dir / FINAL_TMP
+    shutil.rmtree(tmp, ignore_errors=True)
+    with exit_on_disk_full(output_dir, expected_bytes, lambda: shutil.rmtree(tmp, ignore_errors=True),
+                           written_in=tmp):
+        write(tmp)
+    # weights before config.json: an interrupted move leaves new weights beside the same model's config
+    for path in sorted(tmp.iterdir(), key=lambda p: (p.name == "config.json", p.name)):
+        target = output_dir / path.name
+        if target.is_dir() and not path.is_dir():
+            shutil.rmtree(target)
+        os.replace(path, target)
+    tmp.rmdir()

@@ -173,6 +173,28 @@ def select_samples(dataset, max_train_samples: int | None, seed: int):
 
 
 # ------------------------------------------------------------------------------------------------ transforms
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode PIL reads: 16/32-bit grayscale (depth maps) scaled from its full range rather than
+    clipped at 255, and transparency (RGBA, LA, a palette with a transparent index) composited onto black rather
+    than dropped (which shows whatever colour the transparent pixels happen to hold). CMYK, YCbCr, L, 1 and P
+    convert as PIL converts them."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16"):
+            top = 65535.0
+        else:  # 32-bit modes carry no range: 16-bit PNGs open as "I"; floats are often in [0, 1]
+            top = 65535.0 if values.max() > 255 else 1.0 if image.mode == "F" and values.max() <= 1.0 else 255.0
+        scaled = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled, "L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 @dataclass(frozen=True)
 class PairedTransform:
     """Shorter side to `resolution`, centre crop, CHW float32; target normalised to [-1, 1], control in [0, 1]."""
@@ -190,7 +212,7 @@ class PairedTransform:
         return new_w, new_h, left, top, left + self.resolution, top + self.resolution
 
     def resize_crop(self, image: Image.Image) -> Image.Image:
-        image = image.convert("RGB")
+        image = to_rgb(image)
         new_w, new_h, *box = self.crop_box(*image.size)
         if (new_w, new_h) != image.size:
             image = image.resize((new_w, new_h), INTERPOLATION[self.interpolation])

@@ -7,7 +7,7 @@ that (noise, ControlNet and UNet forward, loss, update, logging, checkpoints, va
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,7 @@ class Trainer:
     validate: Callable[[int, bool, float | None], None] | None = None
     _loss_sum: Any = None  # device tensor: sum of the optimizer steps' losses since the previous validation
     _loss_steps: int = 0
+    _bad_run: list = field(default_factory=list)  # the current run of consecutive non-finite steps
 
     def train_loss_since_validation(self) -> float | None:
         """Mean training loss over the processes and the optimizer steps since the previous validation (for the
@@ -80,9 +81,16 @@ class Trainer:
             prune_checkpoints(output_dir, self.args.checkpoints_total_limit)
         epoch, micro_batches_done = self.plan.position(global_step)
         state = {"global_step": global_step, "seed": self.seed, "epoch": epoch,
-                 "micro_batches_done": micro_batches_done}
+                 "micro_batches_done": micro_batches_done, "processes": accelerator.num_processes,
+                 "deepspeed": accelerator.distributed_type == "DEEPSPEED",
+                 "effective_batch": self.args.train_batch_size * accelerator.num_processes
+                 * self.args.gradient_accumulation_steps}
+        # A first checkpoint holds about 3× the trainable weights (fp32 weights + AdamW's two moments): the space
+        # asked for if the disk fills up before any checkpoint exists to measure.
+        weight_bytes = sum(p.numel() * p.element_size() for p in self.controlnet.parameters() if p.requires_grad)
         path = save_checkpoint(output_dir, global_step, accelerator.save_state, state,
-                               is_main_process=accelerator.is_main_process, barrier=accelerator.wait_for_everyone)
+                               is_main_process=accelerator.is_main_process, barrier=accelerator.wait_for_everyone,
+                               limit=self.args.checkpoints_total_limit, expected_bytes=3 * weight_bytes)
         logger.info("saved state to %s", path)
         return path
 
@@ -110,10 +118,33 @@ class Trainer:
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                if isinstance(grad_norm, float):  # DeepSpeed: its engine's norm, read back, of the step it made;
+                    # inf where its fp16 loss scaler skipped an overflowing step (as the GradScaler would)
+                    skipped = accelerator.mixed_precision == "fp16" and grad_norm == float("inf")
+                    grad_norm = None if skipped else torch.tensor(grad_norm, device=accelerator.device)
+                if grad_norm is not None and accelerator.scaler is None:  # (DeepSpeed clips in its engine; fp16's
+                    zero_nonfinite_update(params, grad_norm)              # loss scaler skips non-finite steps)
             self.optimizer.step()
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=args.set_grads_to_none)
         return loss.detach(), grad_norm
+
+    def check_finite(self, flags: list[tuple[int, torch.Tensor]]) -> None:
+        """Read the steps' non-finite flags (where the loss is read anyway); warn about each bad step and stop the
+        run after --max_consecutive_nonfinite_steps of them in a row."""
+        if not flags:
+            return
+        bad = torch.stack([flag for _, flag in flags]).tolist()
+        for (step, _), is_bad in zip(flags, bad, strict=True):
+            if not is_bad:
+                self._bad_run = []
+                continue
+            self._bad_run.append(step)
+            logger.warning("step %d: the loss or gradient norm is not finite; the update was made with a zero "
+                           "gradient (the weights stay finite)", step)
+            if len(self._bad_run) >= self.args.max_consecutive_nonfinite_steps:
+                raise NonFiniteTraining(self._bad_run, self.args.output_dir)
+        flags.clear()
 
     def sync_device(self) -> None:
         if self.accelerator.device.type == "cuda":
@@ -127,6 +158,11 @@ class Trainer:
                             sync=self.sync_device)
         try:
             return self._train(global_step, progress)
+        except NonFiniteTraining as error:  # every process reads the same (all-reduced) flags: all stop here
+            progress.close()
+            logger.error("%s", error)
+            accelerator.end_training()
+            raise SystemExit(1) from None
         finally:
             progress.close()  # before any error message, so that the bar does not print after it
 
@@ -144,11 +180,16 @@ class Trainer:
         # Losses and gradient norms stay on the device until a logging step (every --logging_steps and the last):
         # only then are they read back, as means over the optimizer steps since the previous log.
         window, window_steps, norm_sum, norms = zero(), 0, 0.0, 0
+        nonfinite: list[tuple[int, torch.Tensor]] = []  # (step, device flag): read with the loss, not every step
         for epoch in range(first_epoch, plan.num_epochs):
+            # The data order is a function of (seed, epoch). Set on the prepared loader itself: with several
+            # processes the skipping loader's set_epoch stops one wrapper short of the sampler (SkipBatchSampler ->
+            # BatchSamplerShard -> BatchSampler -> EpochSampler), and a resume into epoch >= 1 read epoch 0's order.
+            self.dataloader.set_epoch(epoch)
             loader = self.dataloader
             if epoch == first_epoch and skip:
                 loader = accelerator.skip_first_batches(self.dataloader, skip)
-            loader.set_epoch(epoch)  # the data order is a function of (seed, epoch)
+                loader.set_epoch(epoch)
             micro, loss_sum = 0, zero()
             for batch in loader:
                 loss, grad_norm = self.train_step(batch, epoch, params)
@@ -161,6 +202,11 @@ class Trainer:
 
                 global_step += 1
                 step_loss = loss_sum / micro  # mean over the accumulation group
+                step_finite = torch.isfinite(step_loss)
+                if grad_norm is not None and accelerator.scaler is None:  # fp16: the loss scaler skips overflows
+                    step_finite &= torch.isfinite(grad_norm)
+                nonfinite.append((global_step, ~step_finite))
+                step_loss = torch.where(step_finite, step_loss, 0.0)  # a bad step does not poison the means
                 window += step_loss
                 window_steps += 1
                 self._loss_sum = step_loss if self._loss_sum is None else self._loss_sum + step_loss
@@ -169,6 +215,10 @@ class Trainer:
                 progress.step()
                 last = global_step >= plan.max_train_steps
 
+                syncs = global_step % args.checkpointing_steps == 0 or (
+                    self.validate is not None and global_step % args.validation_steps == 0)
+                if global_step % args.logging_steps == 0 or last or syncs:  # (a checkpoint is never of a bad run)
+                    self.check_finite(nonfinite)
                 if global_step % args.logging_steps == 0 or last:
                     metrics = {"loss": accelerator.reduce(window / window_steps, reduction="mean").item(),
                                "lr": self.lr_scheduler.get_last_lr()[0]}
@@ -197,6 +247,26 @@ class Trainer:
         return global_step
 
 
+class NonFiniteTraining(RuntimeError):
+    def __init__(self, steps: list[int], output_dir: str):
+        from .checkpoints import list_checkpoints
+
+        kept = list_checkpoints(output_dir)
+        last = f"the last checkpoint, {kept[-1][1].name}, is intact" if kept else "no checkpoint was written yet"
+        super().__init__(f"the loss or gradient norm was not finite for {len(steps)} consecutive steps (steps "
+                         f"{', '.join(map(str, steps))}): stopping; {last}. Lower --learning_rate, raise "
+                         f"--adam_epsilon or check the data, then resume with --resume_from_checkpoint latest")
+
+
+def zero_nonfinite_update(params: list[torch.Tensor], grad_norm: torch.Tensor) -> None:
+    """Zero every gradient when their norm is not finite, on the device (no host sync): the optimizer then steps
+    with a zero gradient and the weights stay finite. The step is reported where the loss is read."""
+    keep = torch.isfinite(grad_norm).to(torch.float32)
+    for param in params:
+        if param.grad is not None:
+            param.grad.nan_to_num_(0.0, 0.0, 0.0).mul_(keep.to(param.grad.dtype))
+
+
 # ----------------------------------------------------------------------------------------------- set-up helpers
 def make_accelerator(args):
     import os
@@ -221,9 +291,33 @@ def make_accelerator(args):
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise InputError("--mixed_precision fp16 (from the flag or the accelerate config) needs a CUDA GPU: fp16 "
                          "autocast and loss scaling do not run on the CPU; use --mixed_precision bf16 or no")
+    check_config_agrees(args, accelerator)
     if torch.backends.mps.is_available():
         accelerator.native_amp = False
     return accelerator
+
+
+def check_config_agrees(args, accelerator) -> None:
+    """The accelerate config against the flags, before any model loads. accelerate takes the config's gradient
+    accumulation (ACCELERATE_GRADIENT_ACCUMULATION_STEPS, set by `accelerate launch` from a DeepSpeed config) over
+    the flag, and DeepSpeed clips at its gradient_clipping ("auto": 1.0) whatever --max_grad_norm says, while the
+    step plan, LR schedule, resume position and summary follow the flags: a disagreement is refused."""
+    from .arguments import InputError
+
+    plugin = accelerator.state.deepspeed_plugin
+    steps = accelerator.gradient_accumulation_steps
+    if plugin is not None and isinstance(plugin.get_value("gradient_accumulation_steps"), int):
+        steps = plugin.get_value("gradient_accumulation_steps")
+    if steps != args.gradient_accumulation_steps:
+        raise InputError(f"--gradient_accumulation_steps {args.gradient_accumulation_steps} disagrees with the "
+                         f"accelerate config's gradient_accumulation_steps {steps} (accelerate would silently use "
+                         f"{steps}): pass --gradient_accumulation_steps {steps}, or change the config")
+    clipping = plugin.get_value("gradient_clipping") if plugin is not None else None
+    clipping = 1.0 if clipping == "auto" else clipping
+    if isinstance(clipping, (int, float)) and float(clipping) != args.max_grad_norm:
+        raise InputError(f"--max_grad_norm {args.max_grad_norm:g} disagrees with the DeepSpeed config's "
+                         f"gradient_clipping {clipping:g} (DeepSpeed clips, not the trainer): pass --max_grad_norm "
+                         f"{clipping:g}, or change the config")
 
 
 def weight_dtype_of(accelerator) -> torch.dtype:

@@ -77,12 +77,59 @@ def check_model_family(args, sdxl: bool) -> None:
     controlnet = read_model_config(args.controlnet_model_name_or_path)
     if controlnet is None:
         return
-    differ = [f"{field} {controlnet.get(field)!r} vs {unet.get(field)!r}" for field in MATCHING_FIELDS
-              if field in controlnet and field in unet and not _same_setting(controlnet[field], unet[field])]
+    differ = config_mismatch(controlnet, unet)
     if differ:
         raise InputError(f"--controlnet_model_name_or_path {args.controlnet_model_name_or_path} does not fit the UNet "
                          f"of {base} (ControlNet config vs UNet config: {'; '.join(differ)}); give a ControlNet "
                          f"trained for this base model, or leave the flag out to start one from the UNet")
+
+
+def config_mismatch(controlnet: dict, unet: dict) -> str:
+    """The fields in which a ControlNet config does not fit a UNet config ("" when it fits)."""
+    return "; ".join(f"{field} {controlnet.get(field)!r} vs {unet.get(field)!r}" for field in MATCHING_FIELDS
+                     if field in controlnet and field in unet and not _same_setting(controlnet[field], unet[field]))
+
+
+def check_checkpoint(args, checkpoint: Path) -> None:
+    """A checkpoint to resume from holds a ControlNet of this base model, and none of its weight files is cut
+    short (a copy that ran out of space, a disk error): found now, not after the models have loaded."""
+    unet = read_model_config(args.pretrained_model_name_or_path, "unet", args.revision)
+    saved = read_model_config(str(checkpoint / "controlnet"))
+    if unet is not None and saved is not None and config_mismatch(saved, unet):
+        raise InputError(f"--resume_from_checkpoint {checkpoint} holds a ControlNet of another base model "
+                         f"({config_mismatch(saved, unet)}); resume it with the --pretrained_model_name_or_path it "
+                         f"was trained on, or start a new output_dir")
+    for path in sorted(checkpoint.rglob("*")):
+        problem = damaged_weights(path) if path.is_file() else None
+        if problem:
+            raise InputError(f"--resume_from_checkpoint {checkpoint}: {path.relative_to(checkpoint)} is damaged "
+                             f"({problem}); resume from an earlier checkpoint-N, or remove this one")
+
+
+def damaged_weights(path: Path) -> str | None:
+    """Why a safetensors file or a torch.save (zip) file is incomplete, from its header/directory only; else None."""
+    import struct
+    import zipfile
+
+    size = path.stat().st_size
+    if path.suffix == ".safetensors":
+        with open(path, "rb") as file:
+            prefix = file.read(8)
+            if len(prefix) < 8:
+                return f"{size} bytes, no header"
+            length = struct.unpack("<Q", prefix)[0]
+            try:
+                header = json.loads(file.read(length))
+            except ValueError:
+                return "unreadable header"
+        end = 8 + length + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        return f"{size} bytes, its header needs {end}" if size < end else None
+    if path.suffix in (".bin", ".pt", ".pth", ".pkl"):  # (accelerate torch.saves its RNG states as .pkl)
+        try:
+            zipfile.ZipFile(path).close()  # torch.save's zip: a cut-off file has lost its central directory
+        except zipfile.BadZipFile:
+            return f"{size} bytes, not a complete torch.save file"
+    return None
 
 
 def _same_setting(a: Any, b: Any) -> bool:
@@ -113,14 +160,31 @@ class Processes:
     broadcast: Callable[[Any], Any]
 
 
+def deepspeed_cpu_backend() -> dict[str, str]:
+    """{"backend": …} under DeepSpeed without a GPU (its CPU accelerator, DS_ACCELERATOR=cpu), else {}. There
+    accelerate finds no device backend and, left to itself, runs every rank as a lone process (world size 1, each
+    writing the same output_dir); DeepSpeed's CPU accelerator names the one it uses: ccl with oneCCL's bindings,
+    else gloo."""
+    import os
+
+    import torch
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true" or torch.cuda.is_available():
+        return {}
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    return {"backend": accelerator.communication_backend_name()} if accelerator.device_name() == "cpu" else {}
+
+
 def accelerate_processes() -> Processes:
     """The PyTorch trainers' process group (only the group: no models, no device placement)."""
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list, parse_flag_from_env
 
     # accelerate reads ACCELERATE_USE_CPU only when the full state is built; read it here too, or CPU ranks
-    # would not join.
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    # would not join. The process group is made here, first: the Accelerator later reuses it.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), **deepspeed_cpu_backend())
     return Processes(state.is_main_process, state.main_process_first, lambda value: broadcast_object_list([value])[0])
 
 
@@ -144,6 +208,8 @@ def run_preflight(args, model_files: tuple[str, ...] = SD_MODEL_FILES,
     for name in stray_checkpoint_names(args.output_dir):
         logger.warning("ignoring %s in output_dir: not a checkpoint-<step> folder, so never pruned or resumed", name)
 
+    if resume_from is not None:
+        check_checkpoint(args, resume_from)
     seed = args.seed
     if resume_from is not None:
         stored = read_state(resume_from)["seed"]

@@ -16,7 +16,7 @@ import torch
 
 from . import hub, validation
 from .arguments import InputError, exit_on_input_error
-from .checkpoints import read_state
+from .checkpoints import read_state, save_final
 from .control_signal import METRICS_FILE, ControlSignal, append_metrics, plot_metrics, truncate_metrics
 from .data import Collator, ControlNetDataset, PairedTransform
 from .encodings import Workers, wants_cache
@@ -68,6 +68,8 @@ def start_session(args, prog: str, model_files: tuple[str, ...], extra_checks: C
         extra_checks(args)
         preflight = run_preflight(args, model_files)
         accelerator = make_accelerator(args)
+        check_resume_topology(args, preflight.resume_from, accelerator.num_processes,
+                              deepspeed=accelerator.distributed_type == "DEEPSPEED")
     except InputError as error:
         exit_on_input_error(prog, error)
     from accelerate.utils import set_seed
@@ -79,6 +81,33 @@ def start_session(args, prog: str, model_files: tuple[str, ...], extra_checks: C
         if args.push_to_hub:
             repo_id = hub.create_hub_repo(args.hub_model_id, args.output_dir, args.hub_token)
     return Session(args, accelerator, preflight, repo_id)
+
+
+def check_resume_topology(args, resume_from: Path | None, processes: int, deepspeed: bool = False) -> None:
+    """A checkpoint resumes on any number of processes as long as the global batch is the one it was trained with:
+    the data order, the rows of each optimizer step and their random draws depend only on (seed, epoch, row).
+    DeepSpeed's ZeRO checkpoints hold the optimizer state in one partition per process: they resume only on as
+    many processes, and only under DeepSpeed."""
+    if resume_from is None:
+        return
+    state = read_state(resume_from)
+    saved_deepspeed, saved_processes = state.get("deepspeed"), state.get("processes")
+    if saved_deepspeed is not None and saved_deepspeed != deepspeed:
+        raise InputError(f"--resume_from_checkpoint {resume_from.name} was written "
+                         f"{'under' if saved_deepspeed else 'without'} DeepSpeed and this run is "
+                         f"{'under' if deepspeed else 'without'} it: their optimizer states differ; launch it as the "
+                         f"checkpoint was, or start a new output_dir")
+    if deepspeed and saved_processes is not None and saved_processes != processes:
+        raise InputError(f"--resume_from_checkpoint {resume_from.name} holds DeepSpeed ZeRO optimizer partitions of "
+                         f"{saved_processes} processes and this run has {processes}: launch with --num_processes "
+                         f"{saved_processes} (ZeRO cannot re-partition them)")
+    saved = state.get("effective_batch")
+    batch = args.train_batch_size * processes * args.gradient_accumulation_steps
+    if saved is not None and saved != batch:
+        raise InputError(f"--resume_from_checkpoint {resume_from.name} was trained with an effective batch of {saved} "
+                         f"and this run has {batch} ({args.train_batch_size} per device x {processes} processes x "
+                         f"{args.gradient_accumulation_steps} accumulation): set --train_batch_size / "
+                         f"--gradient_accumulation_steps so that the product is {saved}, or start a new output_dir")
 
 
 @dataclass
@@ -213,8 +242,10 @@ def finish_session(session: Session, training: Training, trainer, global_step: i
     """Final weights, the final validation, model card, upload, and where everything went."""
     args, accelerator = session.args, session.accelerator
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(training.controlnet).save_pretrained(args.output_dir)
+    if accelerator.is_main_process:  # through a hidden folder; a full disk ends the run with one line
+        controlnet = accelerator.unwrap_model(training.controlnet)
+        save_final(args.output_dir, controlnet.save_pretrained,
+                   expected_bytes=sum(p.numel() * p.element_size() for p in controlnet.parameters()))
     if validator is not None:
         validator(global_step, True, trainer.train_loss_since_validation())
     if accelerator.is_main_process:

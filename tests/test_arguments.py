@@ -30,14 +30,16 @@ REFERENCE_DEFAULTS = {
     "num_validation_images": 4, "validation_steps": 100, "tracker_project_name": "train_controlnet",
     "snr_gamma": None, "gradient_checkpointing": False, "set_grads_to_none": False, "push_to_hub": False,
 }
-OUR_DEFAULTS = {"logging_steps": 10, "torch_compile": False, "channels_last": False}
+OUR_DEFAULTS = {"logging_steps": 10, "torch_compile": False, "channels_last": False,
+                "max_consecutive_nonfinite_steps": 3}
 
 
 def parse(*flags: str):
     return build_parser("test").parse_args(["--pretrained_model_name_or_path", "m", *flags])
 
 
-OUR_FLAGS = {"snr_gamma", "validation_split", "cache_encodings", "logging_steps", "torch_compile", "channels_last"}
+OUR_FLAGS = {"snr_gamma", "validation_split", "cache_encodings", "logging_steps", "torch_compile", "channels_last",
+             "max_consecutive_nonfinite_steps"}
 
 
 def test_every_reference_flag_plus_ours():

@@ -82,6 +82,28 @@ def caption_lists_parquet(source: Path, target: Path, row: int = 5) -> Path:
     return target
 
 
+def text_image_copy(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    (target / "images" / "00005.png").write_text("a caption saved under an image's name\n")
+    return target
+
+
+def damaged_checkpoint(controlnet: Path, target: Path, damage: str = "") -> Path:
+    """A complete-looking checkpoint-3 folder (state file, controlnet, optimizer.bin) with one file cut short."""
+    target.mkdir(parents=True)
+    shutil.copytree(controlnet, target / "controlnet")
+    torch_file = target / "optimizer.bin"
+    import torch
+
+    torch.save({"state": {}, "param_groups": [{"lr": 1.0, "params": list(range(1000))}]}, torch_file)
+    (target / "training_state.json").write_text('{"global_step": 3, "seed": 1}')
+    victim = {"weights": target / "controlnet" / "diffusion_pytorch_model.safetensors",
+              "optimizer": torch_file}.get(damage)
+    if victim is not None:
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    return target
+
+
 def controlnet_of(model: Path, target: Path) -> Path:
     """A ControlNet made from the UNet of the pipeline `model`."""
     from diffusers import ControlNetModel, UNet2DConditionModel
@@ -123,6 +145,14 @@ CASES = {
                                      "--controlnet_model_name_or_path {sdxl_controlnet} does not fit the UNet"),
     "fp16 on the CPU": (dict(mixed_precision="fp16"), "--mixed_precision fp16 (from the flag or the accelerate "
                                                       "config) needs a CUDA GPU"),
+    "image that is a text file": (dict(train_data_dir="{text_image}"), "00005.png is not a readable image"),
+    "wandb not installed": (dict(report_to="wandb"), "--report_to wandb needs wandb: pip install wandb"),
+    "truncated checkpoint": (dict(resume_from_checkpoint="{truncated_checkpoint}"),
+                             "controlnet/diffusion_pytorch_model.safetensors is damaged"),
+    "truncated optimizer state": (dict(resume_from_checkpoint="{truncated_optimizer}"),
+                                  "optimizer.bin is damaged"),
+    "checkpoint of another model": (dict(resume_from_checkpoint="{sdxl_checkpoint}"),
+                                    "holds a ControlNet of another base model"),
     "infinite learning rate": (dict(learning_rate="inf"), "--learning_rate must be a finite number, got inf"),
     "nan min-SNR gamma": (dict(snr_gamma="nan"), "--snr_gamma must be a finite number, got nan"),
     "nan gradient clipping": (dict(max_grad_norm="nan"), "--max_grad_norm must be a finite number, got nan"),
@@ -156,6 +186,13 @@ def expect_one_line_error(main, overrides: dict, expected: str, tiny_sd, fill_da
         "captions_none": lambda: bad_caption_copy(images, tmp_path / "captions-none"),
         "captions_missing": lambda: bad_caption_copy(images, tmp_path / "captions-missing", change="missing"),
         "captions_empty_list": lambda: caption_lists_parquet(images, tmp_path / "captions-lists"),
+        "text_image": lambda: text_image_copy(images, tmp_path / "text-image"),
+        "truncated_checkpoint": lambda: damaged_checkpoint(controlnet_of(tiny_sd, tmp_path / "cn"),
+                                                           tmp_path / "elsewhere" / "checkpoint-3", "weights"),
+        "truncated_optimizer": lambda: damaged_checkpoint(controlnet_of(tiny_sd, tmp_path / "cn"),
+                                                          tmp_path / "elsewhere" / "checkpoint-3", "optimizer"),
+        "sdxl_checkpoint": lambda: damaged_checkpoint(
+            controlnet_of(request.getfixturevalue("tiny_sdxl"), tmp_path / "xl-cn"), tmp_path / "xl" / "checkpoint-3"),
         "sdxl": lambda: request.getfixturevalue("tiny_sdxl"),
         "sd": lambda: request.getfixturevalue("tiny_sd"),
         "sd_controlnet": lambda: controlnet_of(request.getfixturevalue("tiny_sd"), tmp_path / "sd-controlnet"),
@@ -189,3 +226,14 @@ def test_bad_input_fails_early_with_one_line(case, tiny_sd, fill_data, tmp_path,
     overrides, expected = CASES[case]
     expect_one_line_error(train_controlnet.main, overrides, expected, tiny_sd, fill_data, tmp_path, existing_output,
                           capsys, request)
+
+
+def test_output_dir_that_is_a_file_is_refused(tiny_sd, fill_data, tmp_path, no_model_loading, capsys):
+    target = tmp_path / "a-file"
+    target.write_text("user data")
+    with pytest.raises(SystemExit) as exit_info:
+        train_controlnet.main(base_args(tiny_sd, fill_data["imagefolder"], target))
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and f"--output_dir {target} is a file, not a folder" in errors[0]
+    assert target.read_text() == "user data"

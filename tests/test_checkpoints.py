@@ -79,3 +79,47 @@ def test_save_is_atomic(tmp_path):
     assert json.loads((path / STATE_FILE).read_text())["seed"] == 1
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
     assert resolve_resume("latest", tmp_path) == path
+
+
+def test_prune_keeps_the_newest_until_the_next_save_is_complete(tmp_path):
+    """--checkpoints_total_limit 1: the previous checkpoint stays while the next is written (a crash or a full disk
+    mid-save still leaves one to resume from); once the new one is complete it goes."""
+    for step in (2, 4):
+        make_checkpoint(tmp_path, step)
+    assert [p.name for p in prune_checkpoints(tmp_path, 1)] == ["checkpoint-2"]
+    assert [p.name for _, p in list_checkpoints(tmp_path)] == ["checkpoint-4"]
+
+    def crash(folder):
+        folder.mkdir()
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        save_checkpoint(tmp_path, 6, crash, {"global_step": 6, "seed": 0}, limit=1)
+    assert resolve_resume("latest", tmp_path).name == "checkpoint-4"
+
+    def write(folder):
+        folder.mkdir()
+
+    save_checkpoint(tmp_path, 6, write, {"global_step": 6, "seed": 0}, limit=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-6"]  # the debris and checkpoint-4 gone
+
+
+def test_a_checkpoint_being_pruned_is_hidden_first(tmp_path, monkeypatch):
+    """A crash mid-delete leaves a hidden folder (removed by the next save), never a checkpoint-N lacking files."""
+    import os
+    import shutil
+
+    for step in (2, 4, 6):
+        make_checkpoint(tmp_path, step)
+
+    def killed(path, *args, **kwargs):
+        if os.path.exists(path):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prune_checkpoints(tmp_path, 2)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".checkpoint-2.deleting", "checkpoint-4", "checkpoint-6"]
+    save_checkpoint(tmp_path, 8, lambda folder: folder.mkdir(), {"global_step": 8, "seed": 0}, limit=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-6", "checkpoint-8"]

@@ -105,3 +105,58 @@ def test_rows_and_collation(fill_data, tiny_sd):
     batch = Collator([tokenizer, tokenizer])([rows[(0, i)] for i in range(3)])
     assert batch["pixel_values"].shape == (3, 3, 64, 64) and batch["input_ids"].shape == (3, 77)
     assert batch["input_ids_2"].shape == (3, 77) and batch["index"] == [0, 1, 2]
+
+
+def test_every_image_mode_becomes_the_rgb_a_user_expects(tmp_path):
+    """CMYK, 16-bit depth, palette with transparency, alpha, 1 × 1: through a PNG/JPEG file and the transform."""
+    from controlnet_training.data import PairedTransform, to_rgb
+
+    depth = np.array([[0, 65535], [32768, 1000]], dtype=np.uint16)
+    Image.fromarray(depth).save(tmp_path / "depth16.png")
+    opened = Image.open(tmp_path / "depth16.png")
+    assert opened.mode.startswith("I")
+    grey = np.asarray(to_rgb(opened))[..., 0]
+    assert grey.tolist() == [[0, 255], [128, 4]]  # scaled from 16 bits, not clipped at 255
+
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([255, 255, 255, 200, 30, 30] + [0] * 762)
+    palette.putdata([0, 1])
+    palette.info["transparency"] = 0  # index 0 (white) is transparent
+    palette.save(tmp_path / "palette.png")
+    assert np.asarray(to_rgb(Image.open(tmp_path / "palette.png"))).tolist() == [[[0, 0, 0], [200, 30, 30]]]
+
+    rgba = Image.new("RGBA", (1, 1), (255, 0, 0, 0))  # fully transparent red: shows as the black background
+    assert np.asarray(to_rgb(rgba)).tolist() == [[[0, 0, 0]]]
+
+    Image.new("CMYK", (4, 4), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    red = np.asarray(to_rgb(Image.open(tmp_path / "cmyk.jpg")))
+    assert red[..., 0].min() > 200 and red[..., 1:].max() < 60
+
+    tiny = PairedTransform(16).target(Image.new("L", (1, 1), 255))  # 1 × 1: upscaled to the training size
+    assert tiny.shape == (3, 16, 16) and np.allclose(tiny, 1.0)
+
+
+def test_an_image_too_large_to_decode_safely_is_reported(tmp_path):
+    """PIL refuses images over its decompression-bomb limit: a one-line error naming the file, before training."""
+    import struct
+    import zlib
+
+    from controlnet_training.data import Columns, check_images
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    # A valid PNG header of 30000 × 30000 pixels (900 MP): PIL raises on open, without decoding anything.
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
+    (tmp_path / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0"))
+                                        + chunk(b"IEND", b""))
+    Image.new("RGB", (8, 8)).save(tmp_path / "small.png")
+    import datasets
+
+    rows = datasets.Dataset.from_dict({"image": [str(tmp_path / "small.png"), str(tmp_path / "huge.png")],
+                                       "conditioning_image": [str(tmp_path / "small.png")] * 2, "text": ["a", "b"]},
+                                      features=datasets.Features({"image": datasets.Image(),
+                                                                  "conditioning_image": datasets.Image(),
+                                                                  "text": datasets.Value("string")}))
+    with pytest.raises(InputError, match=r"huge\.png is not a readable image .*exceeds limit"):
+        check_images(rows, Columns("image", "conditioning_image", "text"))

@@ -3,23 +3,81 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from conftest import ROOT, THREADS, base_args, load_weights, read_scalars
+from conftest import ROOT, THREADS, base_args, load_weights, read_scalars, run_script
 
 
-def torchrun(argv: list[str], cpu_flag: bool = True) -> subprocess.CompletedProcess:
+def torchrun(argv: list[str], cpu_flag: bool = True,
+             script: str = "train_controlnet.py") -> subprocess.CompletedProcess:
     env = {**os.environ, **THREADS, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     if cpu_flag:
         env["ACCELERATE_USE_CPU"] = "true"
     else:
         env.pop("ACCELERATE_USE_CPU", None)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29577",
-               str(ROOT / "train_controlnet.py"), *argv]
+               str(ROOT / script), *argv]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+
+
+# 1 process at batch 2 and 2 processes at batch 1 see the same rows and draws at every step, but the gradient of
+# the batch-2 step is summed inside the backward kernels while 2 ranks' gradients are summed by the all-reduce: the
+# same numbers added in another order, a rounding difference (~1e-7 relative). AdamW divides by the root of its
+# second moment, which turns the rounding of a near-zero gradient into a whole lr-sized step; --adam_epsilon 1e-3
+# keeps the update proportional to the gradient there, so the weights agree within 2e-5 at lr 1e-3 over 4 steps,
+# not bit for bit. A step that trained on other rows moves weights by ~1e-3.
+TOPOLOGY_RTOL, TOPOLOGY_ATOL = 1e-3, 2e-5
+
+
+def assert_close_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=TOPOLOGY_RTOL, atol=TOPOLOGY_ATOL)
+
+
+@pytest.mark.parametrize("script,model", [("train_controlnet.py", "tiny_sd"), ("train_controlnet_sdxl.py",
+                                                                                 "tiny_sdxl")], ids=["sd", "sdxl"])
+def test_one_and_two_processes_end_alike_and_resume_across_the_change(script, model, fill_data, tmp_path, request):
+    """Same global batch: 1 process × 2 rows == 2 processes × 1 row; a checkpoint of either resumes on the other."""
+    base = request.getfixturevalue(model)
+    common = dict(validation_split=0, max_train_steps=4, checkpointing_steps=2, learning_rate=1e-3,
+                  adam_epsilon=1e-3, cache_dir=tmp_path / "cache")
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_script(script, base_args(base, fill_data["imagefolder"], one, train_batch_size=2, **common))
+    both = torchrun(base_args(base, fill_data["imagefolder"], two, train_batch_size=1, **common), script=script)
+    assert both.returncode == 0, both.stderr[-3000:]
+    a, b = load_weights(one), load_weights(two)
+    assert a["controlnet_mid_block.weight"].abs().max() > 1e-5
+    assert_close_weights(a, b)
+    losses_one, losses_two = read_scalars(one / "logs", "loss"), read_scalars(two / "logs", "loss")
+    assert sorted(losses_one) == sorted(losses_two) == [1, 2, 3, 4]
+    assert [losses_one[s] for s in range(1, 5)] == pytest.approx([losses_two[s] for s in range(1, 5)], rel=1e-4)
+    if script != "train_controlnet.py":
+        return
+
+    # 1 -> 2 and 2 -> 1: step 2's checkpoint of one topology, resumed to step 4 on the other.
+    for source, target, processes in ((one, tmp_path / "one-then-two", 2), (two, tmp_path / "two-then-one", 1)):
+        target.mkdir()
+        shutil.copytree(source / "checkpoint-2", target / "checkpoint-2")
+        argv = base_args(base, fill_data["imagefolder"], target, train_batch_size=2 // processes,
+                         resume_from_checkpoint="latest", **common)
+        resumed = torchrun(argv, script=script) if processes == 2 else run_script(script, argv)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert_close_weights(load_weights(target), a)
+        losses = read_scalars(target / "logs", "loss")
+        assert [losses[s] for s in (3, 4)] == pytest.approx([losses_one[s] for s in (3, 4)], rel=1e-4)
+
+    # Another global batch would train other rows at every step: refused before any model loads.
+    refused = run_script(script, base_args(base, fill_data["imagefolder"], two, train_batch_size=1,
+                                           resume_from_checkpoint="latest", **common), check=False)
+    errors = [line for line in refused.stderr.splitlines() if ": error: " in line]
+    assert refused.returncode == 2 and len(errors) == 1, refused.stderr[-2000:]
+    assert "was trained with an effective batch of 2 and this run has 1" in errors[0]
 
 
 def test_two_processes_train_and_resume_exactly(tiny_sd, fill_data, tmp_path):

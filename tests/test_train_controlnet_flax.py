@@ -262,21 +262,29 @@ def test_two_hosts_train_as_one(straight, tiny_sd, fill_data, tmp_path, flax_env
     """Two processes with 2 devices each (jax.distributed, gloo collectives on the CPU): each loads only its own
     rows, only process 0 writes, and the result is the 4-device single-process run's (up to summation order).
     Each has a Hugging Face cache folder of its own, as the VMs of a TPU pod slice have their own disks: each
-    builds the whole encodings cache on its disk."""
+    builds the whole encodings cache on its disk. The two hosts train 2 steps, checkpoint, and resume to 4."""
     out, _ = straight
     multi = tmp_path / "multi"
-    argv = flax_args(tiny_sd, fill_data["imagefolder"], multi, max_train_steps=4, checkpointing_steps=4,
-                     logging_steps=2)
-    env = {**os.environ, **THREADS, **flax_env, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {XLA_THREADS}",
-           "JAX_COORDINATOR_ADDRESS": f"localhost:{free_port()}", "JAX_NUM_PROCESSES": "2",
-           "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
-    processes = [subprocess.Popen([sys.executable, str(ROOT / SCRIPT), *argv], cwd=ROOT, text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  env={**env, "JAX_PROCESS_ID": str(i), "HF_HOME": str(tmp_path / f"hf{i}")})
-                 for i in range(2)]
-    outputs = [p.communicate(timeout=900)[0] for p in processes]
-    assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+
+    def two_hosts(**overrides) -> list[str]:
+        argv = flax_args(tiny_sd, fill_data["imagefolder"], multi, logging_steps=2, cache_encodings="always",
+                         **overrides)
+        env = {**os.environ, **THREADS, **flax_env, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+               "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {XLA_THREADS}",
+               "JAX_COORDINATOR_ADDRESS": f"localhost:{free_port()}", "JAX_NUM_PROCESSES": "2",
+               "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+        processes = [subprocess.Popen([sys.executable, str(ROOT / SCRIPT), *argv], cwd=ROOT, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      env={**env, "JAX_PROCESS_ID": str(i), "HF_HOME": str(tmp_path / f"hf{i}")})
+                     for i in range(2)]
+        outputs = [p.communicate(timeout=900)[0] for p in processes]
+        assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+        return outputs
+
+    outputs = two_hosts(max_train_steps=2, checkpointing_steps=2)
+    assert (multi / "checkpoint-2").is_dir()
+    resumed = two_hosts(max_train_steps=4, checkpointing_steps=4, resume_from_checkpoint="latest")
+    assert "checkpoint-2" in resumed[0]
     assert "devices                : 4 (2 process(es), cpu)" in outputs[0]
     assert "is not shared between hosts: each host encodes every row" in outputs[0]
     for i in range(2):
@@ -284,7 +292,7 @@ def test_two_hosts_train_as_one(straight, tiny_sd, fill_data, tmp_path, flax_env
     a, b = weights(multi), weights(out / "checkpoint-4" / "controlnet")
     for key in a:
         np.testing.assert_allclose(a[key], b[key], rtol=0, atol=2e-5)  # Adam magnifies reduction-order noise
-    assert len(list((multi / "logs").rglob("events.out.tfevents.*"))) == 1  # process 1 wrote no tracker files
+    assert len(list((multi / "logs").rglob("events.out.tfevents.*"))) == 2  # one a launch: process 1 wrote none
     assert read_scalars(multi / "logs", "loss")[4] == pytest.approx(read_scalars(out / "logs", "loss")[4], rel=1e-5)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 
 from ..checkpoints import prune_checkpoints, read_state, save_checkpoint
+from ..diskfull import quiet_disk_full_logs
 from .runtime import barrier
 from .step import TrainState
 
@@ -50,14 +51,21 @@ def save(output_dir: str | Path, state: TrainState, info: dict, export: Callable
             folder.mkdir(parents=True, exist_ok=True)
         barrier("checkpoint:folder")
         checkpointer = _checkpointer()
-        checkpointer.save(folder / STATE_DIR, state)
-        checkpointer.wait_until_finished()  # the state is donated to the next step: finish reading it first
-        checkpointer.close()
+        # orbax logs a full disk from each writer thread, then raises it: save_checkpoint reports it in one line
+        with quiet_disk_full_logs(logging.getLogger("absl")):
+            try:
+                checkpointer.save(folder / STATE_DIR, state)
+                checkpointer.wait_until_finished()  # the state is donated to the next step: finish reading it first
+            finally:
+                checkpointer.close()
         if is_main:
             export(folder / CONTROLNET_DIR)
 
+    # A first checkpoint holds about 4× the ControlNet's weights (params and AdamW's two moments, and the export):
+    # the space asked for if the disk fills up before any checkpoint exists to measure.
+    weight_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state.params))
     path = save_checkpoint(output_dir, info["global_step"], write, info, is_main_process=is_main,
-                           barrier=lambda: barrier("checkpoint"))
+                           barrier=lambda: barrier("checkpoint"), limit=limit, expected_bytes=4 * weight_bytes)
     logger.info("saved state to %s", path)
     return path
 

@@ -15,6 +15,7 @@ import jax
 
 from .. import hub
 from ..arguments import InputError, exit_on_input_error
+from ..checkpoints import save_final
 from ..data import Collator, ControlNetDataset, PairedTransform
 from ..encodings import Workers, cache_root, wants_cache
 from ..logs import report_outputs, run_summary, setup_logging
@@ -187,8 +188,9 @@ def finish_session(session: Session, state: TrainState, global_step: int, loaded
     upload, and where everything went. Files are written by process 0."""
     args = session.args
     barrier("finish")
-    if session.is_main_process:
-        export_controlnet(args.output_dir, state.params, loaded.controlnet_config)
+    if session.is_main_process:  # through a hidden folder; a full disk ends the run with one line
+        save_final(args.output_dir, lambda folder: export_controlnet(folder, state.params, loaded.controlnet_config),
+                   expected_bytes=sum(leaf.nbytes for leaf in jax.tree.leaves(state.params)))
     logs = []
     if validator is not None:
         if args.profile_validation:

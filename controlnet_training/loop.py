@@ -7,7 +7,7 @@ that (noise, ControlNet and UNet forward, loss, update, logging, checkpoints, va
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from .checkpoints import prune_checkpoints, save_checkpoint
 from .logs import Progress, logger
 from .models import controlled_prediction
 from .noise import diffusion_loss, prediction_target, sample_draws
-from .steps import StepPlan
+from .steps import NonFiniteGuard, NonFiniteTraining, StepPlan
 
 # encode(batch) -> (posterior mean, posterior std, encoder_hidden_states, added_cond_kwargs); latents are in the
 # UNet's scaled space. A latent/text-embedding cache only has to supply a different `encode`.
@@ -63,7 +63,7 @@ class Trainer:
     validate: Callable[[int, bool, float | None], None] | None = None
     _loss_sum: Any = None  # device tensor: sum of the optimizer steps' losses since the previous validation
     _loss_steps: int = 0
-    _bad_run: list = field(default_factory=list)  # the current run of consecutive non-finite steps
+    _guard: NonFiniteGuard | None = None
 
     def train_loss_since_validation(self) -> float | None:
         """Mean training loss over the processes and the optimizer steps since the previous validation (for the
@@ -130,20 +130,15 @@ class Trainer:
         return loss.detach(), grad_norm
 
     def check_finite(self, flags: list[tuple[int, torch.Tensor]]) -> None:
-        """Read the steps' non-finite flags (where the loss is read anyway); warn about each bad step and stop the
-        run after --max_consecutive_nonfinite_steps of them in a row."""
+        """Read the steps' non-finite flags (where the loss is read anyway) into the guard, which stops the run after
+        --max_consecutive_nonfinite_steps bad steps in a row."""
         if not flags:
             return
+        if self._guard is None:
+            self._guard = NonFiniteGuard(self.args.max_consecutive_nonfinite_steps, self.args.output_dir,
+                                         "the update was made with a zero gradient (the weights stay finite)")
         bad = torch.stack([flag for _, flag in flags]).tolist()
-        for (step, _), is_bad in zip(flags, bad, strict=True):
-            if not is_bad:
-                self._bad_run = []
-                continue
-            self._bad_run.append(step)
-            logger.warning("step %d: the loss or gradient norm is not finite; the update was made with a zero "
-                           "gradient (the weights stay finite)", step)
-            if len(self._bad_run) >= self.args.max_consecutive_nonfinite_steps:
-                raise NonFiniteTraining(self._bad_run, self.args.output_dir)
+        self._guard.record(zip([step for step, _ in flags], bad, strict=True))
         flags.clear()
 
     def sync_device(self) -> None:
@@ -245,17 +240,6 @@ class Trainer:
                 if last:
                     break
         return global_step
-
-
-class NonFiniteTraining(RuntimeError):
-    def __init__(self, steps: list[int], output_dir: str):
-        from .checkpoints import list_checkpoints
-
-        kept = list_checkpoints(output_dir)
-        last = f"the last checkpoint, {kept[-1][1].name}, is intact" if kept else "no checkpoint was written yet"
-        super().__init__(f"the loss or gradient norm was not finite for {len(steps)} consecutive steps (steps "
-                         f"{', '.join(map(str, steps))}): stopping; {last}. Lower --learning_rate, raise "
-                         f"--adam_epsilon or check the data, then resume with --resume_from_checkpoint latest")
 
 
 def zero_nonfinite_update(params: list[torch.Tensor], grad_norm: torch.Tensor) -> None:

@@ -1,9 +1,14 @@
-"""Step arithmetic shared by the trainers (framework-neutral): one global step is one optimizer update."""
+"""Step arithmetic shared by the trainers (framework-neutral): one global step is one optimizer update. And the
+guard that stops a run whose steps keep coming out NaN/Inf."""
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,3 +37,35 @@ def plan_steps(batches_per_epoch: int, gradient_accumulation_steps: int, max_tra
                num_train_epochs: int) -> StepPlan:
     updates = math.ceil(batches_per_epoch / gradient_accumulation_steps)
     return StepPlan(batches_per_epoch, gradient_accumulation_steps, max_train_steps or num_train_epochs * updates)
+
+
+class NonFiniteTraining(RuntimeError):
+    def __init__(self, steps: list[int], output_dir: str):
+        from .checkpoints import list_checkpoints
+
+        kept = list_checkpoints(output_dir)
+        last = f"the last checkpoint, {kept[-1][1].name}, is intact" if kept else "no checkpoint was written yet"
+        super().__init__(f"the loss or gradient norm was not finite for {len(steps)} consecutive steps (steps "
+                         f"{', '.join(map(str, steps))}): stopping; {last}. Lower --learning_rate, raise "
+                         f"--adam_epsilon or check the data, then resume with --resume_from_checkpoint latest")
+
+
+@dataclass
+class NonFiniteGuard:
+    """Fed each step's "was it NaN/Inf" flag once the trainer has read it back (with the loss, never a sync of its
+    own): warns about each bad step, and raises NonFiniteTraining after `limit` of them in a row."""
+
+    limit: int
+    output_dir: str
+    what_happened: str  # how the trainer handled the bad update, for the warning
+    run: list[int] = field(default_factory=list)
+
+    def record(self, steps: Iterable[tuple[int, bool]]) -> None:
+        for step, bad in steps:
+            if not bad:
+                self.run = []
+                continue
+            self.run.append(step)
+            logger.warning("step %d: the loss or gradient norm is not finite; %s", step, self.what_happened)
+            if len(self.run) >= self.limit:
+                raise NonFiniteTraining(self.run, self.output_dir)

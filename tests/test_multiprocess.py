@@ -54,6 +54,11 @@ def test_one_and_two_processes_end_alike_and_resume_across_the_change(script, mo
     a, b = load_weights(one), load_weights(two)
     assert a["controlnet_mid_block.weight"].abs().max() > 1e-5
     assert_close_weights(a, b)
+    # One output_dir written once: one tracker log, one set of checkpoints (each with both ranks' RNG states).
+    assert len(list((two / "logs").rglob("events.out.tfevents.*"))) == 1
+    assert sorted(p.name for p in two.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert sorted(p.name for p in (two / "checkpoint-4").glob("random_states_*")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]
     losses_one, losses_two = read_scalars(one / "logs", "loss"), read_scalars(two / "logs", "loss")
     assert sorted(losses_one) == sorted(losses_two) == [1, 2, 3, 4]
     assert [losses_one[s] for s in range(1, 5)] == pytest.approx([losses_two[s] for s in range(1, 5)], rel=1e-4)

@@ -309,7 +309,8 @@ REFERENCE_FLAX_FLAGS = {
     "validation_prompt", "validation_image", "validation_steps", "tracker_project_name", "wandb_entity", "local_rank",
 }
 ADDED_FLAGS = {"resume_from_checkpoint", "checkpoints_total_limit", "gradient_checkpointing", "lr_warmup_steps",
-               "lr_num_cycles", "lr_power", "logging_dir", "num_validation_images", "multi_host", "cache_encodings"}
+               "lr_num_cycles", "lr_power", "logging_dir", "num_validation_images", "multi_host", "cache_encodings",
+               "max_consecutive_nonfinite_steps"}
 REFERENCE_FLAX_DEFAULTS = {
     "output_dir": "runs/{timestamp}", "resolution": 512, "train_batch_size": 1, "num_train_epochs": 100,
     "max_train_steps": None, "checkpointing_steps": 5000, "gradient_accumulation_steps": 1, "learning_rate": 1e-4,
@@ -464,3 +465,38 @@ def test_bad_input_fails_early_with_one_line(case, tiny_sd, fill_data, tmp_path,
     (out / "keep.txt").write_text("user data")
     expect_one_line_error(train_controlnet_flax.main, overrides, expected, tiny_sd, fill_data, tmp_path, out, capsys,
                           request)
+
+
+def test_a_nonfinite_step_is_skipped_on_the_device_and_stops_after_the_limit(tmp_path):
+    """The jitted step keeps params and optimizer state when the loss is NaN (no host sync); the guard the loop
+    feeds with the read-back flags stops the run after --max_consecutive_nonfinite_steps of them."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from controlnet_training.flax_training.step import TrainState, make_train_step
+    from controlnet_training.steps import NonFiniteGuard, NonFiniteTraining
+
+    replicated = NamedSharding(Mesh(np.array(jax.devices()[:1]), ("data",)), PartitionSpec())
+    tx = optax.adamw(1e-1)
+    step = make_train_step(lambda params, frozen, micro, epoch, seed: jnp.sum(params["w"] * micro["x"]) ** 2, tx,
+                           optax.constant_schedule(1e-1), replicated)
+    params = {"w": jnp.ones(3)}
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    good, bad = {"x": np.ones((1, 1, 3), np.float32)}, {"x": np.full((1, 1, 3), np.nan, np.float32)}
+    state, metrics = step(state, {}, good, 0, 0)
+    assert bool(metrics["finite"])
+    before = jax.tree.map(np.asarray, (state.params, state.opt_state))
+    state, metrics = step(state, {}, bad, 0, 0)
+    assert not bool(metrics["finite"]) and int(state.step) == 2
+    after = jax.tree.map(np.asarray, (state.params, state.opt_state))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True))
+    state, metrics = step(state, {}, good, 0, 0)
+    assert bool(metrics["finite"]) and np.all(np.isfinite(np.asarray(state.params["w"])))
+
+    (tmp_path / "checkpoint-2").mkdir()
+    guard = NonFiniteGuard(3, str(tmp_path), "skipped")
+    guard.record([(1, False), (2, True), (3, True), (4, False), (5, True), (6, True)])  # never 3 in a row
+    with pytest.raises(NonFiniteTraining, match=r"3 consecutive steps \(steps 5, 6, 7\).*checkpoint-2, is intact"):
+        guard.record([(7, True)])

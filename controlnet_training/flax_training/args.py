@@ -22,8 +22,7 @@ from ..data import is_saved_to_disk
 
 # Shared flags that only make sense with PyTorch/accelerate (or need the PyTorch control signal).
 PYTORCH_ONLY = ("variant", "use_8bit_adam", "allow_tf32", "enable_xformers_memory_efficient_attention",
-                "set_grads_to_none", "validation_split", "torch_compile", "channels_last",
-                "max_consecutive_nonfinite_steps")
+                "set_grads_to_none", "validation_split", "torch_compile", "channels_last")
 TRACKERS = ("tensorboard", "wandb", "all", "none")
 
 # The reference Flax script's defaults where they differ from the PyTorch scripts'; see the README for report_to.

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from ..logs import Progress
-from ..steps import StepPlan
+from ..steps import NonFiniteGuard, NonFiniteTraining, StepPlan
 from .data import BatchLayout, to_global
 from .runtime import Devices, to_host
 from .step import TrainState, seed_array
@@ -38,12 +38,28 @@ class Trainer:
     checkpoint: Callable[[TrainState, int], None]
     seed: int
     validate: Callable[[int, Any], list] | None = None
+    nonfinite: NonFiniteGuard | None = None
+
+    def __post_init__(self):
+        if self.nonfinite is None:
+            self.nonfinite = NonFiniteGuard(self.args.max_consecutive_nonfinite_steps, self.args.output_dir,
+                                            "the update was skipped (weights and optimizer state as they were)")
 
     def log(self, pending: list[dict], global_step: int, progress: Progress) -> None:
-        """The one host sync: mean loss and gradient norm since the last log, the latest learning rate."""
+        """The one host sync: mean loss and gradient norm since the last log (over its finite steps), the latest
+        learning rate; the non-finite steps go to the guard."""
         values = to_host(pending)
-        metrics = {"loss": float(np.mean([m["loss"] for m in values])),
-                   "grad_norm": float(np.mean([m["grad_norm"] for m in values])),
+        try:
+            self.nonfinite.record((global_step - len(values) + 1 + i, not bool(m["finite"]))
+                                  for i, m in enumerate(values))
+        except NonFiniteTraining as error:  # every host reads the same replicated flags: all stop here
+            progress.close()
+            logger.error("%s", error)
+            self.trackers.close()
+            raise SystemExit(1) from None
+        good = [m for m in values if m["finite"]] or values
+        metrics = {"loss": float(np.mean([m["loss"] for m in good])),
+                   "grad_norm": float(np.mean([m["grad_norm"] for m in good])),
                    "lr": float(values[-1]["lr"])}
         metrics["samples_per_second"] = progress.log(**metrics)
         self.trackers.log({**metrics, "epoch": global_step / self.plan.updates_per_epoch}, global_step)

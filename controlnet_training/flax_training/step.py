@@ -187,9 +187,15 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
             (loss, grads), _ = jax.lax.scan(micro_step, (jnp.zeros((), jnp.float32), zeros), batch)
             loss, grads = loss / count, jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_state = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
+        grad_norm = optax.global_norm(grads)
+        # A NaN/Inf loss or gradient skips the update on the device (params and optimizer state as they were; the
+        # step and its schedule still advance); the loop reports it when it reads the metrics.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_state = TrainState(state.step + 1, keep(optax.apply_updates(state.params, updates), state.params),
+                               keep(opt_state, state.opt_state))
         # lr: the rate of the next update, as the PyTorch trainers log it
-        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(new_state.step)}
+        return new_state, {"loss": loss, "grad_norm": grad_norm, "lr": schedule(new_state.step), "finite": finite}
 
     return jax.jit(step, donate_argnums=(0,), out_shardings=replicated)
 

@@ -126,6 +126,7 @@ SERIAL_GROUP = ("test_multiprocess.py", "test_deepspeed.py", "test_soak.py", "te
                 "test_train_controlnet_flax.py", "test_flax_", "test_benchmark_flax.py")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name.startswith(SERIAL_GROUP):

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, THREADS, base_args, load_weights, read_scalars, run_script
+from conftest import ROOT, THREADS, base_args, load_weights, read_image_summaries, read_scalars, run_script
 
 
 def torchrun(argv: list[str], cpu_flag: bool = True,
@@ -49,13 +49,20 @@ def test_one_and_two_processes_end_alike_and_resume_across_the_change(script, mo
                   adam_epsilon=1e-3, cache_dir=tmp_path / "cache")
     one, two = tmp_path / "one", tmp_path / "two"
     run_script(script, base_args(base, fill_data["imagefolder"], one, train_batch_size=2, **common))
-    both = torchrun(base_args(base, fill_data["imagefolder"], two, train_batch_size=1, **common), script=script)
+    # The 2-process run also validates (at the end only: after training, so its weights are unaffected).
+    validation = dict(validation_prompt=["red circle with blue background"], num_validation_images=1,
+                      validation_image=[fill_data["validation"] / "control_0.png"])
+    both = torchrun(base_args(base, fill_data["imagefolder"], two, train_batch_size=1, **common, **validation),
+                    script=script)
     assert both.returncode == 0, both.stderr[-3000:]
     a, b = load_weights(one), load_weights(two)
     assert a["controlnet_mid_block.weight"].abs().max() > 1e-5
     assert_close_weights(a, b)
-    # One output_dir written once: one tracker log, one set of checkpoints (each with both ranks' RNG states).
+    # One output_dir written once: one tracker log, one set of validation images and checkpoints (each with both
+    # ranks' RNG states).
     assert len(list((two / "logs").rglob("events.out.tfevents.*"))) == 1
+    assert sorted(p.name for p in two.glob("image*.png")) == ["image_control_0.png", "images_0.png"]
+    assert len([tag for tag, *_ in read_image_summaries(two / "logs")]) == 1
     assert sorted(p.name for p in two.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert sorted(p.name for p in (two / "checkpoint-4").glob("random_states_*")) == [
         "random_states_0.pkl", "random_states_1.pkl"]

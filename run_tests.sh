@@ -9,7 +9,4 @@ fi
 .venv/bin/pip install --quiet --disable-pip-version-check -r requirements-test.txt
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 .venv/bin/ruff check .
-# Two workers, one a core (every test process is pinned to one thread). The tests that start several processes
-# (torchrun, DeepSpeed, JAX hosts, the soak) and the JAX tests (one compilation cache) run in one group, on one
-# worker, one at a time: their fixed ports never collide and the JAX compile cache is shared.
-exec .venv/bin/python -m pytest -n 2 --dist loadgroup "$@"
+exec .venv/bin/python -m pytest "$@"

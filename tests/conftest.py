@@ -120,14 +120,3 @@ def tiny_sdxl(tmp_path_factory) -> Path:
 
     return write_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl", size="tiny-sdxl")
 
-
-# Run by one xdist worker, one after the other (see run_tests.sh): several processes each, or JAX.
-SERIAL_GROUP = ("test_multiprocess.py", "test_deepspeed.py", "test_soak.py", "test_faults.py",
-                "test_train_controlnet_flax.py", "test_flax_", "test_benchmark_flax.py")
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.path.name.startswith(SERIAL_GROUP):
-            item.add_marker(pytest.mark.xdist_group("processes-and-jax"))

@@ -17,19 +17,18 @@ import torch
 from controlnet_training.arguments import build_parser, parse_args
 from controlnet_training.cache import model_identity, tokenizer_identity
 from controlnet_training.data import ControlNetDataset, PairedTransform, token_ids
-from controlnet_training.encodings import (
-    caption_cache,
-    drop_encoders,
-    posterior,
-    row_by_row,
-    text_cache,
-    vae_latent_cache,
-)
-from controlnet_training.loop import Trainer
-from controlnet_training.models import enable_memory_options, load_sd_models, make_controlnet, place_frozen
+from controlnet_training.encodings import caption_cache, text_cache
 from controlnet_training.preflight import SD_MODEL_FILES
 from controlnet_training.presets import exit_on_oom
-from controlnet_training.session import finish_session, make_validator, prepare_training, start_session
+from controlnet_training.torch_training.encodings import drop_encoders, posterior, row_by_row, vae_latent_cache
+from controlnet_training.torch_training.models import (
+    enable_memory_options,
+    load_sd_models,
+    make_controlnet,
+    place_frozen,
+)
+from controlnet_training.torch_training.session import finish_session, make_loop, prepare_training, start_session
+from controlnet_training.torch_training.validation import make_validator
 
 TAGS = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "controlnet",
         "diffusers-training"]
@@ -108,12 +107,10 @@ def train(args) -> None:
                                pipeline_kwargs={"prompt_inputs": prompt_inputs} if cached else None)
     if cached:
         drop_encoders(models.vae, [models.text_encoder])
-    trainer = Trainer(accelerator, args, training.controlnet, models.unet, models.noise_scheduler,
-                      training.optimizer, training.lr_scheduler, training.dataloader, encode, weight_dtype,
-                      preflight.seed, training.plan, validator)
-    global_step = trainer.train(training.global_step)
+    loop = make_loop(session, training, models.unet, models.noise_scheduler, encode, validator)
+    global_step = loop.train(training.global_step)
 
-    finish_session(session, training, trainer, global_step, validator, TAGS, license="creativeml-openrail-m")
+    finish_session(session, training, loop, global_step, validator, TAGS, license="creativeml-openrail-m")
 
 
 if __name__ == "__main__":

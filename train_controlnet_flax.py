@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 
+from controlnet_training.data import load_tokenizer
 from controlnet_training.flax_training.args import parse_args
 from controlnet_training.flax_training.encodings import HostEncoders, build_caches, training_frozen
 from controlnet_training.flax_training.loop import Trainer
@@ -38,7 +39,6 @@ from controlnet_training.flax_training.step import (
 )
 from controlnet_training.flax_training.trackers import Trackers
 from controlnet_training.flax_training.validation import Validator
-from controlnet_training.models import load_tokenizer
 
 TAGS = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "controlnet",
         "diffusers-training", "jax-diffusers-event"]

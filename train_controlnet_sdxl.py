@@ -20,17 +20,11 @@ import torch
 from controlnet_training.arguments import build_parser, parse_args
 from controlnet_training.cache import model_identity, tokenizer_identity
 from controlnet_training.data import ControlNetDataset, PairedTransform
-from controlnet_training.encodings import (
-    caption_cache,
-    drop_encoders,
-    posterior,
-    text_cache,
-    vae_latent_cache,
-)
-from controlnet_training.loop import Trainer
-from controlnet_training.models import enable_memory_options, make_controlnet, place_frozen
+from controlnet_training.encodings import caption_cache, text_cache
 from controlnet_training.presets import exit_on_oom
-from controlnet_training.sdxl import (
+from controlnet_training.torch_training.encodings import drop_encoders, posterior, vae_latent_cache
+from controlnet_training.torch_training.models import enable_memory_options, make_controlnet, place_frozen
+from controlnet_training.torch_training.sdxl import (
     SDXL_MODEL_FILES,
     add_sdxl_args,
     check_sdxl_args,
@@ -39,7 +33,8 @@ from controlnet_training.sdxl import (
     time_ids,
     vae_dtype,
 )
-from controlnet_training.session import finish_session, make_validator, prepare_training, start_session
+from controlnet_training.torch_training.session import finish_session, make_loop, prepare_training, start_session
+from controlnet_training.torch_training.validation import make_validator
 
 TAGS = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers", "text-to-image", "diffusers", "controlnet",
         "diffusers-training"]
@@ -124,12 +119,10 @@ def train(args) -> None:
                                    "crops_coords_top_left": (args.crops_coords_top_left_h,
                                                              args.crops_coords_top_left_w)})
     drop_encoders(models.vae if cached else None, models.text_encoders)
-    trainer = Trainer(accelerator, args, training.controlnet, models.unet, models.noise_scheduler,
-                      training.optimizer, training.lr_scheduler, training.dataloader, encode, weight_dtype,
-                      preflight.seed, training.plan, validator)
-    global_step = trainer.train(training.global_step)
+    loop = make_loop(session, training, models.unet, models.noise_scheduler, encode, validator)
+    global_step = loop.train(training.global_step)
 
-    finish_session(session, training, trainer, global_step, validator, TAGS, license="openrail++")
+    finish_session(session, training, loop, global_step, validator, TAGS, license="openrail++")
 
 
 if __name__ == "__main__":

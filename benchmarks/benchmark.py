@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Training-step benchmark: the trainers' own step (controlnet_training.loop.Trainer.train_step) on synthetic
+"""Training-step benchmark: the trainers' own step (torch_training.step.TrainStep) on synthetic
 batches and random-weight models from the fixture tool, for two paths in one run:
 
   reference  what the reference scripts do every step: VAE encode (VAE in fp32) and, for SD 1.x, the text encoder
@@ -137,7 +137,7 @@ def build_models(name: str, device, weight_dtype, seed: int) -> Models:
     from diffusers import ControlNetModel
 
     from controlnet_training.fixtures import make_pipeline
-    from controlnet_training.models import place_frozen
+    from controlnet_training.torch_training.models import place_frozen
 
     def make():
         pipe = make_pipeline(MODELS[name], seed=seed)
@@ -188,9 +188,9 @@ def synthetic_batch(models: Models, batch_size: int, resolution: int, device, we
     (posterior mean and std from the fp32 VAE, text embeddings) the optimized path reads instead."""
     import torch
 
-    from controlnet_training.encodings import posterior
-    from controlnet_training.models import place_frozen
-    from controlnet_training.sdxl import time_ids
+    from controlnet_training.torch_training.encodings import posterior
+    from controlnet_training.torch_training.models import place_frozen
+    from controlnet_training.torch_training.sdxl import time_ids
 
     generator = torch.Generator().manual_seed(seed)
     batch = {
@@ -254,7 +254,7 @@ class PathSpec:
 
 
 def path_specs(args, device) -> list[PathSpec]:
-    from controlnet_training.models import use_fused_adamw
+    from controlnet_training.torch_training.models import use_fused_adamw
 
     on_cuda = device.type == "cuda"
     channels_last = {"auto": on_cuda, "on": True, "off": False}[args.channels_last]
@@ -276,8 +276,8 @@ def encoder_for(spec: PathSpec, models: Models, device, weight_dtype, private: b
     them (paths that run interleaved)."""
     import torch
 
-    from controlnet_training.encodings import posterior
-    from controlnet_training.models import place_frozen
+    from controlnet_training.torch_training.encodings import posterior
+    from controlnet_training.torch_training.models import place_frozen
 
     cpu = torch.device("cpu")
     vae, text_encoder = models.vae, models.text_encoder
@@ -311,7 +311,7 @@ def encoder_for(spec: PathSpec, models: Models, device, weight_dtype, private: b
     return encode
 
 
-def count_flops(trainer, batch: dict) -> float:
+def count_flops(step, batch: dict) -> float:
     """FLOPs of one training step per sample: forward and backward of a 1-sample micro-batch (matmuls,
     convolutions, attention; the optimizer's elementwise work is not counted), gradient checkpointing off."""
     import torch
@@ -325,15 +325,15 @@ def count_flops(trainer, batch: dict) -> float:
             lambda grad, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(grad, q, k, v),
     }
     one = slice_batch(batch, 1, 0)
-    modules = [trainer.accelerator.unwrap_model(trainer.controlnet), trainer.unet]
+    modules = [step.accelerator.unwrap_model(step.controlnet), step.unet]
     checkpointing = [m.is_gradient_checkpointing for m in modules]
     for module in modules:
         if module.is_gradient_checkpointing:
             module.disable_gradient_checkpointing()
     with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
-        loss = trainer.micro_step(one, 0)
+        loss = step.loss(one, 0)
         loss.backward()
-    trainer.optimizer.zero_grad(set_to_none=True)
+    step.optimizer.zero_grad(set_to_none=True)
     for module, was in zip(modules, checkpointing, strict=True):
         if was:
             module.enable_gradient_checkpointing()
@@ -353,15 +353,15 @@ def slice_batch(batch: dict, size: int, step: int) -> dict:
 
 
 class PathRun:
-    """One path's ControlNet, optimizer and Trainer, and its timings. `private`: its own copies of the frozen
+    """One path's ControlNet, optimizer and training step, and its timings. `private`: its own copies of the frozen
     models (for interleaved paths: compilation and memory format then touch this path only)."""
 
     def __init__(self, spec: PathSpec, args, accelerator, models: Models, batch: dict, weight_dtype,
                  measure_flops: bool = True, private: bool = False):
         import torch
 
-        from controlnet_training.loop import Trainer
-        from controlnet_training.models import enable_memory_options, make_optimizer
+        from controlnet_training.torch_training.models import enable_memory_options, make_optimizer
+        from controlnet_training.torch_training.step import StepSettings, TrainStep
 
         self.spec, self.args, self.accelerator, self.batch = spec, args, accelerator, batch
         self.device = device = accelerator.device
@@ -373,8 +373,7 @@ class PathRun:
             gradient_checkpointing=flags["gradient_checkpointing"], allow_tf32=args.allow_tf32,
             enable_xformers_memory_efficient_attention=False, channels_last=spec.channels_last,
             torch_compile=spec.compile, use_8bit_adam=flags["use_8bit_adam"], learning_rate=1e-5, adam_beta1=0.9,
-            adam_beta2=0.999, adam_weight_decay=1e-2, adam_epsilon=1e-8, max_grad_norm=1.0,
-            set_grads_to_none=flags["set_grads_to_none"] or spec.grads_to_none, snr_gamma=None)
+            adam_beta2=0.999, adam_weight_decay=1e-2, adam_epsilon=1e-8)
         self.result = {"path": spec.name, "setup": spec.describe(models.family, weight_dtype),
                        "batch_size": self.batch_size, "gradient_accumulation_steps": self.accumulation}
         self.times: list[float] = []
@@ -390,24 +389,24 @@ class PathRun:
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         accelerator.gradient_accumulation_steps = self.accumulation
         controlnet, optimizer, lr_scheduler = accelerator.prepare(controlnet, optimizer, lr_scheduler)
-        self.trainer = Trainer(accelerator, options, controlnet, unet, models.noise_scheduler, optimizer,
-                               lr_scheduler, None, encode, weight_dtype, args.seed, None)
+        settings = StepSettings(snr_gamma=None, max_grad_norm=1.0,
+                                set_grads_to_none=flags["set_grads_to_none"] or spec.grads_to_none)
+        self.step = TrainStep(accelerator, controlnet, unet, models.noise_scheduler, optimizer, lr_scheduler, encode,
+                              weight_dtype, args.seed, settings)
         if measure_flops:
-            self.result["flops_per_sample"] = count_flops(self.trainer, batch)
+            self.result["flops_per_sample"] = count_flops(self.step, batch)
         # After the FLOP count (which runs eager): memory format, checkpointing, compilation.
         enable_memory_options(options, accelerator.unwrap_model(controlnet), unet, device)
         if device.type == "cuda":
             empty_cache(device)  # the FLOP count's blocks do not count as this path's reservation
             torch.cuda.reset_peak_memory_stats(device)
-        self.params = [p for p in controlnet.parameters() if p.requires_grad]
 
     def optimizer_step(self):
-        """One optimizer step (the trainer's train_step on each micro-batch); the reference reads the loss."""
+        """One optimizer step (the trainers' TrainStep on each micro-batch); the reference reads the loss."""
         self.accelerator.gradient_accumulation_steps = self.accumulation
         loss = None
         for _ in range(self.accumulation):
-            loss, _norm = self.trainer.train_step(slice_batch(self.batch, self.batch_size, self.counter), 0,
-                                                  self.params)
+            loss, _norm = self.step(slice_batch(self.batch, self.batch_size, self.counter), 0)
             self.counter += 1
         if self.spec.read_loss_every_step:
             loss.item()
@@ -558,8 +557,8 @@ def run_presets(args, accelerator, models: Models, weight_dtype) -> tuple[list[d
     `<name>-no8bit`), to show what 8-bit Adam saves."""
     import importlib.util
 
-    from controlnet_training.models import use_fused_adamw
     from controlnet_training.presets import FAMILIES, presets_for
+    from controlnet_training.torch_training.models import use_fused_adamw
 
     device = accelerator.device
     results, lines = [], [f"memory presets, {FAMILIES[models.family]} (benchmark at {args.resolution} px; "
@@ -629,7 +628,7 @@ def main(argv=None) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from controlnet_training.loop import weight_dtype_of
+    from controlnet_training.torch_training.session import weight_dtype_of
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
     device = accelerator.device

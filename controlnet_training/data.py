@@ -354,3 +354,38 @@ def caption_variants(dataset, caption_column: str) -> list[str]:
         for caption in ([value] if isinstance(value, str) else list(value)):
             seen.setdefault(str(caption), None)
     return list(seen)
+
+
+def heldout_count(split: float | None, num_rows: int) -> int:
+    """Rows to hold out: a fraction (< 1) or a count (>= 1); unset: 5% of the rows, at most 32, at least 2."""
+    if split is None:
+        count = min(32, num_rows // 20)
+    elif split < 1:
+        count = int(round(split * num_rows))
+    else:
+        count = int(split)
+    return count if count >= 2 else 0
+
+
+def split_heldout(dataset, split: float | None, seed: int):
+    """(training rows, held-out rows or None): the held-out rows are a seeded random subset."""
+    count = heldout_count(split, len(dataset))
+    if count == 0:
+        return dataset, None
+    if count >= len(dataset):
+        from ..arguments import InputError
+
+        raise InputError(f"--validation_split {split} leaves no training rows out of {len(dataset)}")
+    import numpy as np
+
+    order = np.random.default_rng([seed, 7]).permutation(len(dataset))
+    return dataset.select(sorted(order[count:].tolist())), dataset.select(sorted(order[:count].tolist()))
+
+
+def load_tokenizer(args, subfolder: str = "tokenizer", allow_override: bool = True):
+    from transformers import AutoTokenizer
+
+    if args.tokenizer_name and allow_override:
+        return AutoTokenizer.from_pretrained(args.tokenizer_name, revision=args.revision)
+    return AutoTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder=subfolder,
+                                         revision=args.revision)

@@ -11,16 +11,14 @@ A session passed here has `.args`, `.preflight` and `.cache_workers` (the proces
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from .cache import TensorCache, build_or_load, model_identity
+from .cache import TensorCache, build_or_load
 from .data import Collator, ControlNetDataset, PairedTransform, caption_variants
 
 
@@ -45,37 +43,6 @@ def wants_cache(args, num_rows: int, effective_batch: int) -> bool:
     if args.cache_encodings != "auto":
         return args.cache_encodings == "always"
     return args.max_train_steps is None or args.max_train_steps * effective_batch >= num_rows
-
-
-def row_by_row(encode: Callable[[torch.Tensor], Any], inputs: torch.Tensor) -> Any:
-    """`encode` applied to each row of `inputs` on its own, the outputs concatenated (a tensor, or a tuple/dict of
-    them). Convolution and matmul kernels are not batch-invariant (the same row in a batch of 2 or of 32 differs in
-    the last bits), so every trainer encodes one row at a time: a row's encoding then depends on the row alone, and a
-    cached run (the cache built in batches of its own) ends bit for bit where an uncached one does, whatever the
-    batch size, accumulation or number of processes."""
-    outputs = [encode(inputs[i : i + 1]) for i in range(inputs.shape[0])]
-    first = outputs[0]
-    if isinstance(first, dict):
-        return {key: torch.cat([out[key] for out in outputs]) for key in first}
-    if isinstance(first, tuple):
-        return tuple(torch.cat(parts) for parts in zip(*outputs, strict=True))
-    return torch.cat(outputs)
-
-
-def posterior(batch: dict, vae, per_row: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std) of the VAE posterior in the UNet's latent scale: from the cache when the batch has it, else
-    encoded one row at a time (`per_row`; see row_by_row) or, as the reference does, the whole batch at once."""
-    if "latent_mean" in batch:
-        return batch["latent_mean"], batch["latent_std"]
-    scale = vae.config.scaling_factor
-
-    def encode(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        latent_dist = vae.encode(pixels).latent_dist
-        return latent_dist.mean * scale, latent_dist.std * scale
-
-    with torch.no_grad():
-        pixels = torch.as_tensor(batch["pixel_values"]).to(vae.device, vae.dtype)
-        return row_by_row(encode, pixels) if per_row else encode(pixels)
 
 
 def _cache(session, parts: dict, keys, compute, desc: str) -> TensorCache:
@@ -106,12 +73,6 @@ def latent_cache(session, transform: PairedTransform, vae_identity: dict,
     return _cache(session, parts, range(len(rows)), compute, "caching VAE posteriors")
 
 
-def vae_latent_cache(session, transform: PairedTransform, vae, vae_folder: str | None) -> TensorCache:
-    """latent_cache filled by a diffusers AutoencoderKL (its weights in `vae_folder`)."""
-    return latent_cache(session, transform, model_identity(vae, vae_folder),
-                        lambda pixels: posterior({"pixel_values": pixels}, vae))
-
-
 def text_cache(session, captions: list[str], identity: dict, encode_captions: Callable[[list[str]], dict]
                ) -> TensorCache:
     """Text embeddings of `captions` (keyed by caption), from `encode_captions(list) -> {name: array}` (without
@@ -128,16 +89,3 @@ def caption_cache(session, identity: dict, encode_captions: Callable[[list[str]]
     if preflight.heldout is not None:
         captions += caption_variants(preflight.heldout, preflight.columns.caption)
     return text_cache(session, [*captions, ""], identity, encode_captions)
-
-
-def drop_encoders(vae, text_encoders: list) -> None:
-    """The VAE encoder (unless `vae` is None) and the text encoders leave the device; the VAE decoder stays, for
-    validation. The caller's list of text encoders is emptied, so no reference keeps them alive."""
-    if vae is not None:
-        vae.encoder, vae.quant_conv = None, None
-    for module in text_encoders:
-        module.to("cpu")
-    text_encoders.clear()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

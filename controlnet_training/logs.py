@@ -84,7 +84,7 @@ class Progress:
         self.bar.close()
 
 
-def report_outputs(output_dir: str | Path, logging_dir: str | Path) -> str:
+def report_outputs(output_dir: str | Path, logging_dir: str | Path, peak_memory_bytes: int | None = None) -> str:
     output_dir = Path(output_dir)
     from .checkpoints import list_checkpoints
 
@@ -99,9 +99,8 @@ def report_outputs(output_dir: str | Path, logging_dir: str | Path) -> str:
         lines.append(f"control gain : {output_dir / 'control_metrics.jsonl'}, {output_dir / 'control_metrics.png'}")
     if (output_dir / "README.md").exists():
         lines.append(f"model card   : {output_dir / 'README.md'}")
-    peak = peak_memory()
-    if peak is not None:
-        lines.append(f"peak memory  : {peak / 2**30:.2f} GiB allocated on the device (this process)")
+    if peak_memory_bytes is not None:
+        lines.append(f"peak memory  : {peak_memory_bytes / 2**30:.2f} GiB allocated on the device (this process)")
     return "\n".join(lines)
 
 
@@ -109,9 +108,3 @@ def tracker_config(args) -> dict:
     """Flags for the trackers: no lists (tensorboard hparams cannot hold them) and never the hub token."""
     hidden = {"validation_prompt", "validation_image", "hub_token"}
     return {k: v for k, v in vars(args).items() if k not in hidden and not isinstance(v, (list, tuple))}
-
-
-def peak_memory() -> int | None:
-    import torch
-
-    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None

@@ -6,9 +6,11 @@ Nothing here writes to output_dir, so a run that fails its checks leaves an exis
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,6 @@ from .data import (
     select_samples,
     stream_columns,
 )
-from .models import check_model_folder, check_optional_packages, looks_local
 from .validation import check_validation_images
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,42 @@ MATCHING_FIELDS = ("in_channels", "block_out_channels", "down_block_types", "lay
                    "attention_head_dim", "num_attention_heads", "transformer_layers_per_block", "use_linear_projection",
                    "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
                    "class_embed_type")
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def looks_local(value: str) -> bool:
+    return value.startswith(("/", "./", "../", "~")) or not HUB_ID.match(value) or Path(value).exists()
+
+
+def check_model_folder(flag: str, value: str | None, required: tuple[str, ...]) -> None:
+    """A local model folder must exist and hold `required` files; hub ids are left to from_pretrained."""
+    if value is None or not looks_local(value):
+        return
+    folder = Path(value).expanduser()
+    if not folder.is_dir():
+        raise InputError(f"--{flag} {value}: no such folder (give a local diffusers folder or a hub repo id)")
+    missing = [name for name in required if not (folder / name).exists()]
+    if missing:
+        raise InputError(f"--{flag} {value} is not a diffusers model folder: missing {', '.join(missing)}")
+
+
+def check_optional_packages(args) -> None:
+    # getattr: the Flax trainer has neither flag
+    if getattr(args, "enable_xformers_memory_efficient_attention", False) and importlib.util.find_spec("xformers") \
+            is None:
+        raise InputError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers "
+                         "(or drop the flag: PyTorch SDPA attention is the default)")
+    if getattr(args, "use_8bit_adam", False) and importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
+    trackers = {"tensorboard", "wandb", "comet_ml"} if args.report_to == "all" else {args.report_to}
+    if "wandb" in trackers and args.hub_token is not None:
+        raise InputError("--hub_token with --report_to wandb would record the token in wandb's run metadata; "
+                         "log in with `hf auth login` or set HF_TOKEN instead")
+    for tracker, module in (("tensorboard", "tensorboard"), ("wandb", "wandb"), ("comet_ml", "comet_ml")):
+        if tracker in trackers and importlib.util.find_spec(module) is None:
+            raise InputError(f"--report_to {args.report_to} needs {module}: pip install {module}")
 
 
 def read_model_config(value: str, subfolder: str | None = None, revision: str | None = None) -> dict | None:
@@ -160,37 +197,8 @@ class Processes:
     broadcast: Callable[[Any], Any]
 
 
-def deepspeed_cpu_backend() -> dict[str, str]:
-    """{"backend": …} under DeepSpeed without a GPU (its CPU accelerator, DS_ACCELERATOR=cpu), else {}. There
-    accelerate finds no device backend and, left to itself, runs every rank as a lone process (world size 1, each
-    writing the same output_dir); DeepSpeed's CPU accelerator names the one it uses: ccl with oneCCL's bindings,
-    else gloo."""
-    import os
-
-    import torch
-
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true" or torch.cuda.is_available():
-        return {}
-    from deepspeed.accelerator import get_accelerator
-
-    accelerator = get_accelerator()
-    return {"backend": accelerator.communication_backend_name()} if accelerator.device_name() == "cpu" else {}
-
-
-def accelerate_processes() -> Processes:
-    """The PyTorch trainers' process group (only the group: no models, no device placement)."""
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list, parse_flag_from_env
-
-    # accelerate reads ACCELERATE_USE_CPU only when the full state is built; read it here too, or CPU ranks
-    # would not join. The process group is made here, first: the Accelerator later reuses it.
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), **deepspeed_cpu_backend())
-    return Processes(state.is_main_process, state.main_process_first, lambda value: broadcast_object_list([value])[0])
-
-
-def run_preflight(args, model_files: tuple[str, ...] = SD_MODEL_FILES,
-                  processes: Callable[[], Processes] = accelerate_processes, default_seed: int | None = None
-                  ) -> Preflight:
+def run_preflight(args, model_files: tuple[str, ...], processes: Callable[[], Processes],
+                  default_seed: int | None = None) -> Preflight:
     """Every check that needs no model. Without --seed a fresh run uses `default_seed`, or a random seed (agreed
     by all processes) when that is None; a resumed run uses the checkpoint's seed."""
     check_model_family(args, sdxl="text_encoder_2/config.json" in model_files)  # before the files: says which script
@@ -238,7 +246,7 @@ def run_preflight(args, model_files: tuple[str, ...] = SD_MODEL_FILES,
     split = getattr(args, "validation_split", 0)  # the Flax trainer has no control signal
     if streaming or split == 0:
         return Preflight(dataset, None, columns, resume_from, seed)
-    from .control_signal import split_heldout  # (imports torch and diffusers)
+    from .data import split_heldout
 
     dataset, heldout = split_heldout(dataset, split, seed)
     return Preflight(dataset, heldout, columns, resume_from, seed)

@@ -24,6 +24,18 @@ torch.set_num_threads(1)
 
 RESOLUTION = 64
 ROWS = 12
+FLAX_DEVICES = 4  # simulated CPU devices for the Flax trainer's runs
+XLA_THREADS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"  # must come last in XLA_FLAGS
+
+
+@pytest.fixture(scope="session")
+def flax_env(tmp_path_factory) -> dict[str, str]:
+    """The Flax trainer's environment: 4 CPU devices, one thread, and one persistent compilation cache for the
+    whole test session (a run compiles only the shapes no earlier run compiled)."""
+    cache = tmp_path_factory.mktemp("jax-compilation-cache")
+    return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={FLAX_DEVICES} {XLA_THREADS}",
+            "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
 @pytest.fixture(scope="session")

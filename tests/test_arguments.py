@@ -90,7 +90,7 @@ def test_positive_checks_name_the_flag():
 
 
 def test_sdxl_flags_are_the_shared_ones_plus_its_own():
-    from controlnet_training.sdxl import add_sdxl_args
+    from controlnet_training.torch_training.sdxl import add_sdxl_args
 
     parser = build_parser("test")
     add_sdxl_args(parser)

@@ -11,8 +11,16 @@ import torch
 from diffusers import ControlNetModel, DDPMScheduler
 
 from conftest import base_args, run_script
-from controlnet_training.control_signal import ControlSignal, heldout_count, split_heldout
-from controlnet_training.data import Collator, Columns, ControlNetDataset, PairedTransform, load_train_split
+from controlnet_training.data import (
+    Collator,
+    Columns,
+    ControlNetDataset,
+    PairedTransform,
+    heldout_count,
+    load_train_split,
+    split_heldout,
+)
+from controlnet_training.torch_training.control_signal import ControlSignal
 
 
 def heldout_batches(fill_data, tokenizer, rows=6, batch=4):
@@ -26,7 +34,7 @@ def heldout_batches(fill_data, tokenizer, rows=6, batch=4):
 
 @pytest.fixture(scope="module")
 def sd_models(tiny_sd):
-    from controlnet_training.models import load_sd_models
+    from controlnet_training.torch_training.models import load_sd_models
 
     args = SimpleNamespace(pretrained_model_name_or_path=str(tiny_sd), revision=None, variant=None,
                            tokenizer_name=None)

@@ -258,7 +258,7 @@ def test_flags_disagreeing_with_the_deepspeed_config_are_refused(monkeypatch, fl
     from accelerate.utils import DeepSpeedPlugin, parse_choice_from_env
 
     from controlnet_training.arguments import InputError
-    from controlnet_training.loop import check_config_agrees
+    from controlnet_training.torch_training.session import check_config_agrees
 
     ds_config_env(monkeypatch)
     accelerator = SimpleNamespace(  # as Accelerator(gradient_accumulation_steps=flag) builds it from that env
@@ -276,7 +276,7 @@ def test_flags_disagreeing_with_the_deepspeed_config_are_refused(monkeypatch, fl
 def test_without_deepspeed_the_flag_rules():
     from types import SimpleNamespace
 
-    from controlnet_training.loop import check_config_agrees
+    from controlnet_training.torch_training.session import check_config_agrees
 
     accelerator = SimpleNamespace(gradient_accumulation_steps=2, state=SimpleNamespace(deepspeed_plugin=None))
     check_config_agrees(SimpleNamespace(gradient_accumulation_steps=2, max_grad_norm=0.3), accelerator)

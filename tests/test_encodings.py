@@ -9,14 +9,8 @@ import pytest
 import torch
 
 from controlnet_training.data import Collator, Columns, ControlNetDataset, PairedTransform, load_train_split
-from controlnet_training.encodings import (
-    Workers,
-    drop_encoders,
-    posterior,
-    text_cache,
-    vae_latent_cache,
-    wants_cache,
-)
+from controlnet_training.encodings import Workers, text_cache, wants_cache
+from controlnet_training.torch_training.encodings import drop_encoders, posterior, vae_latent_cache
 
 
 def make_session(fill_data, cache_dir, rows=5):

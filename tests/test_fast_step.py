@@ -41,7 +41,7 @@ def test_gradient_checkpointing_covers_both_models_and_attention_is_sdpa():
     from diffusers import ControlNetModel
 
     from controlnet_training.fixtures import make_pipeline
-    from controlnet_training.models import enable_memory_options
+    from controlnet_training.torch_training.models import enable_memory_options
 
     unet = make_pipeline("tiny").unet
     controlnet = ControlNetModel.from_unet(unet)
@@ -57,7 +57,7 @@ def test_channels_last_and_tf32_only_for_cuda(tiny_models, tmp_path):
 
     from diffusers import ControlNetModel
 
-    from controlnet_training.models import enable_memory_options
+    from controlnet_training.torch_training.models import enable_memory_options
 
     unet, controlnet = (copy.deepcopy(m) for m in tiny_models)
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -88,7 +88,7 @@ def test_channels_last_and_tf32_only_for_cuda(tiny_models, tmp_path):
 def test_compile_is_in_place_and_keeps_the_state_dict(tiny_models):
     import copy
 
-    from controlnet_training.models import enable_memory_options
+    from controlnet_training.torch_training.models import enable_memory_options
 
     unet, controlnet = (copy.deepcopy(m) for m in tiny_models)
     keys = list(controlnet.state_dict())
@@ -98,7 +98,7 @@ def test_compile_is_in_place_and_keeps_the_state_dict(tiny_models):
 
 
 def test_fused_adamw_where_torch_has_it(monkeypatch, tiny_models):
-    from controlnet_training.models import make_optimizer, use_fused_adamw
+    from controlnet_training.torch_training.models import make_optimizer, use_fused_adamw
 
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
@@ -127,7 +127,7 @@ def run_flags(**flags) -> Namespace:
 def test_presets_are_exact_flag_sets_the_trainers_accept():
     from controlnet_training.arguments import build_parser
     from controlnet_training.presets import PRESETS, SIZES_GB, markdown_table
-    from controlnet_training.sdxl import add_sdxl_args
+    from controlnet_training.torch_training.sdxl import add_sdxl_args
 
     parser = build_parser("t")
     add_sdxl_args(parser)
@@ -194,10 +194,10 @@ def test_trainer_out_of_memory_prints_the_next_preset(tiny_sd, fill_data, tmp_pa
     argv = base_args(tiny_sd, fill_data["imagefolder"], tmp_path / "out", max_train_steps=2, validation_split=0)
     code = (
         "import runpy, sys, torch\n"
-        "from controlnet_training.loop import Trainer\n"
+        "from controlnet_training.torch_training.step import TrainStep\n"
         "def boom(self, batch, epoch):\n"
         "    raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 3.00 GiB. GPU 0 has 7.6 GiB')\n"
-        "Trainer.micro_step = boom\n"
+        "TrainStep.loss = boom\n"
         f"sys.argv = ['train_controlnet.py', *{argv!r}]\n"
         f"runpy.run_path({str(ROOT / SCRIPT)!r}, run_name='__main__')\n")
     env = {**os.environ, **THREADS, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}

@@ -95,7 +95,7 @@ def test_pre_trained_base_beats_the_random_base(pretrained_base, fill_data, tiny
     from diffusers import ControlNetModel, StableDiffusionPipeline
     from test_control_signal import heldout_batches, sd_encode
 
-    from controlnet_training.control_signal import ControlSignal
+    from controlnet_training.torch_training.control_signal import ControlSignal
 
     def heldout_loss(pipeline):
         models = SimpleNamespace(vae=pipeline.vae, text_encoder=pipeline.text_encoder)

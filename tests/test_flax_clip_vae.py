@@ -16,7 +16,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.training_utils import compute_snr
 
 from controlnet_training.flax_models import clip, convert, sampling, schedule, vae
-from controlnet_training.noise import min_snr_weights as torch_min_snr_weights
+from controlnet_training.torch_training.loss import min_snr_weights as torch_min_snr_weights
 
 TOL = 1e-4
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_encodings import make_session
 
-from controlnet_training.data import Collator, ControlNetDataset, PairedTransform, caption_variants
+from controlnet_training.data import Collator, ControlNetDataset, PairedTransform, caption_variants, load_tokenizer
 from controlnet_training.flax_models import convert
 from controlnet_training.flax_models.clip import load_text_encoder
 from controlnet_training.flax_models.vae import AutoencoderKL
@@ -22,7 +22,6 @@ from controlnet_training.flax_training.encodings import (
     training_frozen,
 )
 from controlnet_training.flax_training.step import Models, vae_posterior
-from controlnet_training.models import load_tokenizer
 
 RESOLUTION = 64
 

@@ -12,15 +12,15 @@ from conftest import base_args, load_weights, read_scalars, run_script
 # diverging run or a corrupt batch would make it.
 INJECT = '''
 import os, sys
-from controlnet_training import loop
+from controlnet_training.torch_training.step import TrainStep
 first, last = map(int, os.environ["NAN_STEPS"].split("-"))
 calls = [0]
-plain = loop.Trainer.micro_step
-def micro_step(self, batch, epoch):
+plain = TrainStep.loss
+def loss(self, batch, epoch):
     calls[0] += 1
-    loss = plain(self, batch, epoch)
-    return loss * float("nan") if first <= calls[0] <= last else loss
-loop.Trainer.micro_step = micro_step
+    value = plain(self, batch, epoch)
+    return value * float("nan") if first <= calls[0] <= last else value
+TrainStep.loss = loss
 sys.argv = ["train_controlnet.py", *sys.argv[1:]]
 import train_controlnet
 train_controlnet.main(sys.argv[1:])

@@ -11,9 +11,9 @@ from PIL import Image
 
 from controlnet_training.cache import build_or_load, model_identity, tokenizer_identity
 from controlnet_training.data import Collator, Columns, ControlNetDataset, PairedTransform
-from controlnet_training.encodings import drop_encoders
-from controlnet_training.sdxl import encode_prompts, load_sdxl_models, time_ids, vae_dtype
-from controlnet_training.validation import decode_checked
+from controlnet_training.torch_training.encodings import drop_encoders
+from controlnet_training.torch_training.sdxl import encode_prompts, load_sdxl_models, time_ids, vae_dtype
+from controlnet_training.torch_training.validation import decode_checked
 
 
 def sdxl_args(path, **kwargs):

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from controlnet_training.arguments import InputError
-from controlnet_training.session import check_resume_topology
+from controlnet_training.torch_training.session import check_resume_topology
 
 
 def checkpoint(tmp_path, **state):

@@ -2,7 +2,8 @@
 (--xla_force_host_platform_device_count); its pieces (flags, LR schedules, Min-SNR, row draws, host sharding) and
 its bad-input checks in-process.
 
-Runs share a persistent JAX compilation cache, so only the first run of each shape pays for compilation.
+Runs share a persistent JAX compilation cache (conftest's flax_env), so only the first run of each shape in the
+test session pays for compilation.
 """
 
 from __future__ import annotations
@@ -18,23 +19,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, THREADS, base_args, read_image_summaries, read_scalars, run_script
+from conftest import FLAX_DEVICES as DEVICES
+from conftest import ROOT, THREADS, XLA_THREADS, base_args, read_image_summaries, read_scalars, run_script
 
 SCRIPT = "train_controlnet_flax.py"
-DEVICES = 4
-XLA_THREADS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"  # must come last in XLA_FLAGS
 PROMPT = "red circle with blue background"
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-@pytest.fixture(scope="module")
-def flax_env(tmp_path_factory) -> dict[str, str]:
-    cache = tmp_path_factory.mktemp("jax-compilation-cache")
-    return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES} {XLA_THREADS}",
-            "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-
-
 def flax_args(tiny_sd: Path, data: Path, out: Path, **overrides) -> list[str]:
     """The tiny run: batch 1 per device (a global batch of 4: 3 steps per 12-row epoch), lr 1e-3 so that the zero
     convolutions move enough for the export comparison to mean something."""
@@ -356,7 +348,7 @@ def test_lr_schedules_match_diffusers(name):
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
 def test_min_snr_loss_matches_independent_computation(kind):
     from diffusers import DDPMScheduler
-    from test_noise import reference_weights
+    from test_loss import reference_weights
 
     from controlnet_training.flax_models.schedule import NoiseSchedule
     from controlnet_training.flax_training.step import diffusion_loss
@@ -476,7 +468,7 @@ def test_a_nonfinite_step_is_skipped_on_the_device_and_stops_after_the_limit(tmp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     from controlnet_training.flax_training.step import TrainState, make_train_step
-    from controlnet_training.steps import NonFiniteGuard, NonFiniteTraining
+    from controlnet_training.step_plan import NonFiniteGuard, NonFiniteTraining
 
     replicated = NamedSharding(Mesh(np.array(jax.devices()[:1]), ("data",)), PartitionSpec())
     tx = optax.adamw(1e-1)

@@ -113,7 +113,7 @@ def prediction_target(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array, 
 
 
 def min_snr_weights(snr: jax.Array, gamma: float, prediction_type: str) -> jax.Array:
-    """Per-sample Min-SNR weights, the formulas of controlnet_training.noise.min_snr_weights: min(1, γ/SNR) for
+    """Per-sample Min-SNR weights, the formulas of torch_training.loss.min_snr_weights: min(1, γ/SNR) for
     epsilon (finite at SNR 0, where the limit is 1), min(SNR, γ)/(SNR + 1) for v_prediction, else min(SNR, γ)."""
     snr = jnp.asarray(snr, jnp.float32)
     if prediction_type == "epsilon":

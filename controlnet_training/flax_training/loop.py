@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from ..logs import Progress
-from ..steps import NonFiniteGuard, NonFiniteTraining, StepPlan
+from ..step_plan import NonFiniteGuard, StepPlan, stops_on_nonfinite
 from .data import BatchLayout, to_global
 from .runtime import Devices, to_host
 from .step import TrainState, seed_array
@@ -49,14 +49,9 @@ class Trainer:
         """The one host sync: mean loss and gradient norm since the last log (over its finite steps), the latest
         learning rate; the non-finite steps go to the guard."""
         values = to_host(pending)
-        try:
+        with stops_on_nonfinite(progress, self.trackers.close):  # every host reads the same replicated flags
             self.nonfinite.record((global_step - len(values) + 1 + i, not bool(m["finite"]))
                                   for i, m in enumerate(values))
-        except NonFiniteTraining as error:  # every host reads the same replicated flags: all stop here
-            progress.close()
-            logger.error("%s", error)
-            self.trackers.close()
-            raise SystemExit(1) from None
         good = [m for m in values if m["finite"]] or values
         metrics = {"loss": float(np.mean([m["loss"] for m in good])),
                    "grad_norm": float(np.mean([m["grad_norm"] for m in good])),

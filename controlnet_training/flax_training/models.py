@@ -19,7 +19,7 @@ from ..flax_models.controlnet import ControlNetModel, controlnet_config_from_une
 from ..flax_models.schedule import PREDICTION_TYPES, NoiseSchedule
 from ..flax_models.unet import UNet2DConditionModel
 from ..flax_models.vae import AutoencoderKL
-from ..models import looks_local
+from ..preflight import looks_local
 from .step import INIT_STREAM, Models
 
 logger = logging.getLogger("controlnet_training")

@@ -20,7 +20,7 @@ from ..data import Collator, ControlNetDataset, PairedTransform
 from ..encodings import Workers, cache_root, wants_cache
 from ..logs import report_outputs, run_summary, setup_logging
 from ..preflight import SD_MODEL_FILES, Preflight, run_preflight
-from ..steps import StepPlan, plan_steps
+from ..step_plan import StepPlan, plan_steps
 from ..validation import save_images
 from . import checkpoints
 from .data import BatchLayout, MapBatches, StreamBatches, steps_per_epoch

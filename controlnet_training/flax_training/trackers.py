@@ -7,19 +7,69 @@ also records the command line.
 
 from __future__ import annotations
 
+import io
+import time
 from pathlib import Path
+
+import numpy as np
 
 from ..logs import tracker_config
 from ..validation import ValidationLog, log_to_trackers
+
+
+class EventWriter:
+    """The few tensorboard summaries the Flax trainer writes (scalars, a text, image strips), straight to an event
+    file with tensorboard's own writer: no torch (its SummaryWriter) and no TensorFlow (flax.metrics.tensorboard)."""
+
+    def __init__(self, folder: str | Path):
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        self.events = EventFileWriter(str(folder))
+
+    def _write(self, value, step: int) -> None:
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        self.events.add_event(Event(wall_time=time.time(), step=step, summary=Summary(value=[value])))
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        self._write(Summary.Value(tag=tag, simple_value=float(value)), step)
+
+    def add_text(self, tag: str, text: str, step: int = 0) -> None:
+        from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+        from tensorboard.compat.proto.tensor_pb2 import TensorProto
+        from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+        from tensorboard.compat.proto.types_pb2 import DT_STRING
+
+        metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="text"))
+        tensor = TensorProto(dtype=DT_STRING, string_val=[text.encode()],
+                             tensor_shape=TensorShapeProto(dim=[TensorShapeProto.Dim(size=1)]))
+        self._write(Summary.Value(tag=f"{tag}/text_summary", metadata=metadata, tensor=tensor), step)
+
+    def add_images(self, tag: str, images: np.ndarray, step: int, dataformats: str = "NHWC") -> None:
+        """N uint8 H×W×3 images side by side in one image summary."""
+        from PIL import Image
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        assert dataformats == "NHWC"
+        strip = np.concatenate(list(images), axis=1)
+        buffer = io.BytesIO()
+        Image.fromarray(strip).save(buffer, format="PNG")
+        image = Summary.Image(height=strip.shape[0], width=strip.shape[1], colorspace=strip.shape[2],
+                              encoded_image_string=buffer.getvalue())
+        self._write(Summary.Value(tag=tag, image=image), step)
+
+    def close(self) -> None:
+        self.events.close()
 
 
 class TensorBoard:
     name = "tensorboard"
 
     def __init__(self, folder: Path, config: dict):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(folder))
+        self.writer = EventWriter(folder)
         self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in sorted(config.items())))
 
     def log(self, values: dict[str, float], step: int) -> None:

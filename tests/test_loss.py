@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from controlnet_training.noise import diffusion_loss, min_snr_weights, prediction_target, sample_draws
+from controlnet_training.torch_training.loss import diffusion_loss, min_snr_weights, prediction_target, sample_draws
 
 
 def scheduler(prediction_type: str, **kwargs) -> DDPMScheduler:

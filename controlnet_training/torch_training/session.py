@@ -8,29 +8,117 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import hub, validation
-from .arguments import InputError, exit_on_input_error
-from .checkpoints import read_state, save_final
-from .control_signal import METRICS_FILE, ControlSignal, append_metrics, plot_metrics, truncate_metrics
-from .data import Collator, ControlNetDataset, PairedTransform
-from .encodings import Workers, wants_cache
-from .logs import logger, report_outputs, run_summary, setup_logging, tracker_config
-from .loop import (
-    make_accelerator,
-    make_dataloader,
-    make_lr_scheduler,
-    register_controlnet_state_hooks,
-    weight_dtype_of,
-)
+from .. import hub, validation
+from ..arguments import InputError, exit_on_input_error
+from ..checkpoints import read_state, save_final
+from ..control_signal import plot_metrics
+from ..data import Collator
+from ..encodings import Workers, wants_cache
+from ..logs import logger, report_outputs, run_summary, setup_logging, tracker_config
+from ..preflight import Preflight, Processes, run_preflight
+from ..step_plan import StepPlan, effective_batch, plan_steps
+from .loop import LoopSettings, TrainLoop
 from .models import make_optimizer
-from .preflight import Preflight, run_preflight
-from .steps import StepPlan, plan_steps
+from .step import Encode, StepSettings, TrainStep
+from .validation import Validator
+
+
+def register_controlnet_state_hooks(accelerator, controlnet_cls) -> None:
+    """Checkpoints hold the ControlNet in diffusers layout (checkpoint-N/controlnet), not a pickled state dict."""
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for model in models:
+                accelerator.unwrap_model(model).save_pretrained(Path(output_dir) / "controlnet")
+        # Under DeepSpeed the weights list is empty; accelerate only needs it emptied elsewhere.
+        while weights:
+            weights.pop()
+
+    def load_hook(models, input_dir):
+        while models:
+            model = models.pop()
+            loaded = controlnet_cls.from_pretrained(input_dir, subfolder="controlnet")
+            accelerator.unwrap_model(model).load_state_dict(loaded.state_dict())
+            del loaded
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def make_accelerator(args):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=str(Path(args.output_dir, args.logging_dir))),
+        # Batches (pinned by the DataLoader on CUDA) are copied to the device without waiting for it.
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
+    )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and accelerator.num_processes == 1:
+        raise InputError("WORLD_SIZE > 1 but accelerate sees one process: every rank would write the same "
+                         "output_dir. Launch with `accelerate launch` (on CPU set ACCELERATE_USE_CPU=true)")
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise InputError("--mixed_precision fp16 (from the flag or the accelerate config) needs a CUDA GPU: fp16 "
+                         "autocast and loss scaling do not run on the CPU; use --mixed_precision bf16 or no")
+    check_config_agrees(args, accelerator)
+    if torch.backends.mps.is_available():
+        accelerator.native_amp = False
+    return accelerator
+
+
+def check_config_agrees(args, accelerator) -> None:
+    """The accelerate config against the flags, before any model loads. accelerate takes the config's gradient
+    accumulation (ACCELERATE_GRADIENT_ACCUMULATION_STEPS, set by `accelerate launch` from a DeepSpeed config) over
+    the flag, and DeepSpeed clips at its gradient_clipping ("auto": 1.0) whatever --max_grad_norm says, while the
+    step plan, LR schedule, resume position and summary follow the flags: a disagreement is refused."""
+    plugin = accelerator.state.deepspeed_plugin
+    steps = accelerator.gradient_accumulation_steps
+    if plugin is not None and isinstance(plugin.get_value("gradient_accumulation_steps"), int):
+        steps = plugin.get_value("gradient_accumulation_steps")
+    if steps != args.gradient_accumulation_steps:
+        raise InputError(f"--gradient_accumulation_steps {args.gradient_accumulation_steps} disagrees with the "
+                         f"accelerate config's gradient_accumulation_steps {steps} (accelerate would silently use "
+                         f"{steps}): pass --gradient_accumulation_steps {steps}, or change the config")
+    clipping = plugin.get_value("gradient_clipping") if plugin is not None else None
+    clipping = 1.0 if clipping == "auto" else clipping
+    if isinstance(clipping, (int, float)) and float(clipping) != args.max_grad_norm:
+        raise InputError(f"--max_grad_norm {args.max_grad_norm:g} disagrees with the DeepSpeed config's "
+                         f"gradient_clipping {clipping:g} (DeepSpeed clips, not the trainer): pass --max_grad_norm "
+                         f"{clipping:g}, or change the config")
+
+
+def weight_dtype_of(accelerator) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def make_dataloader(dataset, args, collate: Callable, seed: int):
+    from torch.utils.data import DataLoader
+
+    from ..data import EpochSampler
+
+    return DataLoader(dataset, batch_size=args.train_batch_size, sampler=EpochSampler(len(dataset), seed),
+                      collate_fn=collate, num_workers=args.dataloader_num_workers,
+                      persistent_workers=args.dataloader_num_workers > 0, pin_memory=torch.cuda.is_available(),
+                      prefetch_factor=4 if args.dataloader_num_workers > 0 else None)
+
+
+def make_lr_scheduler(args, optimizer, num_processes: int, max_train_steps: int):
+    """diffusers' schedules; steps × processes because accelerate steps the scheduler once per process."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
+                         num_training_steps=max_train_steps * num_processes, num_cycles=args.lr_num_cycles,
+                         power=args.lr_power)
 
 
 @dataclass
@@ -47,7 +135,7 @@ class Session:
     @property
     def effective_batch(self) -> int:
         args = self.args
-        return args.train_batch_size * self.accelerator.num_processes * args.gradient_accumulation_steps
+        return effective_batch(args.train_batch_size, self.accelerator.num_processes, args.gradient_accumulation_steps)
 
     @property
     def cache_workers(self) -> Workers:
@@ -60,13 +148,39 @@ class Session:
         return wants_cache(self.args, len(self.preflight.dataset), self.effective_batch)
 
 
+def deepspeed_cpu_backend() -> dict[str, str]:
+    """{"backend": …} under DeepSpeed without a GPU (its CPU accelerator, DS_ACCELERATOR=cpu), else {}. There
+    accelerate finds no device backend and, left to itself, runs every rank as a lone process (world size 1, each
+    writing the same output_dir); DeepSpeed's CPU accelerator names the one it uses: ccl with oneCCL's bindings,
+    else gloo."""
+    import torch
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true" or torch.cuda.is_available():
+        return {}
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    return {"backend": accelerator.communication_backend_name()} if accelerator.device_name() == "cpu" else {}
+
+
+def accelerate_processes() -> Processes:
+    """The PyTorch trainers' process group (only the group: no models, no device placement)."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list, parse_flag_from_env
+
+    # accelerate reads ACCELERATE_USE_CPU only when the full state is built; read it here too, or CPU ranks
+    # would not join. The process group is made here, first: the Accelerator later reuses it.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), **deepspeed_cpu_backend())
+    return Processes(state.is_main_process, state.main_process_first, lambda value: broadcast_object_list([value])[0])
+
+
 def start_session(args, prog: str, model_files: tuple[str, ...], extra_checks: Callable[[Any], None] = lambda a: None
                   ) -> Session:
     """Check everything that can be checked without models, then create the accelerator and the output folder."""
     setup_logging(int(os.environ.get("LOCAL_RANK", "0")) == 0)  # before the checks, so their notes are shown
     try:
         extra_checks(args)
-        preflight = run_preflight(args, model_files)
+        preflight = run_preflight(args, model_files, accelerate_processes)
         accelerator = make_accelerator(args)
         check_resume_topology(args, preflight.resume_from, accelerator.num_processes,
                               deepspeed=accelerator.distributed_type == "DEEPSPEED")
@@ -102,7 +216,7 @@ def check_resume_topology(args, resume_from: Path | None, processes: int, deepsp
                          f"{saved_processes} processes and this run has {processes}: launch with --num_processes "
                          f"{saved_processes} (ZeRO cannot re-partition them)")
     saved = state.get("effective_batch")
-    batch = args.train_batch_size * processes * args.gradient_accumulation_steps
+    batch = effective_batch(args.train_batch_size, processes, args.gradient_accumulation_steps)
     if saved is not None and saved != batch:
         raise InputError(f"--resume_from_checkpoint {resume_from.name} was trained with an effective batch of {saved} "
                          f"and this run has {batch} ({args.train_batch_size} per device x {processes} processes x "
@@ -167,78 +281,19 @@ def prepare_training(session: Session, controlnet, dataset, tokenizers, summary:
     return Training(controlnet, optimizer, dataloader, lr_scheduler, plan, global_step)
 
 
-@dataclass
-class Validator:
-    """Runs on the main process (the others wait): the control signal on held-out rows, and validation images
-    from a pipeline built with the in-memory modules."""
-
-    session: Session
-    build_pipeline: Callable[[Any], Any]  # unwrapped ControlNet -> pipeline
-    controlnet: Any
-    transform: PairedTransform
-    control: ControlSignal | None = None
-    pipeline_kwargs: dict = field(default_factory=dict)
-    logs: list = field(default_factory=list)
-    last_signal: dict | None = None
-
-    def start(self, global_step: int) -> None:
-        """Before the first step: a fresh run measures the untrained ControlNet (gain 1); a resumed one drops
-        the records its interrupted predecessor made after the checkpoint."""
-        if self.control is None or not self.session.accelerator.is_main_process:
-            return
-        if global_step > 0:
-            truncate_metrics(self.session.args.output_dir, global_step)
-        else:
-            (Path(self.session.args.output_dir) / METRICS_FILE).unlink(missing_ok=True)
-            self.measure_control(0, None)
-
-    def measure_control(self, step: int, train_loss: float | None) -> None:
-        accelerator = self.session.accelerator
-        autocast = accelerator.autocast() if accelerator.mixed_precision != "no" else None
-        signal = self.control.measure(accelerator.unwrap_model(self.controlnet), accelerator.device, autocast)
-        self.last_signal = {"step": step, "train_loss": train_loss, **signal}
-        append_metrics(self.session.args.output_dir, self.last_signal)
-        accelerator.log(signal, step=step)
-        logger.info("step %d: held-out loss %.5f, control gain %.4f", step, signal["heldout_loss"],
-                    signal["control_gain"])
-
-    def __call__(self, step: int, final: bool, train_loss: float | None = None) -> None:
-        accelerator, args = self.session.accelerator, self.session.args
-        if accelerator.is_main_process:
-            if self.control is not None:
-                self.measure_control(step, train_loss)
-            if args.validation_prompt:
-                pipeline = self.build_pipeline(accelerator.unwrap_model(self.controlnet))
-                pipeline.set_progress_bar_config(disable=True)
-                self.logs = validation.run(accelerator, pipeline, args, self.transform,
-                                           self.session.preflight.seed, step, final, **self.pipeline_kwargs)
-                del pipeline
-        accelerator.wait_for_everyone()
+def make_loop(session: Session, training: Training, unet, noise_scheduler, encode: Encode,
+              validator: Validator | None) -> TrainLoop:
+    """The step (models, loss, update) and the loop around it, from the prepared training objects."""
+    args = session.args
+    step = TrainStep(session.accelerator, training.controlnet, unet, noise_scheduler, training.optimizer,
+                     training.lr_scheduler, encode, session.weight_dtype, session.preflight.seed,
+                     StepSettings.from_args(args))
+    return TrainLoop(session.accelerator, step, training.dataloader, training.plan,
+                     LoopSettings.from_args(args, session.effective_batch), validator)
 
 
-def make_validator(session: Session, training: Training, build_pipeline: Callable[[Any], Any],
-                   transform: PairedTransform, encode: Callable, unet, noise_scheduler, tokenizers,
-                   pipeline_kwargs: dict | None = None, texts=None) -> Validator | None:
-    """A Validator when there is something to validate: prompts/images, or held-out rows for the control signal
-    (encoded here, with the live VAE, and with the text encoder or the `texts` cache)."""
-    heldout, args = session.preflight.heldout, session.args
-    control = None
-    if heldout is not None:
-        rows = ControlNetDataset(heldout, session.preflight.columns, transform, session.preflight.seed)
-        collate = Collator(tokenizers, texts=texts)
-        batches = [collate([rows[i] for i in range(start, min(start + 8, len(rows)))])
-                   for start in range(0, len(rows), 8)]
-        control = ControlSignal(batches, encode, unet, noise_scheduler, session.weight_dtype, session.preflight.seed,
-                                session.accelerator.device)
-    if control is None and not args.validation_prompt:
-        return None
-    validator = Validator(session, build_pipeline, training.controlnet, transform, control, pipeline_kwargs or {})
-    validator.start(training.global_step)
-    return validator
-
-
-def finish_session(session: Session, training: Training, trainer, global_step: int, validator: Validator | None,
-                   tags: list[str], license: str) -> None:
+def finish_session(session: Session, training: Training, loop: TrainLoop, global_step: int,
+                   validator: Validator | None, tags: list[str], license: str) -> None:
     """Final weights, the final validation, model card, upload, and where everything went."""
     args, accelerator = session.args, session.accelerator
     accelerator.wait_for_everyone()
@@ -246,15 +301,13 @@ def finish_session(session: Session, training: Training, trainer, global_step: i
         controlnet = accelerator.unwrap_model(training.controlnet)
         save_final(args.output_dir, controlnet.save_pretrained,
                    expected_bytes=sum(p.numel() * p.element_size() for p in controlnet.parameters()))
-    if validator is not None:
-        validator(global_step, True, trainer.train_loss_since_validation())
+    signal = validator(global_step, True, loop.train_loss_since_validation()) if validator is not None else None
     if accelerator.is_main_process:
         logs = validator.logs if validator is not None else []
         validation.save_images(logs, args.output_dir)
         control_section = ""
-        if validator is not None and validator.last_signal is not None:
+        if signal is not None:
             plot = plot_metrics(args.output_dir)
-            signal = validator.last_signal
             control_section = hub.control_section(signal["heldout_loss"], signal["control_gain"],
                                                   len(session.preflight.heldout), plot.name)
         details = hub.training_details({
@@ -269,5 +322,6 @@ def finish_session(session: Session, training: Training, trainer, global_step: i
         if session.repo_id is not None:
             hub.upload_outputs(args.output_dir, session.repo_id, args.hub_token)
         logger.info("done after %d steps. Outputs:\n%s", global_step,
-                    report_outputs(args.output_dir, accelerator.logging_dir))
+                    report_outputs(args.output_dir, accelerator.logging_dir,
+                                   torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None))
     accelerator.end_training()

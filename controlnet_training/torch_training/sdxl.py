@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import torch
 
-from .arguments import InputError
-from .data import token_ids
-from .models import load_tokenizer, text_encoder_class
+from ..arguments import InputError
+from ..data import load_tokenizer, token_ids
+from .models import text_encoder_class
 
 SDXL_MODEL_FILES = ("unet/config.json", "text_encoder/config.json", "text_encoder_2/config.json", "tokenizer",
                     "tokenizer_2", "scheduler/scheduler_config.json")
@@ -36,7 +36,7 @@ def add_sdxl_args(parser) -> None:
 def check_sdxl_args(args) -> None:
     import importlib.util
 
-    from .models import check_model_folder
+    from ..preflight import check_model_folder
 
     check_model_folder("pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path,
                        ("config.json",))

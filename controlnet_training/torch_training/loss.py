@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
-from .arguments import InputError
+from ..arguments import InputError
 
 
 def stream_seed(*keys: int) -> int:

@@ -3,9 +3,10 @@ guard that stops a run whose steps keep coming out NaN/Inf."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,11 @@ class StepPlan:
         """(epoch, micro-batches of that epoch already consumed) after `global_step` updates."""
         epoch, updates_done = divmod(global_step, self.updates_per_epoch)
         return epoch, updates_done * self.gradient_accumulation_steps
+
+
+def effective_batch(per_device: int, processes: int, accumulation: int) -> int:
+    """Rows per optimizer step: what a checkpoint records and a resume must match."""
+    return per_device * processes * accumulation
 
 
 def plan_steps(batches_per_epoch: int, gradient_accumulation_steps: int, max_train_steps: int | None,
@@ -69,3 +75,17 @@ class NonFiniteGuard:
             logger.warning("step %d: the loss or gradient norm is not finite; %s", step, self.what_happened)
             if len(self.run) >= self.limit:
                 raise NonFiniteTraining(self.run, self.output_dir)
+
+
+@contextlib.contextmanager
+def stops_on_nonfinite(progress, cleanup: Callable[[], None]) -> Iterator[None]:
+    """NonFiniteTraining inside ends the run: the progress bar closed first (so it does not print after the
+    message), the message logged, `cleanup` (trackers), exit status 1. Every process reads the same reduced flags,
+    so all stop at the same step."""
+    try:
+        yield
+    except NonFiniteTraining as error:
+        progress.close()
+        logger.error("%s", error)
+        cleanup()
+        raise SystemExit(1) from None

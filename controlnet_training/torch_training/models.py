@@ -2,49 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import re
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-from .arguments import InputError
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def looks_local(value: str) -> bool:
-    return value.startswith(("/", "./", "../", "~")) or not HUB_ID.match(value) or Path(value).exists()
-
-
-def check_model_folder(flag: str, value: str | None, required: tuple[str, ...]) -> None:
-    """A local model folder must exist and hold `required` files; hub ids are left to from_pretrained."""
-    if value is None or not looks_local(value):
-        return
-    folder = Path(value).expanduser()
-    if not folder.is_dir():
-        raise InputError(f"--{flag} {value}: no such folder (give a local diffusers folder or a hub repo id)")
-    missing = [name for name in required if not (folder / name).exists()]
-    if missing:
-        raise InputError(f"--{flag} {value} is not a diffusers model folder: missing {', '.join(missing)}")
-
-
-def check_optional_packages(args) -> None:
-    # getattr: the Flax trainer has neither flag
-    if getattr(args, "enable_xformers_memory_efficient_attention", False) and importlib.util.find_spec("xformers") \
-            is None:
-        raise InputError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers "
-                         "(or drop the flag: PyTorch SDPA attention is the default)")
-    if getattr(args, "use_8bit_adam", False) and importlib.util.find_spec("bitsandbytes") is None:
-        raise InputError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
-    trackers = {"tensorboard", "wandb", "comet_ml"} if args.report_to == "all" else {args.report_to}
-    if "wandb" in trackers and args.hub_token is not None:
-        raise InputError("--hub_token with --report_to wandb would record the token in wandb's run metadata; "
-                         "log in with `hf auth login` or set HF_TOKEN instead")
-    for tracker, module in (("tensorboard", "tensorboard"), ("wandb", "wandb"), ("comet_ml", "comet_ml")):
-        if tracker in trackers and importlib.util.find_spec(module) is None:
-            raise InputError(f"--report_to {args.report_to} needs {module}: pip install {module}")
+from ..arguments import InputError
+from ..data import load_tokenizer
 
 
 def text_encoder_class(path: str, revision: str | None, subfolder: str = "text_encoder"):
@@ -62,15 +25,6 @@ def text_encoder_class(path: str, revision: str | None, subfolder: str = "text_e
 
         return RobertaSeriesModelWithTransformation
     raise InputError(f"text encoder {architecture} in {path}/{subfolder} is not supported")
-
-
-def load_tokenizer(args, subfolder: str = "tokenizer", allow_override: bool = True):
-    from transformers import AutoTokenizer
-
-    if args.tokenizer_name and allow_override:
-        return AutoTokenizer.from_pretrained(args.tokenizer_name, revision=args.revision)
-    return AutoTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder=subfolder,
-                                         revision=args.revision)
 
 
 def load_sd_models(args) -> SimpleNamespace:

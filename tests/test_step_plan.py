@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from controlnet_training.steps import plan_steps
+from controlnet_training.step_plan import plan_steps
 
 
 def test_epochs_and_updates_with_a_partial_accumulation_group():

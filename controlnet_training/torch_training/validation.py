@@ -1,0 +1,175 @@
+"""PyTorch validation: images from a diffusers ControlNet pipeline built with the in-memory modules, and the
+Validator the loop calls (control signal on held-out rows, then validation images), on the main process."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+
+from ..control_signal import METRICS_FILE, append_metrics, truncate_metrics
+from ..data import Collator, ControlNetDataset, PairedTransform
+from ..validation import ValidationLog, load_control_image, log_to_trackers, validation_pairs
+from .control_signal import ControlSignal
+
+if TYPE_CHECKING:
+    from .session import Session, Training
+
+logger = logging.getLogger(__name__)
+
+
+def decode_checked(pipeline, latents) -> Image.Image:
+    """Decode with the VAE in its dtype; if that gives NaN/Inf (the stock SDXL VAE in fp16), decode again in fp32
+    instead of logging a black image."""
+    import torch
+
+    vae = pipeline.vae
+    scaled = latents / vae.config.scaling_factor
+    with torch.no_grad():
+        image = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
+        if not torch.isfinite(image).all() and vae.dtype != torch.float32:
+            logger.warning("the VAE decoded NaN/Inf in %s; decoding this image in float32", vae.dtype)
+            original = vae.dtype
+            with torch.autocast(scaled.device.type, enabled=False):
+                torch.nn.Module.to(vae, dtype=torch.float32)  # plain .to: see models.place_frozen
+                image = vae.decode(scaled.float(), return_dict=False)[0]
+            torch.nn.Module.to(vae, dtype=original)
+    return pipeline.image_processor.postprocess(image.float(), output_type="pil")[0]
+
+
+def generate(pipeline, pairs: Sequence[tuple[str, str]], transform: PairedTransform, num_images: int,
+             seed: int | None, autocast: contextlib.AbstractContextManager | None = None,
+             num_inference_steps: int = 20, prompt_inputs: Callable[[str], dict] | None = None,
+             **pipeline_kwargs: Any) -> list[ValidationLog]:
+    """`num_images` images per pair, one generator for the whole call (seeded: identical at every validation).
+
+    `prompt_inputs(prompt)` gives the pipeline's prompt arguments (default: the prompt text itself).
+    """
+    import torch
+
+    generator = None if seed is None else torch.Generator(device=pipeline.device).manual_seed(seed)
+    logs = []
+    with torch.no_grad(), autocast or contextlib.nullcontext():
+        for prompt, path in pairs:
+            control = load_control_image(path, transform)
+            log = ValidationLog(prompt, control)
+            inputs = prompt_inputs(prompt) if prompt_inputs else {"prompt": prompt}
+            for _ in range(num_images):
+                latents = pipeline(image=control, num_inference_steps=num_inference_steps, generator=generator,
+                                   height=transform.resolution, width=transform.resolution, output_type="latent",
+                                   **inputs, **pipeline_kwargs).images
+                log.images.append(decode_checked(pipeline, latents))
+            logs.append(log)
+    return logs
+
+
+@contextlib.contextmanager
+def outputs_cast_to(module, dtype):
+    """Cast a module's tensor outputs to `dtype` while inside: the fp32 ControlNet feeds a half-precision UNet
+    without a second, half-precision copy of its weights (CPU autocast does not cover group norm)."""
+    import torch
+
+    def cast(value):
+        if isinstance(value, torch.Tensor):
+            return value.to(dtype)
+        if isinstance(value, (list, tuple)):
+            return type(value)(cast(v) for v in value)
+        return value
+
+    handle = module.register_forward_hook(lambda _module, _inputs, output: cast(output))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def run(accelerator, pipeline, args, transform: PairedTransform, seed: int | None, step: int,
+        final: bool, **pipeline_kwargs: Any) -> list[ValidationLog]:
+    """One validation on this process: generate for every pair, log to the trackers, return the images."""
+    pipeline.controlnet.eval()
+    pairs = validation_pairs(args.validation_prompt, args.validation_image)
+    autocast = accelerator.autocast() if accelerator.mixed_precision != "no" else None
+    with outputs_cast_to(pipeline.controlnet, pipeline.unet.dtype):
+        logs = generate(pipeline, pairs, transform, args.num_validation_images, seed, autocast, **pipeline_kwargs)
+    log_to_trackers(accelerator, logs, step, final)
+    logger.info("validation at step %d: %d image(s) for %d pair(s)", step, sum(len(x.images) for x in logs),
+                len(logs))
+    return logs
+
+
+@dataclass
+class Validator:
+    """Runs on the main process (the others wait): the control signal on held-out rows, and validation images
+    from a pipeline built with the in-memory modules."""
+
+    session: Session
+    build_pipeline: Callable[[Any], Any]  # unwrapped ControlNet -> pipeline
+    controlnet: Any
+    transform: PairedTransform
+    control: ControlSignal | None = None
+    pipeline_kwargs: dict = field(default_factory=dict)
+    logs: list = field(default_factory=list)
+
+    def start(self, global_step: int) -> None:
+        """Before the first step: a fresh run measures the untrained ControlNet (gain 1); a resumed one drops
+        the records its interrupted predecessor made after the checkpoint."""
+        if self.control is None or not self.session.accelerator.is_main_process:
+            return
+        if global_step > 0:
+            truncate_metrics(self.session.args.output_dir, global_step)
+        else:
+            (Path(self.session.args.output_dir) / METRICS_FILE).unlink(missing_ok=True)
+            self.measure_control(0, None)
+
+    def measure_control(self, step: int, train_loss: float | None) -> dict:
+        accelerator = self.session.accelerator
+        autocast = accelerator.autocast() if accelerator.mixed_precision != "no" else None
+        signal = self.control.measure(accelerator.unwrap_model(self.controlnet), accelerator.device, autocast)
+        record = {"step": step, "train_loss": train_loss, **signal}
+        append_metrics(self.session.args.output_dir, record)
+        accelerator.log(signal, step=step)
+        logger.info("step %d: held-out loss %.5f, control gain %.4f", step, signal["heldout_loss"],
+                    signal["control_gain"])
+        return record
+
+    def __call__(self, step: int, final: bool, train_loss: float | None = None) -> dict | None:
+        """The control signal (on the main process; None elsewhere or without held-out rows), then the images."""
+        accelerator, args = self.session.accelerator, self.session.args
+        signal = None
+        if accelerator.is_main_process:
+            if self.control is not None:
+                signal = self.measure_control(step, train_loss)
+            if args.validation_prompt:
+                pipeline = self.build_pipeline(accelerator.unwrap_model(self.controlnet))
+                pipeline.set_progress_bar_config(disable=True)
+                self.logs = run(accelerator, pipeline, args, self.transform, self.session.preflight.seed, step, final,
+                                **self.pipeline_kwargs)
+                del pipeline
+        accelerator.wait_for_everyone()
+        return signal
+
+
+def make_validator(session: Session, training: Training, build_pipeline: Callable[[Any], Any],
+                   transform: PairedTransform, encode: Callable, unet, noise_scheduler, tokenizers,
+                   pipeline_kwargs: dict | None = None, texts=None) -> Validator | None:
+    """A Validator when there is something to validate: prompts/images, or held-out rows for the control signal
+    (encoded here, with the live VAE, and with the text encoder or the `texts` cache)."""
+    heldout, args = session.preflight.heldout, session.args
+    control = None
+    if heldout is not None:
+        rows = ControlNetDataset(heldout, session.preflight.columns, transform, session.preflight.seed)
+        collate = Collator(tokenizers, texts=texts)
+        batches = [collate([rows[i] for i in range(start, min(start + 8, len(rows)))])
+                   for start in range(0, len(rows), 8)]
+        control = ControlSignal(batches, encode, unet, noise_scheduler, session.weight_dtype, session.preflight.seed,
+                                session.accelerator.device)
+    if control is None and not args.validation_prompt:
+        return None
+    validator = Validator(session, build_pipeline, training.controlnet, transform, control, pipeline_kwargs or {})
+    validator.start(training.global_step)
+    return validator

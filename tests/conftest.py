@@ -56,6 +56,15 @@ def fill_data(tmp_path_factory) -> dict[str, Path]:
     return written
 
 
+def free_port() -> int:
+    """A port no one listens on now: multi-process tests never collide (tests run on two xdist workers)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
 def base_args(tiny_sd: Path, data_dir: Path, output_dir: Path, **overrides) -> list[str]:
     """Flags for a short tiny run; overrides are flag=value (value None drops the flag, True makes it bare)."""
     flags = {

@@ -24,13 +24,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import RESOLUTION, ROOT, THREADS, base_args, load_weights, read_scalars
+from conftest import RESOLUTION, ROOT, THREADS, base_args, free_port, load_weights, read_scalars
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed"),
+              pytest.mark.xdist_group("processes")]  # several processes: one xdist worker runs them all
 
 CONFIG = ROOT / "configs" / "deepspeed_zero2_offload.yaml"
 ACCUMULATION = 4  # the config's gradient_accumulation_steps: the flag must agree with it
-PORT = 29591
 TIMEOUT = 300  # s per launch (a run here takes ~30 s): a rank stuck in a collective fails the test, never hangs it
 # Every run: global batch 1 x 2 processes x 4 = 8 of the 12 rows, 6 micro-batches per process and epoch, so an
 # epoch is 2 optimizer steps (the second accumulates 2 micro-batches). A linear decay from a large rate makes every
@@ -79,7 +79,7 @@ def needs(op_errors: dict[str, str], *builders: str) -> None:
 
 def launch(script: str, argv: list[str], offload: bool = True) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG),
-               "--mixed_precision", "no", "--num_processes", "2", "--main_process_port", str(PORT),
+               "--mixed_precision", "no", "--num_processes", "2", "--main_process_port", str(free_port()),
                *([] if offload else ["--offload_optimizer_device", "none"]), str(ROOT / script), *argv]
     return subprocess.run(command, capture_output=True, text=True, env=child_env(), timeout=TIMEOUT, cwd=ROOT)
 
@@ -93,7 +93,7 @@ def torchrun_ddp(argv: list[str]) -> subprocess.CompletedProcess:
     """The plain data-parallel reference: two gloo processes (accelerate's MULTI_CPU), as in test_multiprocess."""
     env = {**child_env(), "ACCELERATE_USE_CPU": "true"}
     env.pop("DS_ACCELERATOR")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={PORT}",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                str(ROOT / "train_controlnet.py"), *argv]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=TIMEOUT, cwd=ROOT)
 

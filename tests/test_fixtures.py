@@ -66,7 +66,7 @@ def pretrained_base(fill_data):
     from controlnet_training.fixtures import make_pipeline, pretrain_base
 
     torch.manual_seed(0)
-    return pretrain_base(make_pipeline("tiny"), fill_data["imagefolder"], vae_steps=800, unet_steps=300,
+    return pretrain_base(make_pipeline("tiny"), fill_data["imagefolder"], vae_steps=800, unet_steps=150,
                          log_every=10_000)
 
 

@@ -10,7 +10,11 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, THREADS, base_args, load_weights, read_image_summaries, read_scalars, run_script
+from conftest import ROOT, THREADS, base_args, free_port, load_weights, read_image_summaries, read_scalars, run_script
+
+# Several processes at once: one xdist worker runs all of these, one after another (2 cores).
+pytestmark = pytest.mark.xdist_group("processes")
+
 
 
 def torchrun(argv: list[str], cpu_flag: bool = True,
@@ -20,7 +24,7 @@ def torchrun(argv: list[str], cpu_flag: bool = True,
         env["ACCELERATE_USE_CPU"] = "true"
     else:
         env.pop("ACCELERATE_USE_CPU", None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29577",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                str(ROOT / script), *argv]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
 

@@ -14,6 +14,10 @@ import pytest
 
 from conftest import ROOT, THREADS
 
+# Several processes at once: one xdist worker runs all of these, one after another (2 cores).
+pytestmark = pytest.mark.xdist_group("processes")
+
+
 
 @pytest.fixture(scope="module")
 def jax_cache(tmp_path_factory) -> Path:

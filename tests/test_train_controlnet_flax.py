@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 import torch
 
 from conftest import FLAX_DEVICES as DEVICES
-from conftest import ROOT, THREADS, XLA_THREADS, base_args, read_image_summaries, read_scalars, run_script
+from conftest import ROOT, THREADS, XLA_THREADS, base_args, free_port, read_image_summaries, read_scalars, run_script
 
 SCRIPT = "train_controlnet_flax.py"
 PROMPT = "red circle with blue background"
@@ -244,12 +243,7 @@ def test_streaming_bf16_remat_schedule_and_exact_resume(tiny_sd, fill_data, tmp_
     assert read_scalars(resumed / "logs", "loss") == {3: losses[3], 4: losses[4]}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.xdist_group("processes")  # two processes: with the other multi-process tests
 def test_two_hosts_train_as_one(straight, tiny_sd, fill_data, tmp_path, flax_env):
     """Two processes with 2 devices each (jax.distributed, gloo collectives on the CPU): each loads only its own
     rows, only process 0 writes, and the result is the 4-device single-process run's (up to summation order).

@@ -9,6 +9,7 @@ fi
 .venv/bin/pip install --quiet --disable-pip-version-check -r requirements-test.txt
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 # Two workers (the CI machine has 2 cores); the tests that start several processes run on one of them, in turn
 # (xdist_group "processes"). PYTEST_WORKERS=0 runs everything in this process.
 exec .venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadgroup "$@"

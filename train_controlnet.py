@@ -30,8 +30,14 @@ from controlnet_training.torch_training.models import (
 from controlnet_training.torch_training.session import finish_session, make_loop, prepare_training, start_session
 from controlnet_training.torch_training.validation import make_validator
 
-TAGS = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "controlnet",
-        "diffusers-training"]
+TAGS = [
+    "stable-diffusion",
+    "stable-diffusion-diffusers",
+    "text-to-image",
+    "diffusers",
+    "controlnet",
+    "diffusers-training",
+]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,17 +74,32 @@ def train(args) -> None:
     if cached:
         base = Path(args.pretrained_model_name_or_path)
         latents = vae_latent_cache(session, transform, models.vae, str(base / "vae"))
-        encoder_key = {"encoder": model_identity(models.text_encoder, str(base / "text_encoder")),
-                       "tokenizer": tokenizer_identity(models.tokenizer)}
+        encoder_key = {
+            "encoder": model_identity(models.text_encoder, str(base / "text_encoder")),
+            "tokenizer": tokenizer_identity(models.tokenizer),
+        }
         texts = caption_cache(session, encoder_key, encode_text)
         if args.validation_prompt:
             prompts = text_cache(session, [*args.validation_prompt, ""], encoder_key, encode_text)
 
     # Data, optimizer, schedule, resume.
-    dataset = ControlNetDataset(preflight.dataset, preflight.columns, transform, preflight.seed,
-                                args.proportion_empty_prompts, with_target=not cached)
-    training = prepare_training(session, controlnet, dataset, [] if cached else [models.tokenizer], latents=latents,
-                                texts=texts, summary=[("cached encodings", latents.path.parent if cached else "no")])
+    dataset = ControlNetDataset(
+        preflight.dataset,
+        preflight.columns,
+        transform,
+        preflight.seed,
+        args.proportion_empty_prompts,
+        with_target=not cached,
+    )
+    training = prepare_training(
+        session,
+        controlnet,
+        dataset,
+        [] if cached else [models.tokenizer],
+        latents=latents,
+        texts=texts,
+        summary=[("cached encodings", latents.path.parent if cached else "no")],
+    )
 
     def encode(batch: dict):
         """VAE posterior (mean, std) in the UNet's latent scale, and the text encoder's last hidden state."""
@@ -91,10 +112,16 @@ def train(args) -> None:
         from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
 
         return StableDiffusionControlNetPipeline(
-            vae=models.vae, text_encoder=None if cached else models.text_encoder, tokenizer=models.tokenizer,
-            unet=models.unet, controlnet=trained_controlnet, safety_checker=None, feature_extractor=None,
+            vae=models.vae,
+            text_encoder=None if cached else models.text_encoder,
+            tokenizer=models.tokenizer,
+            unet=models.unet,
+            controlnet=trained_controlnet,
+            safety_checker=None,
+            feature_extractor=None,
             requires_safety_checker=False,
-            scheduler=UniPCMultistepScheduler.from_config(models.noise_scheduler.config))
+            scheduler=UniPCMultistepScheduler.from_config(models.noise_scheduler.config),
+        )
 
     def prompt_inputs(prompt: str) -> dict:
         found = prompts.lookup([prompt, ""])["prompt_embeds"]
@@ -102,9 +129,17 @@ def train(args) -> None:
         return {"prompt_embeds": embeds[:1], "negative_prompt_embeds": embeds[1:]}
 
     # Validation images, and the held-out loss and control gain (also at step 0 and at the end).
-    validator = make_validator(session, training, build_pipeline, transform, encode, models.unet,
-                               models.noise_scheduler, [models.tokenizer],
-                               pipeline_kwargs={"prompt_inputs": prompt_inputs} if cached else None)
+    validator = make_validator(
+        session,
+        training,
+        build_pipeline,
+        transform,
+        encode,
+        models.unet,
+        models.noise_scheduler,
+        [models.tokenizer],
+        pipeline_kwargs={"prompt_inputs": prompt_inputs} if cached else None,
+    )
     if cached:
         drop_encoders(models.vae, [models.text_encoder])
     loop = make_loop(session, training, models.unet, models.noise_scheduler, encode, validator)

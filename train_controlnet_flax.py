@@ -40,8 +40,15 @@ from controlnet_training.flax_training.step import (
 from controlnet_training.flax_training.trackers import Trackers
 from controlnet_training.flax_training.validation import Validator
 
-TAGS = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "controlnet",
-        "diffusers-training", "jax-diffusers-event"]
+TAGS = [
+    "stable-diffusion",
+    "stable-diffusion-diffusers",
+    "text-to-image",
+    "diffusers",
+    "controlnet",
+    "diffusers-training",
+    "jax-diffusers-event",
+]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,8 +72,14 @@ def main(argv: list[str] | None = None) -> None:
     frozen = replicate(training_frozen(loaded.frozen, cached, validating), devices.replicated)
 
     # Optimizer and schedule, the train state (fresh or resumed), the jitted step.
-    schedule = lr_schedule(args.lr_scheduler, args.learning_rate, args.lr_warmup_steps, session.plan.max_train_steps,
-                           args.lr_num_cycles, args.lr_power)
+    schedule = lr_schedule(
+        args.lr_scheduler,
+        args.learning_rate,
+        args.lr_warmup_steps,
+        session.plan.max_train_steps,
+        args.lr_num_cycles,
+        args.lr_power,
+    )
     tx = make_optimizer(args, schedule)
     state, global_step = initial_state(session, loaded, tx)
     loss = make_loss(loaded.models, cached_encode if cached else vae_clip_encode(loaded.models), args.snr_gamma)
@@ -74,8 +87,7 @@ def main(argv: list[str] | None = None) -> None:
 
     validator = None
     if validating:
-        validator = Validator(args, loaded.models, frozen, encoders.embed, loaded.scheduler_config, devices.count,
-                              seed)
+        validator = Validator(args, loaded.models, frozen, encoders.embed, loaded.scheduler_config, devices.count, seed)
     del encoders  # and its device copies of the encoders
     loaded.frozen = None  # the host copies: the devices hold what training needs
     trackers = Trackers(args, enabled=session.is_main_process)
@@ -83,9 +95,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile_memory:
         memory_profile(args.output_dir, "memory_initial")
 
-    trainer = Trainer(args, devices, session.layout, session.plan, train_step, frozen,
-                      make_batches(session, tokenizer, encodings), trackers, checkpointer(session, loaded), seed,
-                      validator)
+    trainer = Trainer(
+        args,
+        devices,
+        session.layout,
+        session.plan,
+        train_step,
+        frozen,
+        make_batches(session, tokenizer, encodings),
+        trackers,
+        checkpointer(session, loaded),
+        seed,
+        validator,
+    )
     state, global_step = trainer.train(state, global_step)
 
     finish_session(session, state, global_step, loaded, validator, trackers, TAGS, license="creativeml-openrail-m")

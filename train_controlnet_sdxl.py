@@ -36,8 +36,14 @@ from controlnet_training.torch_training.sdxl import (
 from controlnet_training.torch_training.session import finish_session, make_loop, prepare_training, start_session
 from controlnet_training.torch_training.validation import make_validator
 
-TAGS = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers", "text-to-image", "diffusers", "controlnet",
-        "diffusers-training"]
+TAGS = [
+    "stable-diffusion-xl",
+    "stable-diffusion-xl-diffusers",
+    "text-to-image",
+    "diffusers",
+    "controlnet",
+    "diffusers-training",
+]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,17 +72,22 @@ def train(args) -> None:
     # --cache_encodings) every training image's VAE posterior: computed once into an on-disk cache keyed by what
     # they depend on. The text encoders then leave the device, and so does the VAE encoder when it is cached.
     base = Path(args.pretrained_model_name_or_path)
-    encoders_key = {"kind": "sdxl-prompt-embeds",
-                    "encoders": [model_identity(e, str(base / sub)) for e, sub in
-                                 zip(models.text_encoders, ("text_encoder", "text_encoder_2"), strict=True)],
-                    "tokenizers": [tokenizer_identity(t) for t in models.tokenizers]}
+    encoders_key = {
+        "kind": "sdxl-prompt-embeds",
+        "encoders": [
+            model_identity(e, str(base / sub))
+            for e, sub in zip(models.text_encoders, ("text_encoder", "text_encoder_2"), strict=True)
+        ],
+        "tokenizers": [tokenizer_identity(t) for t in models.tokenizers],
+    }
 
     def encode_captions(captions: list[str]) -> dict:
         return encode_prompts(captions, models.tokenizers, models.text_encoders)
 
     texts = caption_cache(session, encoders_key, encode_captions)  # validation prompts in a cache apart
-    prompts = text_cache(session, args.validation_prompt, encoders_key, encode_captions) \
-        if args.validation_prompt else None
+    prompts = (
+        text_cache(session, args.validation_prompt, encoders_key, encode_captions) if args.validation_prompt else None
+    )
     transform = PairedTransform(args.resolution, args.image_interpolation_mode)
     cached = session.caches_encodings
     latents = None
@@ -84,40 +95,77 @@ def train(args) -> None:
         vae_folder = args.pretrained_vae_model_name_or_path or str(base / "vae")
         latents = vae_latent_cache(session, transform, models.vae, vae_folder)
 
-    dataset = ControlNetDataset(preflight.dataset, preflight.columns, transform, preflight.seed,
-                                args.proportion_empty_prompts, with_target=not cached)
-    training = prepare_training(session, controlnet, dataset, tokenizers=[], latents=latents, texts=texts, summary=[
-        ("VAE", f"{args.pretrained_vae_model_name_or_path or 'base'} in {models.vae.dtype}"),
-        ("text embeddings", f"{len(texts.keys)} cached in {texts.path}"),
-        ("VAE posteriors", latents.path if cached else "encoded at every step")])
+    dataset = ControlNetDataset(
+        preflight.dataset,
+        preflight.columns,
+        transform,
+        preflight.seed,
+        args.proportion_empty_prompts,
+        with_target=not cached,
+    )
+    training = prepare_training(
+        session,
+        controlnet,
+        dataset,
+        tokenizers=[],
+        latents=latents,
+        texts=texts,
+        summary=[
+            ("VAE", f"{args.pretrained_vae_model_name_or_path or 'base'} in {models.vae.dtype}"),
+            ("text embeddings", f"{len(texts.keys)} cached in {texts.path}"),
+            ("VAE posteriors", latents.path if cached else "encoded at every step"),
+        ],
+    )
 
     def encode(batch: dict):
         """VAE posterior in the UNet's latent scale; cached prompt embeddings; per-sample time_ids."""
         mean, std = posterior(batch, models.vae)
-        added = {"text_embeds": batch["pooled_prompt_embeds"].to(weight_dtype),
-                 "time_ids": time_ids(batch["original_sizes"], batch["crops_top_left"], args.resolution).to(
-                     accelerator.device, weight_dtype)}
+        added = {
+            "text_embeds": batch["pooled_prompt_embeds"].to(weight_dtype),
+            "time_ids": time_ids(batch["original_sizes"], batch["crops_top_left"], args.resolution).to(
+                accelerator.device, weight_dtype
+            ),
+        }
         return mean, std, batch["prompt_embeds"].to(weight_dtype), added
 
     def build_pipeline(trained_controlnet):
         from diffusers import StableDiffusionXLControlNetPipeline, UniPCMultistepScheduler
 
         return StableDiffusionXLControlNetPipeline(
-            vae=models.vae, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
-            unet=models.unet, controlnet=trained_controlnet, add_watermarker=False,
-            scheduler=UniPCMultistepScheduler.from_config(models.noise_scheduler.config))
+            vae=models.vae,
+            text_encoder=None,
+            text_encoder_2=None,
+            tokenizer=None,
+            tokenizer_2=None,
+            unet=models.unet,
+            controlnet=trained_controlnet,
+            add_watermarker=False,
+            scheduler=UniPCMultistepScheduler.from_config(models.noise_scheduler.config),
+        )
 
     def prompt_inputs(prompt: str) -> dict:
         found = prompts.lookup([prompt])
-        return {name: torch.from_numpy(found[name]).to(accelerator.device, weight_dtype)
-                for name in ("prompt_embeds", "pooled_prompt_embeds")}
+        return {
+            name: torch.from_numpy(found[name]).to(accelerator.device, weight_dtype)
+            for name in ("prompt_embeds", "pooled_prompt_embeds")
+        }
 
     # Validation images, and the held-out loss and control gain (also at step 0 and at the end).
-    validator = make_validator(session, training, build_pipeline, transform, encode, models.unet,
-                               models.noise_scheduler, tokenizers=[], texts=texts, pipeline_kwargs={
-                                   "prompt_inputs": prompt_inputs,
-                                   "crops_coords_top_left": (args.crops_coords_top_left_h,
-                                                             args.crops_coords_top_left_w)})
+    validator = make_validator(
+        session,
+        training,
+        build_pipeline,
+        transform,
+        encode,
+        models.unet,
+        models.noise_scheduler,
+        tokenizers=[],
+        texts=texts,
+        pipeline_kwargs={
+            "prompt_inputs": prompt_inputs,
+            "crops_coords_top_left": (args.crops_coords_top_left_h, args.crops_coords_top_left_w),
+        },
+    )
     drop_encoders(models.vae if cached else None, models.text_encoders)
     loop = make_loop(session, training, models.unet, models.noise_scheduler, encode, validator)
     global_step = loop.train(training.global_step)

@@ -53,9 +53,22 @@ DEFAULT_RESOLUTION = {"tiny": 64, "tiny-sdxl": 64, "sd15": 512, "sdxl": 1024}
 
 # Dense bf16 peak FLOP/s by device name or JAX device kind (first match wins; vendor figures without sparsity).
 PEAK_BF16 = (
-    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("GH200", 989e12),
-    ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12),
-    ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12), ("TPU v6", 918e12),
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("TPU v4", 275e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12),
+    ("TPU v5", 459e12),
+    ("TPU v6", 918e12),
 )
 
 
@@ -69,37 +82,64 @@ def peak_bf16_flops(device_name: str | None) -> float | None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(MODELS), default="tiny",
-                        help="Fixture size: tiny, tiny-sdxl, sd15 (SD1.5-size) or sdxl (SDXL-size); random weights.")
-    parser.add_argument("--resolution", type=int, default=None, help="Image size (default: 64 tiny, 512 sd15, "
-                                                                     "1024 sdxl).")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default="tiny",
+        help="Fixture size: tiny, tiny-sdxl, sd15 (SD1.5-size) or sdxl (SDXL-size); random weights.",
+    )
+    parser.add_argument(
+        "--resolution", type=int, default=None, help="Image size (default: 64 tiny, 512 sd15, 1024 sdxl)."
+    )
     parser.add_argument("--batch_size", type=int, default=1)
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1,
-                        help="Micro-batches per optimizer step (a timed step is one optimizer step).")
+    parser.add_argument(
+        "--gradient_accumulation_steps",
+        type=int,
+        default=1,
+        help="Micro-batches per optimizer step (a timed step is one optimizer step).",
+    )
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="bf16")
     parser.add_argument("--steps", type=int, default=10, help="Timed optimizer steps per path.")
     parser.add_argument("--warmup", type=int, default=3, help="Untimed optimizer steps first (compilation etc.).")
     parser.add_argument("--torch_compile", action="store_true", help="Compile ControlNet and UNet (optimized path).")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="Both paths.")
-    parser.add_argument("--no_cache", action="store_true",
-                        help="Optimized path encodes every step (VAE in the trainer's dtype, text encoder) instead "
-                             "of reading cached encodings.")
-    parser.add_argument("--channels_last", choices=["auto", "on", "off"], default="auto",
-                        help="Optimized path's memory format for ControlNet and UNet; auto: on with CUDA.")
+    parser.add_argument(
+        "--no_cache",
+        action="store_true",
+        help="Optimized path encodes every step (VAE in the trainer's dtype, text encoder) instead "
+        "of reading cached encodings.",
+    )
+    parser.add_argument(
+        "--channels_last",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="Optimized path's memory format for ControlNet and UNet; auto: on with CUDA.",
+    )
     parser.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls and convolutions (both paths).")
     parser.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (both paths).")
     parser.add_argument("--set_grads_to_none", action="store_true", help="Both paths.")
-    parser.add_argument("--paths", default="reference,optimized",
-                        help="Comma list of reference, optimized-eager (the optimized path without compile, "
-                             "useful with --torch_compile), optimized.")
-    parser.add_argument("--interleave", choices=["auto", "on", "off"], default="auto",
-                        help="Alternate the paths step by step (each with its own copy of the frozen models) "
-                             "instead of one after the other; auto: on the CPU, where other processes share the "
-                             "cores. On a GPU the paths run one after the other (peak memory is per path).")
-    parser.add_argument("--presets", action="store_true",
-                        help="Measure the peak memory of each memory preset of this model family instead.")
+    parser.add_argument(
+        "--paths",
+        default="reference,optimized",
+        help="Comma list of reference, optimized-eager (the optimized path without compile, "
+        "useful with --torch_compile), optimized.",
+    )
+    parser.add_argument(
+        "--interleave",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="Alternate the paths step by step (each with its own copy of the frozen models) "
+        "instead of one after the other; auto: on the CPU, where other processes share the "
+        "cores. On a GPU the paths run one after the other (peak memory is per path).",
+    )
+    parser.add_argument(
+        "--presets",
+        action="store_true",
+        help="Measure the peak memory of each memory preset of this model family instead.",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=str, default=None, help="Also write the results here.")
@@ -161,9 +201,11 @@ def build_models(name: str, device, weight_dtype, seed: int) -> Models:
             module.requires_grad_(False)
             module.eval()
     torch.nn.Module.to(controlnet, device="cpu")  # the master copy; each path trains a copy of it
-    counts = {"unet": sum(p.numel() for p in unet.parameters()),
-              "controlnet": sum(p.numel() for p in controlnet.parameters()),
-              "vae": sum(p.numel() for p in vae.parameters())}
+    counts = {
+        "unet": sum(p.numel() for p in unet.parameters()),
+        "controlnet": sum(p.numel() for p in controlnet.parameters()),
+        "vae": sum(p.numel() for p in vae.parameters()),
+    }
     if text_encoder is not None:
         counts["text_encoder"] = sum(p.numel() for p in text_encoder.parameters())
     place_frozen((unet,), device, weight_dtype)
@@ -211,12 +253,14 @@ def synthetic_batch(models: Models, batch_size: int, resolution: int, device, we
         batch["added_cond_kwargs"] = None
     else:
         pooled_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        batch["encoder_hidden_states"] = torch.randn(batch_size, 77, config.cross_attention_dim,
-                                                     generator=generator).to(device, weight_dtype)
+        batch["encoder_hidden_states"] = torch.randn(
+            batch_size, 77, config.cross_attention_dim, generator=generator
+        ).to(device, weight_dtype)
         original = torch.full((batch_size, 2), resolution, dtype=torch.long)
         batch["added_cond_kwargs"] = {
             "text_embeds": torch.randn(batch_size, pooled_dim, generator=generator).to(device, weight_dtype),
-            "time_ids": time_ids(original, torch.zeros_like(original), resolution).to(device, weight_dtype)}
+            "time_ids": time_ids(original, torch.zeros_like(original), resolution).to(device, weight_dtype),
+        }
     empty_cache(device)
     return batch
 
@@ -243,8 +287,12 @@ class PathSpec:
             encode = f"VAE {vae} + text encoder every step" if family == "sd" else f"VAE {vae} every step"
         else:
             encode = "cached posterior + text embeddings"
-        parts = [encode, f"frozen UNet {dtype}", "compiled" if self.compile else "eager",
-                 "fused AdamW" if self.fused_adamw else "AdamW (default)"]
+        parts = [
+            encode,
+            f"frozen UNet {dtype}",
+            "compiled" if self.compile else "eager",
+            "fused AdamW" if self.fused_adamw else "AdamW (default)",
+        ]
         if self.grads_to_none:
             parts.append("grads set to None")
         if self.channels_last:
@@ -264,9 +312,17 @@ def path_specs(args, device) -> list[PathSpec]:
         if name == "reference":
             specs.append(PathSpec(name, "online-reference", False, False, False, True))
         else:
-            specs.append(PathSpec(name, "online" if args.no_cache else "cached",
-                                  args.torch_compile and name == "optimized", channels_last, fused, False,
-                                  grads_to_none=True))
+            specs.append(
+                PathSpec(
+                    name,
+                    "online" if args.no_cache else "cached",
+                    args.torch_compile and name == "optimized",
+                    channels_last,
+                    fused,
+                    False,
+                    grads_to_none=True,
+                )
+            )
     return specs
 
 
@@ -290,8 +346,7 @@ def encoder_for(spec: PathSpec, models: Models, device, weight_dtype, private: b
             place_frozen((vae,), device, torch.float32 if models.family == "sdxl" else weight_dtype)
 
         def encode(batch):
-            return batch["latent_mean"], batch["latent_std"], batch["encoder_hidden_states"], \
-                batch["added_cond_kwargs"]
+            return batch["latent_mean"], batch["latent_std"], batch["encoder_hidden_states"], batch["added_cond_kwargs"]
 
         return encode
 
@@ -318,11 +373,16 @@ def count_flops(step, batch: dict) -> float:
     from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
     aten = torch.ops.aten
+
+    def forward_flops(q, k, v, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(q, k, v)
+
+    def backward_flops(grad, q, k, v, *args, out_shape=None, **kwargs):
+        return sdpa_backward_flop_count(grad, q, k, v)
+
     cpu_attention = {  # PyTorch's CPU flash attention is not in the counter's table
-        aten._scaled_dot_product_flash_attention_for_cpu:
-            lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v),
-        aten._scaled_dot_product_flash_attention_for_cpu_backward:
-            lambda grad, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(grad, q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu: forward_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward_flops,
     }
     one = slice_batch(batch, 1, 0)
     modules = [step.accelerator.unwrap_model(step.controlnet), step.unet]
@@ -356,8 +416,17 @@ class PathRun:
     """One path's ControlNet, optimizer and training step, and its timings. `private`: its own copies of the frozen
     models (for interleaved paths: compilation and memory format then touch this path only)."""
 
-    def __init__(self, spec: PathSpec, args, accelerator, models: Models, batch: dict, weight_dtype,
-                 measure_flops: bool = True, private: bool = False):
+    def __init__(
+        self,
+        spec: PathSpec,
+        args,
+        accelerator,
+        models: Models,
+        batch: dict,
+        weight_dtype,
+        measure_flops: bool = True,
+        private: bool = False,
+    ):
         import torch
 
         from controlnet_training.torch_training.models import enable_memory_options, make_optimizer
@@ -365,17 +434,34 @@ class PathRun:
 
         self.spec, self.args, self.accelerator, self.batch = spec, args, accelerator, batch
         self.device = device = accelerator.device
-        flags = {"batch_size": args.batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
-                 "gradient_checkpointing": args.gradient_checkpointing, "use_8bit_adam": args.use_8bit_adam,
-                 "set_grads_to_none": args.set_grads_to_none, **spec.flags}
+        flags = {
+            "batch_size": args.batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "gradient_checkpointing": args.gradient_checkpointing,
+            "use_8bit_adam": args.use_8bit_adam,
+            "set_grads_to_none": args.set_grads_to_none,
+            **spec.flags,
+        }
         self.batch_size, self.accumulation = flags["batch_size"], flags["gradient_accumulation_steps"]
         options = SimpleNamespace(
-            gradient_checkpointing=flags["gradient_checkpointing"], allow_tf32=args.allow_tf32,
-            enable_xformers_memory_efficient_attention=False, channels_last=spec.channels_last,
-            torch_compile=spec.compile, use_8bit_adam=flags["use_8bit_adam"], learning_rate=1e-5, adam_beta1=0.9,
-            adam_beta2=0.999, adam_weight_decay=1e-2, adam_epsilon=1e-8)
-        self.result = {"path": spec.name, "setup": spec.describe(models.family, weight_dtype),
-                       "batch_size": self.batch_size, "gradient_accumulation_steps": self.accumulation}
+            gradient_checkpointing=flags["gradient_checkpointing"],
+            allow_tf32=args.allow_tf32,
+            enable_xformers_memory_efficient_attention=False,
+            channels_last=spec.channels_last,
+            torch_compile=spec.compile,
+            use_8bit_adam=flags["use_8bit_adam"],
+            learning_rate=1e-5,
+            adam_beta1=0.9,
+            adam_beta2=0.999,
+            adam_weight_decay=1e-2,
+            adam_epsilon=1e-8,
+        )
+        self.result = {
+            "path": spec.name,
+            "setup": spec.describe(models.family, weight_dtype),
+            "batch_size": self.batch_size,
+            "gradient_accumulation_steps": self.accumulation,
+        }
         self.times: list[float] = []
         self.counter = 0
         empty_cache(device)
@@ -389,10 +475,21 @@ class PathRun:
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         accelerator.gradient_accumulation_steps = self.accumulation
         controlnet, optimizer, lr_scheduler = accelerator.prepare(controlnet, optimizer, lr_scheduler)
-        settings = StepSettings(snr_gamma=None, max_grad_norm=1.0,
-                                set_grads_to_none=flags["set_grads_to_none"] or spec.grads_to_none)
-        self.step = TrainStep(accelerator, controlnet, unet, models.noise_scheduler, optimizer, lr_scheduler, encode,
-                              weight_dtype, args.seed, settings)
+        settings = StepSettings(
+            snr_gamma=None, max_grad_norm=1.0, set_grads_to_none=flags["set_grads_to_none"] or spec.grads_to_none
+        )
+        self.step = TrainStep(
+            accelerator,
+            controlnet,
+            unet,
+            models.noise_scheduler,
+            optimizer,
+            lr_scheduler,
+            encode,
+            weight_dtype,
+            args.seed,
+            settings,
+        )
         if measure_flops:
             self.result["flops_per_sample"] = count_flops(self.step, batch)
         # After the FLOP count (which runs eager): memory format, checkpointing, compilation.
@@ -450,8 +547,9 @@ def release(accelerator) -> None:
     empty_cache(accelerator.device)
 
 
-def run_path(spec: PathSpec, args, accelerator, models: Models, batch: dict, weight_dtype,
-             measure_flops: bool = True) -> dict:
+def run_path(
+    spec: PathSpec, args, accelerator, models: Models, batch: dict, weight_dtype, measure_flops: bool = True
+) -> dict:
     """Set up, warm up and time one path on its own; out of memory is reported, not raised."""
     import torch
 
@@ -531,23 +629,29 @@ def print_paths(results: list[dict], peak: float | None) -> list[str]:
         r["mfu"] = mfu(r, peak)
         flops = r.get("flops_per_sample")
         mfu_text = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        lines.append(f"{r['path']:<16} {r['samples_per_second']:>10.3f} {r['s_per_step']:>9.4f} "
-                     f"{fmt(r.get('peak_memory_gib'), '.2f'):>9} {fmt(flops and flops / 1e9, '.2f'):>13} "
-                     f"{mfu_text:>7}  {r['setup']}; warm-up {r.get('warmup_s', 0):.1f} s")
+        lines.append(
+            f"{r['path']:<16} {r['samples_per_second']:>10.3f} {r['s_per_step']:>9.4f} "
+            f"{fmt(r.get('peak_memory_gib'), '.2f'):>9} {fmt(flops and flops / 1e9, '.2f'):>13} "
+            f"{mfu_text:>7}  {r['setup']}; warm-up {r.get('warmup_s', 0):.1f} s"
+        )
     by_name = {r["path"]: r for r in results if "error" not in r}
     reference = by_name.get("reference")
     for name in ("optimized-eager", "optimized"):
         other = by_name.get(name)
         if reference and other:
-            ratio = {"samples_per_second": other["samples_per_second"] / reference["samples_per_second"],
-                     "s_per_step": other["s_per_step"] / reference["s_per_step"]}
+            ratio = {
+                "samples_per_second": other["samples_per_second"] / reference["samples_per_second"],
+                "s_per_step": other["s_per_step"] / reference["s_per_step"],
+            }
             memory = ""
             if reference.get("peak_memory_gib") and other.get("peak_memory_gib") is not None:
                 ratio["peak_memory"] = other["peak_memory_gib"] / reference["peak_memory_gib"]
                 memory = f", peak memory {ratio['peak_memory']:.2f}x"
             other["ratio_to_reference"] = ratio
-            lines.append(f"ratio {name}/reference: samples/s {ratio['samples_per_second']:.2f}x, "
-                         f"s/step {ratio['s_per_step']:.2f}x{memory}")
+            lines.append(
+                f"ratio {name}/reference: samples/s {ratio['samples_per_second']:.2f}x, "
+                f"s/step {ratio['s_per_step']:.2f}x{memory}"
+            )
     return lines
 
 
@@ -561,8 +665,13 @@ def run_presets(args, accelerator, models: Models, weight_dtype) -> tuple[list[d
     from controlnet_training.torch_training.models import use_fused_adamw
 
     device = accelerator.device
-    results, lines = [], [f"memory presets, {FAMILIES[models.family]} (benchmark at {args.resolution} px; "
-                          f"optimized path, cached encodings, VAE on the device as in training)"]
+    results, lines = (
+        [],
+        [
+            f"memory presets, {FAMILIES[models.family]} (benchmark at {args.resolution} px; "
+            f"optimized path, cached encodings, VAE on the device as in training)"
+        ],
+    )
     lines.append(f"{'preset':<14} {'peak alloc GiB':>14} {'peak reserved GiB':>17} {'budget GiB':>10}  verdict")
     biggest = max((p.settings().get("train_batch_size", 1) for p in presets_for(models.family)), default=1)
     batch = synthetic_batch(models, biggest, args.resolution, device, weight_dtype, args.seed)
@@ -572,21 +681,38 @@ def run_presets(args, accelerator, models: Models, weight_dtype) -> tuple[list[d
         if "skipped" in row:
             lines.append(f"{row['preset']:<14} {'-':>14} {'-':>17} {row['budget_gib']:>10}  skipped: {row['skipped']}")
         else:
-            lines.append(f"{row['preset']:<14} {fmt(row['peak_memory_gib'], '.2f'):>14} "
-                         f"{fmt(row['peak_reserved_gib'], '.2f'):>17} {row['budget_gib']:>10}  {row['verdict']}")
+            lines.append(
+                f"{row['preset']:<14} {fmt(row['peak_memory_gib'], '.2f'):>14} "
+                f"{fmt(row['peak_reserved_gib'], '.2f'):>17} {row['budget_gib']:>10}  {row['verdict']}"
+            )
 
     def measure(name: str, settings: dict, budget: int, flags: str) -> dict:
         eight_bit = settings.get("use_8bit_adam", False)
         fused = use_fused_adamw(argparse.Namespace(use_8bit_adam=eight_bit), device)
-        spec = PathSpec(name, "cached", False, False, fused, False, vae_resident=True, flags={
-            "batch_size": settings.get("train_batch_size", 1),
-            "gradient_accumulation_steps": settings.get("gradient_accumulation_steps", 1),
-            "gradient_checkpointing": settings.get("gradient_checkpointing", False),
-            "use_8bit_adam": eight_bit, "set_grads_to_none": settings.get("set_grads_to_none", False)})
+        spec = PathSpec(
+            name,
+            "cached",
+            False,
+            False,
+            fused,
+            False,
+            vae_resident=True,
+            flags={
+                "batch_size": settings.get("train_batch_size", 1),
+                "gradient_accumulation_steps": settings.get("gradient_accumulation_steps", 1),
+                "gradient_checkpointing": settings.get("gradient_checkpointing", False),
+                "use_8bit_adam": eight_bit,
+                "set_grads_to_none": settings.get("set_grads_to_none", False),
+            },
+        )
         spec_args = argparse.Namespace(**{**vars(args), "warmup": 1, "steps": 2})
         result = run_path(spec, spec_args, accelerator, models, batch, weight_dtype, measure_flops=False)
-        row = {"preset": name, "flags": flags, "budget_gib": budget,
-               **{k: result.get(k) for k in ("peak_memory_gib", "peak_reserved_gib", "error")}}
+        row = {
+            "preset": name,
+            "flags": flags,
+            "budget_gib": budget,
+            **{k: result.get(k) for k in ("peak_memory_gib", "peak_reserved_gib", "error")},
+        }
         if result.get("error"):
             row["verdict"] = result["error"]
         elif row["peak_memory_gib"] is None:
@@ -610,8 +736,11 @@ def run_presets(args, accelerator, models: Models, weight_dtype) -> tuple[list[d
             add({**row, "skipped": f"needs {', '.join(missing)} (not importable here)"})
             if missing == ["bitsandbytes"]:
                 plain = {**settings, "use_8bit_adam": False}
-                add(measure(f"{preset.name}-no8bit", plain, preset.memory_gb,
-                            preset.cli().replace(" --use_8bit_adam", "")))
+                add(
+                    measure(
+                        f"{preset.name}-no8bit", plain, preset.memory_gb, preset.cli().replace(" --use_8bit_adam", "")
+                    )
+                )
         else:
             add(measure(preset.name, settings, preset.memory_gb, preset.cli()))
     return results, lines
@@ -655,9 +784,14 @@ def main(argv=None) -> dict:
         f"use_8bit_adam={args.use_8bit_adam} set_grads_to_none={args.set_grads_to_none}",
     ]
     print("\n".join(header), flush=True)
-    report = {"args": {k: v for k, v in vars(args).items() if k != "path_list"}, "device": device_name or "cpu",
-              "peak_bf16_flops": peak, "torch": torch.__version__, "attention": processors,
-              "params": models.params}
+    report = {
+        "args": {k: v for k, v in vars(args).items() if k != "path_list"},
+        "device": device_name or "cpu",
+        "peak_bf16_flops": peak,
+        "torch": torch.__version__,
+        "attention": processors,
+        "params": models.params,
+    }
     if args.presets:
         report["presets"], lines = run_presets(args, accelerator, models, weight_dtype)
     else:

@@ -66,14 +66,22 @@ from controlnet_training.flax_training.step import (  # noqa: E402
 )
 
 # The fixture pipeline's DDPMScheduler (fixtures.make_pipeline), as its scheduler_config.json has it.
-SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                        clip_sample=False, steps_offset=1, prediction_type="epsilon")
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
 VOCAB = {"tiny": 1000, "sd15": 49408}  # the tiny fixture's vocabulary is a few hundred tokens; SD's CLIP 49408
 MAX_LENGTH = 77
 PATHS = ("optimized", "reference")
 # The trainers' defaults (controlnet_training/arguments.py).
-OPTIMIZER = SimpleNamespace(max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-                            adam_weight_decay=1e-2)
+OPTIMIZER = SimpleNamespace(
+    max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, adam_weight_decay=1e-2
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -105,8 +113,13 @@ def configs(model: str) -> tuple[dict, dict, dict]:
     size = SIZES[model]
     unet = {"in_channels": 4, "out_channels": 4, **size.unet}
     vae = {"in_channels": 3, "out_channels": 3, "scaling_factor": 0.18215, **size.vae}
-    text = {"vocab_size": VOCAB[model], "max_position_embeddings": MAX_LENGTH, "hidden_act": "quick_gelu",
-            "layer_norm_eps": 1e-5, **size.text}
+    text = {
+        "vocab_size": VOCAB[model],
+        "max_position_embeddings": MAX_LENGTH,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        **size.text,
+    }
     return unet, vae, text
 
 
@@ -123,8 +136,9 @@ def build(args, devices) -> tuple[Models, dict, dict]:
     text_encoder = CLIPTextModel(text_config, dtype)
     vae = AutoencoderKL(vae_config, dtype)
     unet = UNet2DConditionModel(unet_config, dtype, gradient_checkpointing=args.gradient_checkpointing)
-    controlnet = ControlNetModel(controlnet_config_from_unet(unet_config), controlnet_dtype,
-                                 gradient_checkpointing=args.gradient_checkpointing)
+    controlnet = ControlNetModel(
+        controlnet_config_from_unet(unet_config), controlnet_dtype, gradient_checkpointing=args.gradient_checkpointing
+    )
     replicated = devices.replicated
 
     def shapes(module):
@@ -143,8 +157,14 @@ def build(args, devices) -> tuple[Models, dict, dict]:
     frozen = {"text_encoder": draw(shapes(text_encoder)), "vae": draw(shapes(vae)), "unet": unet_params}
     frozen = jax.tree.map(lambda x: np.asarray(x).astype(dtype), frozen)
     controlnet_params = replicate(controlnet_params, replicated)
-    models = Models(text_encoder, vae, unet, controlnet, NoiseSchedule.from_config(SCHEDULER_CONFIG),
-                    float(vae_config["scaling_factor"]))
+    models = Models(
+        text_encoder,
+        vae,
+        unet,
+        controlnet,
+        NoiseSchedule.from_config(SCHEDULER_CONFIG),
+        float(vae_config["scaling_factor"]),
+    )
     return models, frozen, controlnet_params
 
 
@@ -155,8 +175,10 @@ def synthetic_batch(args, micro: int, devices, models: Models, path: str) -> dic
     rng = np.random.default_rng(args.seed)
     shape = (args.gradient_accumulation_steps, micro)
     image = (*shape, 3, args.resolution, args.resolution)
-    host = {"conditioning_pixel_values": rng.uniform(0.0, 1.0, image).astype(np.float32),
-            "index": np.arange(np.prod(shape), dtype=np.int32).reshape(shape)}
+    host = {
+        "conditioning_pixel_values": rng.uniform(0.0, 1.0, image).astype(np.float32),
+        "index": np.arange(np.prod(shape), dtype=np.int32).reshape(shape),
+    }
     if path == "reference":
         host["pixel_values"] = rng.uniform(-1.0, 1.0, image).astype(np.float32)
         host["input_ids"] = rng.integers(0, VOCAB[args.model], (*shape, MAX_LENGTH)).astype(np.int32)
@@ -210,9 +232,15 @@ def time_path(path: str, args, devices, models: Models, frozen: dict, controlnet
     if not np.isfinite(loss):
         raise SystemExit(f"{path}: the loss is not finite")
     flops = xla_flops(compiled)
-    result = {"compile_s": compile_s, "s_per_step": s_per_step, "samples_per_second": global_batch / s_per_step,
-              "flops_per_sample": None if flops is None else flops * devices.count / global_batch,
-              "peak_memory_gib": peak_device_memory_gib(), "loss": loss, "step_times_s": times}
+    result = {
+        "compile_s": compile_s,
+        "s_per_step": s_per_step,
+        "samples_per_second": global_batch / s_per_step,
+        "flops_per_sample": None if flops is None else flops * devices.count / global_batch,
+        "peak_memory_gib": peak_device_memory_gib(),
+        "loss": loss,
+        "step_times_s": times,
+    }
     peak = peak_bf16_flops(jax.devices()[0].device_kind)
     result["mfu"] = None if peak is None or flops is None else flops / s_per_step / peak
     return result
@@ -228,16 +256,22 @@ def main(argv: list[str] | None = None) -> dict:
     device = jax.devices()[0]
     global_batch = args.batch_size * devices.count * args.gradient_accumulation_steps
     print(f"devices: {devices.count} × {device.device_kind} ({device.platform})")
-    print(f"model: {args.model}  resolution: {args.resolution}  batch per device: {args.batch_size}  "
-          f"accumulation: {args.gradient_accumulation_steps}  global batch: {global_batch}  "
-          f"mixed precision: {args.mixed_precision}  gradient checkpointing: {args.gradient_checkpointing}", flush=True)
+    print(
+        f"model: {args.model}  resolution: {args.resolution}  batch per device: {args.batch_size}  "
+        f"accumulation: {args.gradient_accumulation_steps}  global batch: {global_batch}  "
+        f"mixed precision: {args.mixed_precision}  gradient checkpointing: {args.gradient_checkpointing}",
+        flush=True,
+    )
 
     start = time.perf_counter()
     models, frozen, controlnet_params = build(args, devices)
     jax.block_until_ready(controlnet_params)
     count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
-    print(f"init: {time.perf_counter() - start:.2f} s  (ControlNet {count(controlnet_params) / 1e6:.1f} M params, "
-          f"UNet {count(frozen['unet']) / 1e6:.1f} M)", flush=True)
+    print(
+        f"init: {time.perf_counter() - start:.2f} s  (ControlNet {count(controlnet_params) / 1e6:.1f} M params, "
+        f"UNet {count(frozen['unet']) / 1e6:.1f} M)",
+        flush=True,
+    )
 
     schedule = lr_schedule("constant", 1e-5, 0, args.warmup + args.steps + 1)
     tx = make_optimizer(OPTIMIZER, schedule)
@@ -245,15 +279,17 @@ def main(argv: list[str] | None = None) -> dict:
     for path in [p for p in PATHS if p in args.paths]:
         r = results[path] = time_path(path, args, devices, models, frozen, controlnet_params, tx, schedule)
         gflops = r["flops_per_sample"] and r["flops_per_sample"] / 1e9
-        print(f"{path}: compile {r['compile_s']:.2f} s | steady {r['s_per_step']:.4f} s/step (median of "
-              f"{args.steps}; min {min(r['step_times_s']):.4f}, max {max(r['step_times_s']):.4f}) | "
-              f"{r['samples_per_second']:.2f} samples/s | {fmt(gflops, '.2f', ' GFLOP')}/sample | "
-              f"MFU {fmt(r['mfu'], '.1%')} | peak memory "
-              f"{fmt(r['peak_memory_gib'], '.2f', ' GiB')} | loss {r['loss']:.4f}", flush=True)
+        print(
+            f"{path}: compile {r['compile_s']:.2f} s | steady {r['s_per_step']:.4f} s/step (median of "
+            f"{args.steps}; min {min(r['step_times_s']):.4f}, max {max(r['step_times_s']):.4f}) | "
+            f"{r['samples_per_second']:.2f} samples/s | {fmt(gflops, '.2f', ' GFLOP')}/sample | "
+            f"MFU {fmt(r['mfu'], '.1%')} | peak memory "
+            f"{fmt(r['peak_memory_gib'], '.2f', ' GiB')} | loss {r['loss']:.4f}",
+            flush=True,
+        )
     if len(results) == 2:
         ratio = results["optimized"]["samples_per_second"] / results["reference"]["samples_per_second"]
-        print(f"optimized / reference: {ratio:.2f}× samples/s "
-              f"(optimized step = {1 / ratio:.2f}× the reference step)")
+        print(f"optimized / reference: {ratio:.2f}× samples/s (optimized step = {1 / ratio:.2f}× the reference step)")
     return {"devices": devices.count, "device_kind": device.device_kind, "global_batch": global_batch, **results}
 
 

@@ -54,16 +54,18 @@ POLL_S = 0.002
 
 # ------------------------------------------------------------------------------------------------ set-up
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--trainer", choices=sorted(SCRIPTS), default="sd")
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0, help="Seed of the kill schedule (the training seed is 7).")
     parser.add_argument("--work", type=Path, default=None, help="Work folder (default: a new temporary one).")
     parser.add_argument("--model", type=Path, default=None, help="A tiny pipeline (default: written into --work).")
     parser.add_argument("--data", type=Path, default=None, help="An imagefolder (default: written into --work).")
-    parser.add_argument("--max_train_steps", type=int, default=None,
-                        help="Default: enough for the kills (2 × kills + 6 checkpoints).")
+    parser.add_argument(
+        "--max_train_steps", type=int, default=None, help="Default: enough for the kills (2 × kills + 6 checkpoints)."
+    )
     parser.add_argument("--checkpointing_steps", type=int, default=1)
     parser.add_argument("--checkpoints_total_limit", type=int, default=2)
     parser.add_argument("--devices", type=int, default=4, help="Flax: simulated CPU devices.")
@@ -92,8 +94,14 @@ def fixtures(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
 
 
 def environment(args: argparse.Namespace, work: Path) -> dict[str, str]:
-    env = {**os.environ, **THREADS, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "HF_HOME": str(work / "hf-home"), "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        **THREADS,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HOME": str(work / "hf-home"),
+        "PYTHONPATH": str(ROOT),
+    }
     if args.trainer == "flax":
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices} {XLA_THREADS}"
         env.setdefault("JAX_COMPILATION_CACHE_DIR", str(work / "jax-compilation-cache"))
@@ -104,12 +112,23 @@ def environment(args: argparse.Namespace, work: Path) -> dict[str, str]:
 
 def trainer_argv(args: argparse.Namespace, model: Path, data: Path, output_dir: Path, cache_dir: Path) -> list[str]:
     """The same flags for every run (resume 'latest' starts fresh in an empty folder); each run family its cache."""
-    flags = {"pretrained_model_name_or_path": model, "train_data_dir": data, "output_dir": output_dir,
-             "cache_dir": cache_dir, "resolution": 64, "train_batch_size": 1 if args.trainer == "flax" else 2,
-             "max_train_steps": args.max_train_steps, "checkpointing_steps": args.checkpointing_steps,
-             "checkpoints_total_limit": args.checkpoints_total_limit, "learning_rate": 1e-3, "seed": 7,
-             "logging_steps": 1, "proportion_empty_prompts": 0.2, "snr_gamma": 5.0,
-             "resume_from_checkpoint": "latest"}
+    flags = {
+        "pretrained_model_name_or_path": model,
+        "train_data_dir": data,
+        "output_dir": output_dir,
+        "cache_dir": cache_dir,
+        "resolution": 64,
+        "train_batch_size": 1 if args.trainer == "flax" else 2,
+        "max_train_steps": args.max_train_steps,
+        "checkpointing_steps": args.checkpointing_steps,
+        "checkpoints_total_limit": args.checkpoints_total_limit,
+        "learning_rate": 1e-3,
+        "seed": 7,
+        "logging_steps": 1,
+        "proportion_empty_prompts": 0.2,
+        "snr_gamma": 5.0,
+        "resume_from_checkpoint": "latest",
+    }
     return [item for name, value in flags.items() for item in (f"--{name}", str(value))]
 
 
@@ -157,9 +176,14 @@ class Run:
     def start(self) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "wb") as log:
-            self.process = subprocess.Popen([sys.executable, str(ROOT / self.script), *self.argv], stdout=log,
-                                            stderr=subprocess.STDOUT, env=self.env, cwd=ROOT,
-                                            start_new_session=True)  # its own process group: killed as one
+            self.process = subprocess.Popen(
+                [sys.executable, str(ROOT / self.script), *self.argv],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=ROOT,
+                start_new_session=True,
+            )  # its own process group: killed as one
         self.started = time.monotonic()
 
     def elapsed(self) -> float:
@@ -169,9 +193,9 @@ class Run:
         now = self.elapsed()
         for name in names:
             if name.startswith(".checkpoint-") and name.endswith(".tmp"):
-                self.save_started.setdefault(int(name[len(".checkpoint-"):-len(".tmp")]), now)
-            elif name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit():
-                self.save_done.setdefault(int(name[len("checkpoint-"):]), now)
+                self.save_started.setdefault(int(name[len(".checkpoint-") : -len(".tmp")]), now)
+            elif name.startswith("checkpoint-") and name[len("checkpoint-") :].isdigit():
+                self.save_done.setdefault(int(name[len("checkpoint-") :]), now)
 
     def kill(self) -> None:
         try:
@@ -211,8 +235,9 @@ class Timing:
             return cls(run.elapsed(), 0.5, 0.05)
         gaps = [b[1] - a[1] for a, b in zip(starts, starts[1:], strict=False)]
         lengths = [run.save_done[s] - t for s, t in starts if s in run.save_done]
-        return cls(starts[0][1], statistics.median(gaps) if gaps else 0.5,
-                   statistics.median(lengths) if lengths else 0.05)
+        return cls(
+            starts[0][1], statistics.median(gaps) if gaps else 0.5, statistics.median(lengths) if lengths else 0.05
+        )
 
 
 # ------------------------------------------------------------------------------------------------ the soak
@@ -256,8 +281,16 @@ def kill_schedule(kills: int, rng: random.Random) -> list[str]:
     return head + modes + tail
 
 
-def attempt(run: Run, mode: str, figures: Figures, timing: Timing, rng: random.Random, output_dir: Path,
-            cache_dir: Path, args: argparse.Namespace) -> tuple[str, str]:
+def attempt(
+    run: Run,
+    mode: str,
+    figures: Figures,
+    timing: Timing,
+    rng: random.Random,
+    output_dir: Path,
+    cache_dir: Path,
+    args: argparse.Namespace,
+) -> tuple[str, str]:
     """One attempt: start, kill according to `mode` (adapted to where the run is), return (outcome, mode):
     outcome 'killed', 'finished' (exit 0 before the kill) or 'failed' (non-zero exit on its own)."""
     steps, every = args.max_train_steps, args.checkpointing_steps
@@ -307,8 +340,10 @@ def attempt(run: Run, mode: str, figures: Figures, timing: Timing, rng: random.R
                 if name in names and stale_tmp.get(name) != names[name]:
                     trigger_at = now + delay
             elif mode == "train":
-                if any(n.startswith(".checkpoint-") and n.endswith(".tmp") and stale_tmp.get(n) != i
-                       for n, i in names.items()):
+                if any(
+                    n.startswith(".checkpoint-") and n.endswith(".tmp") and stale_tmp.get(n) != i
+                    for n, i in names.items()
+                ):
                     trigger_at = now + delay
             elif mode == "cache":
                 if partial_caches(cache_dir):
@@ -354,8 +389,10 @@ def soak(args: argparse.Namespace, work: Path, figures: Figures, log) -> None:
     if status != 0:
         raise SystemExit(f"the uninterrupted run failed ({status}):\n{reference.tail()}")
     timing = Timing.of(reference)
-    log(f"uninterrupted run: {figures.reference_s} s (start-up {timing.startup_s:.1f} s, a checkpoint every "
-        f"{timing.interval_s:.2f} s, each written in {timing.save_s * 1000:.0f} ms)")
+    log(
+        f"uninterrupted run: {figures.reference_s} s (start-up {timing.startup_s:.1f} s, a checkpoint every "
+        f"{timing.interval_s:.2f} s, each written in {timing.save_s * 1000:.0f} ms)"
+    )
 
     began = time.monotonic()
     argv = trainer_argv(args, model, data, soak_dir, soak_cache)
@@ -381,8 +418,10 @@ def soak(args: argparse.Namespace, work: Path, figures: Figures, log) -> None:
             first = min(run.save_started.values())
             timing.startup_s = min(timing.startup_s, first)
         done = complete_checkpoints(soak_dir)
-        log(f"kill {number:2d} ({mode:6s}) at {run.elapsed():6.2f} s: latest checkpoint "
-            f"{done[-1] if done else 'none'}; mid-save kills so far {figures.kills_mid_save}")
+        log(
+            f"kill {number:2d} ({mode:6s}) at {run.elapsed():6.2f} s: latest checkpoint "
+            f"{done[-1] if done else 'none'}; mid-save kills so far {figures.kills_mid_save}"
+        )
     else:
         figures.attempts += 1
         final = Run(argv, env, work / "logs" / f"attempt-{figures.attempts:03d}.log", script)
@@ -450,8 +489,9 @@ def max_diff(a: dict, b: dict) -> float:
 
     if a.keys() != b.keys():
         return math.inf
-    return max((float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)))) if a[k].size else 0.0)
-               for k in a)
+    return max(
+        (float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)))) if a[k].size else 0.0) for k in a
+    )
 
 
 def verify(args: argparse.Namespace, figures: Figures, ref_dir: Path, soak_dir: Path, caches: list[Path]) -> None:
@@ -530,8 +570,10 @@ def main(argv: list[str] | None = None) -> int:
         print(message, flush=True)
 
     began = time.monotonic()
-    log(f"soak of {SCRIPTS[args.trainer]}: {args.kills} kills, seed {args.seed}, {args.max_train_steps} steps, a "
-        f"checkpoint every {args.checkpointing_steps} (keep {args.checkpoints_total_limit}), work folder {work}")
+    log(
+        f"soak of {SCRIPTS[args.trainer]}: {args.kills} kills, seed {args.seed}, {args.max_train_steps} steps, a "
+        f"checkpoint every {args.checkpointing_steps} (keep {args.checkpoints_total_limit}), work folder {work}"
+    )
     try:
         soak(args, work, figures, log)
     finally:

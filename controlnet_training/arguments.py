@@ -28,11 +28,19 @@ class Parser(argparse.ArgumentParser):
 
 def add_model_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("models")
-    group.add_argument("--pretrained_model_name_or_path", type=str, required=True,
-                       help="Base diffusers pipeline: a hub repo id or a local folder.")
-    group.add_argument("--controlnet_model_name_or_path", type=str, default=None,
-                       help="Existing ControlNet weights to continue from. If unset, the ControlNet is built from "
-                            "the UNet (encoder copied, zero convolutions).")
+    group.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        required=True,
+        help="Base diffusers pipeline: a hub repo id or a local folder.",
+    )
+    group.add_argument(
+        "--controlnet_model_name_or_path",
+        type=str,
+        default=None,
+        help="Existing ControlNet weights to continue from. If unset, the ControlNet is built from "
+        "the UNet (encoder copied, zero convolutions).",
+    )
     group.add_argument("--revision", type=str, default=None, help="Hub revision of the base model components.")
     group.add_argument("--variant", type=str, default=None, help="Weight file variant of the base model, e.g. fp16.")
     group.add_argument("--tokenizer_name", type=str, default=None, help="Tokenizer to use instead of the base one.")
@@ -41,126 +49,215 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
 
 def add_data_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("data")
-    group.add_argument("--dataset_name", type=str, default=None,
-                       help="Hub dataset id, or a local path load_dataset can read.")
+    group.add_argument(
+        "--dataset_name", type=str, default=None, help="Hub dataset id, or a local path load_dataset can read."
+    )
     group.add_argument("--dataset_config_name", type=str, default=None, help="Dataset configuration name.")
-    group.add_argument("--train_data_dir", type=str, default=None,
-                       help="Local data: an imagefolder with metadata.jsonl (file_name, "
-                            "conditioning_image_file_name, text), parquet files, or a save_to_disk folder. "
-                            "With --dataset_name it is passed as data_dir.")
-    group.add_argument("--cache_dir", type=str, default=None,
-                       help="Cache folder for datasets, and (under encodings/) for the cached encodings.")
-    group.add_argument("--cache_encodings", choices=("auto", "always", "never"), default="auto",
-                       help="Encode every training image (VAE posterior) and caption once, before training, into an "
-                            "on-disk cache reused across runs; the encoders then leave the device. auto: when the "
-                            "run reads every row at least once. SDXL always caches its text embeddings.")
+    group.add_argument(
+        "--train_data_dir",
+        type=str,
+        default=None,
+        help="Local data: an imagefolder with metadata.jsonl (file_name, "
+        "conditioning_image_file_name, text), parquet files, or a save_to_disk folder. "
+        "With --dataset_name it is passed as data_dir.",
+    )
+    group.add_argument(
+        "--cache_dir",
+        type=str,
+        default=None,
+        help="Cache folder for datasets, and (under encodings/) for the cached encodings.",
+    )
+    group.add_argument(
+        "--cache_encodings",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="Encode every training image (VAE posterior) and caption once, before training, into an "
+        "on-disk cache reused across runs; the encoders then leave the device. auto: when the "
+        "run reads every row at least once. SDXL always caches its text embeddings.",
+    )
     group.add_argument("--image_column", type=str, default="image", help="Column with the target image.")
-    group.add_argument("--conditioning_image_column", type=str, default="conditioning_image",
-                       help="Column with the control image.")
-    group.add_argument("--caption_column", type=str, default="text",
-                       help="Column with a caption or a list of captions (one is picked at random per read).")
-    group.add_argument("--max_train_samples", type=int, default=None,
-                       help="Shuffle with --seed and keep only the first N rows.")
-    group.add_argument("--proportion_empty_prompts", type=float, default=0,
-                       help="Probability that a caption is replaced by the empty prompt.")
-    group.add_argument("--resolution", type=int, default=512,
-                       help="Training size: shorter side resized to it, then centre-cropped. Divisible by 8.")
+    group.add_argument(
+        "--conditioning_image_column", type=str, default="conditioning_image", help="Column with the control image."
+    )
+    group.add_argument(
+        "--caption_column",
+        type=str,
+        default="text",
+        help="Column with a caption or a list of captions (one is picked at random per read).",
+    )
+    group.add_argument(
+        "--max_train_samples", type=int, default=None, help="Shuffle with --seed and keep only the first N rows."
+    )
+    group.add_argument(
+        "--proportion_empty_prompts",
+        type=float,
+        default=0,
+        help="Probability that a caption is replaced by the empty prompt.",
+    )
+    group.add_argument(
+        "--resolution",
+        type=int,
+        default=512,
+        help="Training size: shorter side resized to it, then centre-cropped. Divisible by 8.",
+    )
     group.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
     return group
 
 
 def add_training_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("training")
-    group.add_argument("--output_dir", type=str, default="controlnet-model",
-                       help="Where the final weights, checkpoints and logs go.")
-    group.add_argument("--seed", type=int, default=None,
-                       help="Seed for data order, noise, timesteps and caption dropout (random if unset; "
-                            "stored in checkpoints so resume stays exact).")
+    group.add_argument(
+        "--output_dir", type=str, default="controlnet-model", help="Where the final weights, checkpoints and logs go."
+    )
+    group.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="Seed for data order, noise, timesteps and caption dropout (random if unset; "
+        "stored in checkpoints so resume stays exact).",
+    )
     group.add_argument("--train_batch_size", type=int, default=4, help="Batch size per device.")
     group.add_argument("--num_train_epochs", type=int, default=1)
-    group.add_argument("--max_train_steps", type=int, default=None,
-                       help="Total optimizer steps; overrides --num_train_epochs.")
-    group.add_argument("--gradient_accumulation_steps", type=int, default=1,
-                       help="Micro-batches per optimizer step.")
-    group.add_argument("--gradient_checkpointing", action="store_true",
-                       help="Recompute activations in the backward pass (ControlNet and UNet) to save memory.")
+    group.add_argument(
+        "--max_train_steps", type=int, default=None, help="Total optimizer steps; overrides --num_train_epochs."
+    )
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
+    group.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Recompute activations in the backward pass (ControlNet and UNet) to save memory.",
+    )
     group.add_argument("--learning_rate", type=float, default=5e-6)
-    group.add_argument("--scale_lr", action="store_true", default=False,
-                       help="Multiply the learning rate by accumulation × batch size × number of processes.")
-    group.add_argument("--lr_scheduler", type=str, default="constant",
-                       help=f"One of: {', '.join(LR_SCHEDULERS)}.")
+    group.add_argument(
+        "--scale_lr",
+        action="store_true",
+        default=False,
+        help="Multiply the learning rate by accumulation × batch size × number of processes.",
+    )
+    group.add_argument("--lr_scheduler", type=str, default="constant", help=f"One of: {', '.join(LR_SCHEDULERS)}.")
     group.add_argument("--lr_warmup_steps", type=int, default=500, help="Warmup steps (not used by 'constant').")
     group.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts for cosine_with_restarts.")
     group.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
-    group.add_argument("--snr_gamma", type=float, default=None,
-                       help="Min-SNR weighting gamma (5.0 is the usual value); off by default.")
+    group.add_argument(
+        "--snr_gamma",
+        type=float,
+        default=None,
+        help="Min-SNR weighting gamma (5.0 is the usual value); off by default.",
+    )
     group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW.")
     group.add_argument("--adam_beta1", type=float, default=0.9)
     group.add_argument("--adam_beta2", type=float, default=0.999)
     group.add_argument("--adam_weight_decay", type=float, default=1e-2)
     group.add_argument("--adam_epsilon", type=float, default=1e-08)
     group.add_argument("--max_grad_norm", type=float, default=1.0, help="Global-norm gradient clipping limit.")
-    group.add_argument("--max_consecutive_nonfinite_steps", type=int, default=3,
-                       help="A step whose loss or gradient norm is NaN/Inf updates with a zero gradient (the weights "
-                            "stay finite) and is reported with its step number where the loss is read (every "
-                            "--logging_steps, and before each checkpoint and validation); this many such steps in "
-                            "a row stop the run; its checkpoints stay usable (bad steps never reach the weights).")
-    group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
-                       help="Frozen models in this dtype, ControlNet under autocast. Default: accelerate config.")
+    group.add_argument(
+        "--max_consecutive_nonfinite_steps",
+        type=int,
+        default=3,
+        help="A step whose loss or gradient norm is NaN/Inf updates with a zero gradient (the weights "
+        "stay finite) and is reported with its step number where the loss is read (every "
+        "--logging_steps, and before each checkpoint and validation); this many such steps in "
+        "a row stop the run; its checkpoints stay usable (bad steps never reach the weights).",
+    )
+    group.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Frozen models in this dtype, ControlNet under autocast. Default: accelerate config.",
+    )
     group.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls and cuDNN convolutions on Ampere+.")
-    group.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
-                       help="xFormers attention (PyTorch SDPA is used otherwise).")
-    group.add_argument("--set_grads_to_none", action="store_true",
-                       help="Free gradients instead of zeroing them after each step.")
-    group.add_argument("--torch_compile", action="store_true",
-                       help="Compile the ControlNet and UNet with torch.compile (inductor); the first steps (and the "
-                            "first validation) are slow while it compiles.")
-    group.add_argument("--channels_last", action="store_true",
-                       help="ControlNet and UNet in channels_last memory format (CUDA only; may help convolutions "
-                            "in eager mode, torch.compile chooses layouts itself).")
+    group.add_argument(
+        "--enable_xformers_memory_efficient_attention",
+        action="store_true",
+        help="xFormers attention (PyTorch SDPA is used otherwise).",
+    )
+    group.add_argument(
+        "--set_grads_to_none", action="store_true", help="Free gradients instead of zeroing them after each step."
+    )
+    group.add_argument(
+        "--torch_compile",
+        action="store_true",
+        help="Compile the ControlNet and UNet with torch.compile (inductor); the first steps (and the "
+        "first validation) are slow while it compiles.",
+    )
+    group.add_argument(
+        "--channels_last",
+        action="store_true",
+        help="ControlNet and UNet in channels_last memory format (CUDA only; may help convolutions "
+        "in eager mode, torch.compile chooses layouts itself).",
+    )
     return group
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("checkpoints")
-    group.add_argument("--checkpointing_steps", type=int, default=500,
-                       help="Save the full training state every N optimizer steps as output_dir/checkpoint-N.")
-    group.add_argument("--checkpoints_total_limit", type=int, default=None,
-                       help="Keep at most this many checkpoint-N folders (oldest removed first).")
-    group.add_argument("--resume_from_checkpoint", type=str, default=None,
-                       help='"latest", a checkpoint folder path, or a checkpoint-N name inside output_dir.')
+    group.add_argument(
+        "--checkpointing_steps",
+        type=int,
+        default=500,
+        help="Save the full training state every N optimizer steps as output_dir/checkpoint-N.",
+    )
+    group.add_argument(
+        "--checkpoints_total_limit",
+        type=int,
+        default=None,
+        help="Keep at most this many checkpoint-N folders (oldest removed first).",
+    )
+    group.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help='"latest", a checkpoint folder path, or a checkpoint-N name inside output_dir.',
+    )
     return group
 
 
 def add_validation_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("validation")
-    group.add_argument("--validation_prompt", type=str, nargs="+", default=None,
-                       help="Prompts; paired 1:1 with --validation_image, or one prompt for all images, or one "
-                            "image for all prompts.")
+    group.add_argument(
+        "--validation_prompt",
+        type=str,
+        nargs="+",
+        default=None,
+        help="Prompts; paired 1:1 with --validation_image, or one prompt for all images, or one image for all prompts.",
+    )
     group.add_argument("--validation_image", type=str, nargs="+", default=None, help="Control image paths.")
     group.add_argument("--num_validation_images", type=int, default=4, help="Images generated per pair.")
     group.add_argument("--validation_steps", type=int, default=100, help="Validate every N optimizer steps.")
-    group.add_argument("--validation_split", type=float, default=None,
-                       help="Training rows held out for the held-out loss and control gain at every validation: "
-                            "a fraction (< 1) or a count (>= 1); 0 turns the signal off. Default: 5%% of the rows, "
-                            "at most 32 (off below 40 rows).")
+    group.add_argument(
+        "--validation_split",
+        type=float,
+        default=None,
+        help="Training rows held out for the held-out loss and control gain at every validation: "
+        "a fraction (< 1) or a count (>= 1); 0 turns the signal off. Default: 5%% of the rows, "
+        "at most 32 (off below 40 rows).",
+    )
     return group
 
 
 def add_logging_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("logging and hub")
     group.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to output_dir.")
-    group.add_argument("--report_to", type=str, default="tensorboard",
-                       help='"tensorboard", "wandb", "comet_ml" or "all".')
+    group.add_argument(
+        "--report_to", type=str, default="tensorboard", help='"tensorboard", "wandb", "comet_ml" or "all".'
+    )
     group.add_argument("--tracker_project_name", type=str, default="train_controlnet")
-    group.add_argument("--push_to_hub", action="store_true",
-                       help="Upload the final weights, model card and sample images (not checkpoints).")
+    group.add_argument(
+        "--push_to_hub",
+        action="store_true",
+        help="Upload the final weights, model card and sample images (not checkpoints).",
+    )
     group.add_argument("--hub_token", type=str, default=None, help="Hub token (default: the stored login).")
     group.add_argument("--hub_model_id", type=str, default=None, help="Repo name; default: basename of output_dir.")
-    group.add_argument("--logging_steps", type=int, default=10,
-                       help="Read the loss and gradient norm back from the device, update the progress bar and log "
-                            "to the trackers every N optimizer steps (and at the last step); the loss logged is the "
-                            "mean over the steps since the previous log. Other steps never wait for the device.")
+    group.add_argument(
+        "--logging_steps",
+        type=int,
+        default=10,
+        help="Read the loss and gradient norm back from the device, update the progress bar and log "
+        "to the trackers every N optimizer steps (and at the last step); the loss logged is the "
+        "mean over the steps since the previous log. Other steps never wait for the device.",
+    )
     return group
 
 
@@ -176,10 +273,23 @@ def build_parser(description: str) -> Parser:
     return parser
 
 
-_POSITIVE = ("train_batch_size", "num_train_epochs", "max_train_steps", "gradient_accumulation_steps",
-             "checkpointing_steps", "checkpoints_total_limit", "validation_steps", "num_validation_images",
-             "max_train_samples", "learning_rate", "snr_gamma", "max_grad_norm", "resolution",
-             "logging_steps", "max_consecutive_nonfinite_steps")
+_POSITIVE = (
+    "train_batch_size",
+    "num_train_epochs",
+    "max_train_steps",
+    "gradient_accumulation_steps",
+    "checkpointing_steps",
+    "checkpoints_total_limit",
+    "validation_steps",
+    "num_validation_images",
+    "max_train_samples",
+    "learning_rate",
+    "snr_gamma",
+    "max_grad_norm",
+    "resolution",
+    "logging_steps",
+    "max_consecutive_nonfinite_steps",
+)
 _NON_NEGATIVE = ("lr_warmup_steps", "dataloader_num_workers", "adam_weight_decay", "adam_epsilon", "validation_split")
 
 
@@ -198,21 +308,27 @@ def check_args(args: argparse.Namespace) -> None:
         if value is not None and value < 0:
             raise InputError(f"--{name} must be >= 0, got {value}")
     if args.resolution % 8 != 0:
-        raise InputError(f"--resolution must be divisible by 8 (the VAE and the ControlNet's conditioning encoder "
-                         f"both downsample by 8), got {args.resolution}")
+        raise InputError(
+            f"--resolution must be divisible by 8 (the VAE and the ControlNet's conditioning encoder "
+            f"both downsample by 8), got {args.resolution}"
+        )
     if args.lr_scheduler not in LR_SCHEDULERS:
         raise InputError(f"--lr_scheduler {args.lr_scheduler} is not one of: {', '.join(LR_SCHEDULERS)}")
     if args.lr_scheduler == "polynomial" and args.learning_rate <= 1e-7:
-        raise InputError(f"--lr_scheduler polynomial decays to 1e-7, so --learning_rate must be above it "
-                         f"(got {args.learning_rate:g})")
+        raise InputError(
+            f"--lr_scheduler polynomial decays to 1e-7, so --learning_rate must be above it "
+            f"(got {args.learning_rate:g})"
+        )
     prompts, images = args.validation_prompt, args.validation_image
     if prompts is not None and images is None:
         raise InputError("--validation_prompt needs --validation_image as well")
     if images is not None and prompts is None:
         raise InputError("--validation_image needs --validation_prompt as well")
     if prompts is not None and len(prompts) != 1 and len(images) != 1 and len(prompts) != len(images):
-        raise InputError(f"give 1 --validation_image, 1 --validation_prompt, or equal numbers of both "
-                         f"(got {len(images)} images and {len(prompts)} prompts)")
+        raise InputError(
+            f"give 1 --validation_image, 1 --validation_prompt, or equal numbers of both "
+            f"(got {len(images)} images and {len(prompts)} prompts)"
+        )
 
 
 def check_finite(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -227,8 +343,9 @@ def check_finite(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
                 raise InputError(f"{action.option_strings[0]} must be a finite number, got {number}")
 
 
-def parse_args(parser: Parser, argv: list[str] | None = None,
-               check: Callable[[argparse.Namespace], None] | None = None) -> argparse.Namespace:
+def parse_args(
+    parser: Parser, argv: list[str] | None = None, check: Callable[[argparse.Namespace], None] | None = None
+) -> argparse.Namespace:
     """Parse and check (`check`, default check_args); bad flags exit with status 2 and a one-line message."""
     args = parser.parse_args(argv)
     try:

@@ -41,8 +41,11 @@ def fingerprint(parts: dict) -> str:
 def model_identity(model, folder: str | None = None) -> dict:
     """What a model's outputs depend on: its config, plus its Hub commit or its local weight files' size and mtime."""
     config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
-    identity = {"config": {k: v for k, v in config.items() if not k.startswith("_") or k == "_class_name"},
-                "commit": getattr(model.config, "_commit_hash", None), "dtype": str(getattr(model, "dtype", ""))}
+    identity = {
+        "config": {k: v for k, v in config.items() if not k.startswith("_") or k == "_class_name"},
+        "commit": getattr(model.config, "_commit_hash", None),
+        "dtype": str(getattr(model, "dtype", "")),
+    }
     identity["files"] = weight_files(folder)
     return identity
 
@@ -150,10 +153,18 @@ class TensorCache:
         return {**self.__dict__, "_handles": {}, "_pid": None}
 
 
-def build_or_load(cache_dir: str | os.PathLike, parts: dict, keys: Sequence[Key],
-                  compute: Callable[[list[Key]], dict[str, Any]], desc: str = "caching", batch_size: int = 32,
-                  rank: int = 0, world_size: int = 1, barrier: Callable[[], None] = lambda: None,
-                  rows_per_shard: int = ROWS_PER_SHARD) -> TensorCache:
+def build_or_load(
+    cache_dir: str | os.PathLike,
+    parts: dict,
+    keys: Sequence[Key],
+    compute: Callable[[list[Key]], dict[str, Any]],
+    desc: str = "caching",
+    batch_size: int = 32,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] = lambda: None,
+    rows_per_shard: int = ROWS_PER_SHARD,
+) -> TensorCache:
     """The cache of `compute(keys)` named by `parts`: loaded if it exists and checks out, else (re)built.
 
     `compute` gets a list of at most `batch_size` keys and returns {name: array with one row per key}. Every process
@@ -223,11 +234,19 @@ def build_or_load(cache_dir: str | os.PathLike, parts: dict, keys: Sequence[Key]
 
         with safe_open(str(files[0]), framework="np") as first:
             names = sorted(first.keys())
-        shards = [{"file": f.name, "rows": min(rows_per_shard, len(keys) - s), "bytes": f.stat().st_size,
-                   "sha256": _sha256(f)} for s, f in zip(starts, files, strict=True)]
+        shards = [
+            {
+                "file": f.name,
+                "rows": min(rows_per_shard, len(keys) - s),
+                "bytes": f.stat().st_size,
+                "sha256": _sha256(f),
+            }
+            for s, f in zip(starts, files, strict=True)
+        ]
         bfloat16 = sorted(path.stem for path in partial.glob("*.bfloat16"))  # marks left by every process
-        index = json.dumps({"parts": parts, "names": names, "keys": keys, "shards": shards, "bfloat16": bfloat16},
-                           default=str)
+        index = json.dumps(
+            {"parts": parts, "names": names, "keys": keys, "shards": shards, "bfloat16": bfloat16}, default=str
+        )
         with exit_on_disk_full(partial, len(index), lambda: (partial / INDEX).unlink(missing_ok=True)):
             (partial / INDEX).write_text(index)
         os.replace(partial, folder)

@@ -62,8 +62,9 @@ def prune_checkpoints(output_dir: str | os.PathLike, limit: int | None, room_for
     if room_for_next:
         doomed = doomed[: len(existing) - 1]
     if doomed:
-        logger.info("removing %d old checkpoint(s) to keep %d: %s", len(doomed), limit,
-                    ", ".join(p.name for p in doomed))
+        logger.info(
+            "removing %d old checkpoint(s) to keep %d: %s", len(doomed), limit, ", ".join(p.name for p in doomed)
+        )
     for path in doomed:
         hidden = path.with_name(f".{path.name}.deleting")
         shutil.rmtree(hidden, ignore_errors=True)
@@ -87,17 +88,26 @@ def resolve_resume(value: str | None, output_dir: str | os.PathLike) -> Path | N
         if candidate.is_dir() and (candidate / STATE_FILE).exists():
             return candidate
     available = ", ".join(p.name for _, p in list_checkpoints(output_dir)) or "none"
-    raise InputError(f"--resume_from_checkpoint {value}: no complete checkpoint there "
-                     f"(checkpoints in {output_dir}: {available}; or pass 'latest')")
+    raise InputError(
+        f"--resume_from_checkpoint {value}: no complete checkpoint there "
+        f"(checkpoints in {output_dir}: {available}; or pass 'latest')"
+    )
 
 
 def read_state(checkpoint: Path) -> dict:
     return json.loads((Path(checkpoint) / STATE_FILE).read_text())
 
 
-def save_checkpoint(output_dir: str | os.PathLike, step: int, write: Callable[[Path], None], state: dict,
-                    is_main_process: bool = True, barrier: Callable[[], None] = lambda: None,
-                    limit: int | None = None, expected_bytes: int | None = None) -> Path:
+def save_checkpoint(
+    output_dir: str | os.PathLike,
+    step: int,
+    write: Callable[[Path], None],
+    state: dict,
+    is_main_process: bool = True,
+    barrier: Callable[[], None] = lambda: None,
+    limit: int | None = None,
+    expected_bytes: int | None = None,
+) -> Path:
     """Write through `write(tmp_folder)` on every participating process, then rename on the main process (and
     prune to `limit` checkpoints there, once the new one is complete).
 
@@ -142,16 +152,14 @@ def remove_debris(output_dir: str | os.PathLike) -> list[Path]:
 FINAL_TMP = ".final-weights.tmp"
 
 
-def save_final(output_dir: str | os.PathLike, write: Callable[[Path], None], expected_bytes: int | None = None
-               ) -> None:
+def save_final(output_dir: str | os.PathLike, write: Callable[[Path], None], expected_bytes: int | None = None) -> None:
     """The final weights: `write(folder)` into a hidden temporary folder, then its files moved into output_dir, so
     a crash or a full disk never leaves a half-written weights file there (a full disk: the one-line error, the
     temporary folder removed, the weights of any earlier run left as they were)."""
     output_dir = Path(output_dir)
     tmp = output_dir / FINAL_TMP
     shutil.rmtree(tmp, ignore_errors=True)
-    with exit_on_disk_full(output_dir, expected_bytes, lambda: shutil.rmtree(tmp, ignore_errors=True),
-                           written_in=tmp):
+    with exit_on_disk_full(output_dir, expected_bytes, lambda: shutil.rmtree(tmp, ignore_errors=True), written_in=tmp):
         write(tmp)
     # weights before config.json: an interrupted move leaves new weights beside the same model's config
     for path in sorted(tmp.iterdir(), key=lambda p: (p.name == "config.json", p.name)):

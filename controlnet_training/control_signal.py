@@ -76,8 +76,10 @@ def main(argv: list[str] | None = None) -> None:
         train = "" if r.get("train_loss") is None else f"{r['train_loss']:.5f}"
         print(f"{r['step']:>7} {train:>11} {r['heldout_loss']:>14.5f} {r['control_gain']:>13.4f}")
     first, last = records[0], records[-1]
-    print(f"control gain {first['control_gain']:.4f} at step {first['step']} -> {last['control_gain']:.4f} "
-          f"at step {last['step']}; plot: {Path(output_dir) / PLOT_FILE}")
+    print(
+        f"control gain {first['control_gain']:.4f} at step {first['step']} -> {last['control_gain']:.4f} "
+        f"at step {last['step']}; plot: {Path(output_dir) / PLOT_FILE}"
+    )
 
 
 if __name__ == "__main__":

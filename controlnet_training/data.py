@@ -56,11 +56,18 @@ def load_train_split(args, streaming: bool = False) -> Any:
             except (ValueError, FileNotFoundError) as error:
                 if "corresponds to no data" in str(error):  # datasets' wording for data files with no rows
                     raise InputError(f"the training dataset {data_dir} is empty") from error
-                raise InputError(f"--train_data_dir {data_dir}: cannot load it as an imagefolder (with "
-                                 f"metadata.jsonl), parquet or save_to_disk folder ({error})") from error
+                raise InputError(
+                    f"--train_data_dir {data_dir}: cannot load it as an imagefolder (with "
+                    f"metadata.jsonl), parquet or save_to_disk folder ({error})"
+                ) from error
     else:
-        loaded = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir,
-                                       data_dir=data_dir, streaming=streaming)
+        loaded = datasets.load_dataset(
+            args.dataset_name,
+            args.dataset_config_name,
+            cache_dir=args.cache_dir,
+            data_dir=data_dir,
+            streaming=streaming,
+        )
     if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         if "train" not in loaded:
             raise InputError(f"the dataset has no 'train' split (splits: {', '.join(loaded)})")
@@ -145,8 +152,9 @@ def check_images(dataset, columns: Columns) -> None:
                 with _open_image(value) as image:
                     image.verify()
             except Exception as error:  # PIL raises many types for broken files
-                raise InputError(f"{_describe(value, column, row)} is not a readable image ({error}); "
-                                 f"fix or remove it") from error
+                raise InputError(
+                    f"{_describe(value, column, row)} is not a readable image ({error}); fix or remove it"
+                ) from error
 
 
 def check_captions(dataset, column: str) -> None:
@@ -158,8 +166,10 @@ def check_captions(dataset, column: str) -> None:
         if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
             continue
         found = "an empty list" if isinstance(value, (list, tuple)) and not value else repr(value)[:60]
-        raise InputError(f"--caption_column '{column}': row {row} has {found} instead of a caption; give every row "
-                         f"a string or a non-empty list of strings (\"\" for no caption)")
+        raise InputError(
+            f"--caption_column '{column}': row {row} has {found} instead of a caption; give every row "
+            f'a string or a non-empty list of strings ("" for no caption)'
+        )
 
 
 def select_samples(dataset, max_train_samples: int | None, seed: int):
@@ -278,8 +288,15 @@ class ControlNetDataset:
     With `with_target=False` (the target's VAE posterior is cached) the target image is never read or decoded.
     """
 
-    def __init__(self, rows, columns: Columns, transform: PairedTransform, seed: int, proportion_empty: float = 0.0,
-                 with_target: bool = True):
+    def __init__(
+        self,
+        rows,
+        columns: Columns,
+        transform: PairedTransform,
+        seed: int,
+        proportion_empty: float = 0.0,
+        with_target: bool = True,
+    ):
         if not with_target:
             rows = rows.select_columns([columns.conditioning_image, columns.caption])
         self.rows, self.columns, self.transform, self.with_target = rows, columns, transform, with_target
@@ -300,15 +317,23 @@ class ControlNetDataset:
         if self.with_target:
             image = _open_image(row[self.columns.image])
             _, _, left, top, _, _ = self.transform.crop_box(image.width, image.height)
-            item.update(pixel_values=self.transform.target(image), original_size=np.array([image.height, image.width]),
-                        crop_top_left=np.array([top, left]))
+            item.update(
+                pixel_values=self.transform.target(image),
+                original_size=np.array([image.height, image.width]),
+                crop_top_left=np.array([top, left]),
+            )
         return item
 
 
 def token_ids(tokenizer, captions: Sequence[str], return_tensors: str = "np"):
     """Token ids as the Stable Diffusion pipelines make them: padded to the tokenizer's max length, truncated."""
-    return tokenizer(list(captions), max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
-                     return_tensors=return_tensors).input_ids
+    return tokenizer(
+        list(captions),
+        max_length=tokenizer.model_max_length,
+        padding="max_length",
+        truncation=True,
+        return_tensors=return_tensors,
+    ).input_ids
 
 
 class Collator:
@@ -329,7 +354,8 @@ class Collator:
             batch.update(
                 pixel_values=np.stack([row["pixel_values"] for row in rows]),
                 original_sizes=np.stack([row["original_size"] for row in rows]).astype(np.int64),
-                crops_top_left=np.stack([row["crop_top_left"] for row in rows]).astype(np.int64))
+                crops_top_left=np.stack([row["crop_top_left"] for row in rows]).astype(np.int64),
+            )
         if self.latents is not None:
             batch.update(self.latents.lookup(indices))
         if self.texts is not None:
@@ -351,7 +377,7 @@ def caption_variants(dataset, caption_column: str) -> list[str]:
     """Every distinct caption a row can yield (each element of a caption list), in first-seen order."""
     seen: dict[str, None] = {}
     for value in dataset.select_columns([caption_column])[caption_column]:
-        for caption in ([value] if isinstance(value, str) else list(value)):
+        for caption in [value] if isinstance(value, str) else list(value):
             seen.setdefault(str(caption), None)
     return list(seen)
 
@@ -387,5 +413,6 @@ def load_tokenizer(args, subfolder: str = "tokenizer", allow_override: bool = Tr
 
     if args.tokenizer_name and allow_override:
         return AutoTokenizer.from_pretrained(args.tokenizer_name, revision=args.revision)
-    return AutoTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder=subfolder,
-                                         revision=args.revision)
+    return AutoTokenizer.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder=subfolder, revision=args.revision
+    )

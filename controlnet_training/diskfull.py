@@ -81,14 +81,19 @@ def is_disk_full(error: BaseException, folder: str | os.PathLike) -> bool:
 
 def disk_full_message(folder: str | os.PathLike, needed_bytes: int) -> str:
     megabytes = max(1, math.ceil(needed_bytes / 1e6))
-    return (f"{Path(sys.argv[0]).name or 'python'}: error: disk full writing {folder}: needs at least {megabytes} MB "
-            f"more; free space and rerun with --resume_from_checkpoint latest")
+    return (
+        f"{Path(sys.argv[0]).name or 'python'}: error: disk full writing {folder}: needs at least {megabytes} MB "
+        f"more; free space and rerun with --resume_from_checkpoint latest"
+    )
 
 
 @contextmanager
-def exit_on_disk_full(folder: str | os.PathLike, expected_bytes: int | Callable[[], int] | None = None,
-                      cleanup: Callable[[], None] | None = None, written_in: str | os.PathLike | None = None
-                      ) -> Iterator[None]:
+def exit_on_disk_full(
+    folder: str | os.PathLike,
+    expected_bytes: int | Callable[[], int] | None = None,
+    cleanup: Callable[[], None] | None = None,
+    written_in: str | os.PathLike | None = None,
+) -> Iterator[None]:
     """Around a write into `folder`: a full disk runs `cleanup` (remove the half-written files), then raises
     SystemExit with the one-line error (printed to stderr as the process exits with status 1). Any other error goes
     through unchanged.

@@ -47,12 +47,21 @@ def wants_cache(args, num_rows: int, effective_batch: int) -> bool:
 
 def _cache(session, parts: dict, keys, compute, desc: str) -> TensorCache:
     workers: Workers = session.cache_workers
-    return build_or_load(cache_root(session.args), parts, keys, compute, desc=desc, rank=workers.rank,
-                         world_size=workers.world_size, barrier=workers.barrier)
+    return build_or_load(
+        cache_root(session.args),
+        parts,
+        keys,
+        compute,
+        desc=desc,
+        rank=workers.rank,
+        world_size=workers.world_size,
+        barrier=workers.barrier,
+    )
 
 
-def latent_cache(session, transform: PairedTransform, vae_identity: dict,
-                 encode_pixels: Callable[[np.ndarray], tuple[Any, Any]]) -> TensorCache:
+def latent_cache(
+    session, transform: PairedTransform, vae_identity: dict, encode_pixels: Callable[[np.ndarray], tuple[Any, Any]]
+) -> TensorCache:
     """Posterior (mean, std), original size and crop of every training row, keyed by row number.
     `encode_pixels(images in [-1, 1], N×3×H×W float32) -> (mean, std)` in the UNet's latent scale; `vae_identity`
     is everything its output depends on (config, weights, dtype, framework)."""
@@ -63,22 +72,35 @@ def latent_cache(session, transform: PairedTransform, vae_identity: dict,
     def compute(indices: list[int]) -> dict[str, Any]:
         batch = collate([rows[i] for i in indices])
         mean, std = encode_pixels(batch["pixel_values"])
-        return {"latent_mean": mean, "latent_std": std, "original_sizes": batch["original_sizes"],
-                "crops_top_left": batch["crops_top_left"]}
+        return {
+            "latent_mean": mean,
+            "latent_std": std,
+            "original_sizes": batch["original_sizes"],
+            "crops_top_left": batch["crops_top_left"],
+        }
 
-    parts = {"kind": "vae-posterior", "data": preflight.dataset._fingerprint, "rows": len(preflight.dataset),
-             "image_column": preflight.columns.image, "resolution": transform.resolution,
-             "interpolation": transform.interpolation, "vae": vae_identity,
-             "revision": args.revision, "variant": getattr(args, "variant", None)}
+    parts = {
+        "kind": "vae-posterior",
+        "data": preflight.dataset._fingerprint,
+        "rows": len(preflight.dataset),
+        "image_column": preflight.columns.image,
+        "resolution": transform.resolution,
+        "interpolation": transform.interpolation,
+        "vae": vae_identity,
+        "revision": args.revision,
+        "variant": getattr(args, "variant", None),
+    }
     return _cache(session, parts, range(len(rows)), compute, "caching VAE posteriors")
 
 
-def text_cache(session, captions: list[str], identity: dict, encode_captions: Callable[[list[str]], dict]
-               ) -> TensorCache:
+def text_cache(
+    session, captions: list[str], identity: dict, encode_captions: Callable[[list[str]], dict]
+) -> TensorCache:
     """Text embeddings of `captions` (keyed by caption), from `encode_captions(list) -> {name: array}` (without
     gradients)."""
-    return _cache(session, {"kind": "text-embeddings", **identity}, captions, encode_captions,
-                  "caching text embeddings")
+    return _cache(
+        session, {"kind": "text-embeddings", **identity}, captions, encode_captions, "caching text embeddings"
+    )
 
 
 def caption_cache(session, identity: dict, encode_captions: Callable[[list[str]], dict]) -> TensorCache:

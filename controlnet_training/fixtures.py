@@ -65,8 +65,9 @@ def small_clip_vocab(words: list[str] = CAPTION_WORDS) -> tuple[dict[str, int], 
 
     learner = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     learner.pre_tokenizer = pre_tokenizers.Whitespace()
-    learner.train_from_iterator([" ".join(words)], trainers.BpeTrainer(
-        vocab_size=100_000, end_of_word_suffix="</w>", show_progress=False))
+    learner.train_from_iterator(
+        [" ".join(words)], trainers.BpeTrainer(vocab_size=100_000, end_of_word_suffix="</w>", show_progress=False)
+    )
     merges = [" ".join(pair) for pair in json.loads(learner.to_str())["model"]["merges"]]
     alphabet = list(_bytes_to_unicode().values())
     tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m.split()) for m in merges]
@@ -147,8 +148,9 @@ SD15 = PipelineSize(
         layers_per_block=2,
         latent_channels=4,
     ),
-    text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              projection_dim=768),
+    text=dict(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768
+    ),
 )
 
 TINY_XL = PipelineSize(
@@ -188,8 +190,14 @@ SDXL = PipelineSize(
     vae=dict(SD15.vae, sample_size=1024, scaling_factor=0.13025, force_upcast=True),
     text=SD15.text,
 )
-SDXL_TEXT_2 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                   projection_dim=1280, hidden_act="gelu")
+SDXL_TEXT_2 = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    projection_dim=1280,
+    hidden_act="gelu",
+)
 
 SIZES = {"tiny": TINY, "sd15": SD15, "tiny-sdxl": TINY_XL, "sdxl": SDXL}
 
@@ -234,9 +242,14 @@ def make_pipeline(size: str = "tiny", prediction_type: str = "epsilon", seed: in
 
         text_2 = dict(spec.text, hidden_act="gelu") if size.startswith("tiny") else SDXL_TEXT_2
         return StableDiffusionXLPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
             text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer, size, **text_2)),
-            tokenizer_2=make_tokenizer(real_vocab))
+            tokenizer_2=make_tokenizer(real_vocab),
+        )
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -249,8 +262,13 @@ def make_pipeline(size: str = "tiny", prediction_type: str = "epsilon", seed: in
     )
 
 
-def write_pipeline(out_dir: str | Path, size: str = "tiny", prediction_type: str = "epsilon", seed: int = 0,
-                   real_vocab: str | Path | None = None) -> Path:
+def write_pipeline(
+    out_dir: str | Path,
+    size: str = "tiny",
+    prediction_type: str = "epsilon",
+    seed: int = 0,
+    real_vocab: str | Path | None = None,
+) -> Path:
     out_dir = Path(out_dir)
     make_pipeline(size, prediction_type, seed, real_vocab).save_pretrained(out_dir)
     return out_dir
@@ -271,8 +289,13 @@ def draw_fill_sample(rng: random.Random, resolution: int) -> tuple[Image.Image, 
     return image, control, f"{fill} circle with {background} background"
 
 
-def write_dataset(out_dir: str | Path, rows: int = 64, resolution: int = 64, seed: int = 0,
-                  formats: tuple[str, ...] = ("imagefolder", "parquet", "disk")) -> dict[str, Path]:
+def write_dataset(
+    out_dir: str | Path,
+    rows: int = 64,
+    resolution: int = 64,
+    seed: int = 0,
+    formats: tuple[str, ...] = ("imagefolder", "parquet", "disk"),
+) -> dict[str, Path]:
     """Write `rows` synthetic rows; returns the folder of each requested format."""
     out_dir = Path(out_dir)
     rng = random.Random(seed)
@@ -287,21 +310,28 @@ def write_dataset(out_dir: str | Path, rows: int = 64, resolution: int = 64, see
             for i, (image, control, caption) in enumerate(samples):
                 image.save(folder / "images" / f"{i:05d}.png")
                 control.save(folder / "conditioning_images" / f"{i:05d}.png")
-                meta.write(json.dumps({
-                    "file_name": f"images/{i:05d}.png",
-                    "conditioning_image_file_name": f"conditioning_images/{i:05d}.png",
-                    "text": caption,
-                }) + "\n")
+                meta.write(
+                    json.dumps(
+                        {
+                            "file_name": f"images/{i:05d}.png",
+                            "conditioning_image_file_name": f"conditioning_images/{i:05d}.png",
+                            "text": caption,
+                        }
+                    )
+                    + "\n"
+                )
         written["imagefolder"] = folder
 
     if {"parquet", "disk"} & set(formats):
         import datasets
 
-        features = datasets.Features({
-            "image": datasets.Image(),
-            "conditioning_image": datasets.Image(),
-            "text": datasets.Value("string"),
-        })
+        features = datasets.Features(
+            {
+                "image": datasets.Image(),
+                "conditioning_image": datasets.Image(),
+                "text": datasets.Value("string"),
+            }
+        )
         table = datasets.Dataset.from_dict(
             {
                 "image": [s[0] for s in samples],
@@ -345,8 +375,9 @@ def _load_images(data_dir: str | Path, resolution: int):
 
     folder = Path(data_dir)
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
-    images = [np.asarray(Image.open(folder / r["file_name"]).convert("RGB").resize((resolution, resolution)))
-              for r in rows]
+    images = [
+        np.asarray(Image.open(folder / r["file_name"]).convert("RGB").resize((resolution, resolution))) for r in rows
+    ]
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
     return pixels, [r["text"] for r in rows]
 
@@ -363,8 +394,16 @@ def calibrate_vae(vae, log_std: float = -6.0) -> None:
     vae.quant_conv.requires_grad_(False)
 
 
-def pretrain_base(pipeline, data_dir: str | Path, resolution: int = 64, vae_steps: int = 1500,
-                  unet_steps: int = 3000, batch_size: int = 16, seed: int = 0, log_every: int = 250):
+def pretrain_base(
+    pipeline,
+    data_dir: str | Path,
+    resolution: int = 64,
+    vae_steps: int = 1500,
+    unet_steps: int = 3000,
+    batch_size: int = 16,
+    seed: int = 0,
+    log_every: int = 250,
+):
     """Turn the random tiny pipeline into a base a ControlNet can be trained on (all on the CPU, a few minutes):
 
     1. calibrate the VAE and train it as an autoencoder on the synthetic images, so that latents carry the image
@@ -400,11 +439,19 @@ def pretrain_base(pipeline, data_dir: str | Path, resolution: int = 64, vae_step
         means = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in pixels.split(64)])
         vae.register_to_config(scaling_factor=float(1.0 / means.std()))
         latents = means * vae.config.scaling_factor
-        ids = pipeline.tokenizer(captions, padding="max_length", max_length=pipeline.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids
+        ids = pipeline.tokenizer(
+            captions,
+            padding="max_length",
+            max_length=pipeline.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         text = torch.cat([text_encoder(chunk)[0] for chunk in ids.split(64)])
-        empty = text_encoder(pipeline.tokenizer([""], padding="max_length", return_tensors="pt",
-                                                max_length=pipeline.tokenizer.model_max_length).input_ids)[0]
+        empty = text_encoder(
+            pipeline.tokenizer(
+                [""], padding="max_length", return_tensors="pt", max_length=pipeline.tokenizer.model_max_length
+            ).input_ids
+        )[0]
 
     scheduler = pipeline.scheduler
     unet.train()
@@ -434,11 +481,19 @@ def main(argv: list[str] | None = None) -> None:
     pipe.add_argument("--size", choices=sorted(SIZES), default="tiny")
     pipe.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon")
     pipe.add_argument("--seed", type=int, default=0)
-    pipe.add_argument("--clip_vocab", nargs="?", const="open_clip", default=None,
-                      help="use the real 49,408-token CLIP vocabulary: a path to bpe_simple_vocab_16e6.txt.gz, "
-                           "or no value to take it from an installed open-clip-torch")
-    base = sub.add_parser("pretrained", help="write a tiny pipeline whose VAE and UNet are trained on the "
-                                             "synthetic data (a base on which a ControlNet can learn control)")
+    pipe.add_argument(
+        "--clip_vocab",
+        nargs="?",
+        const="open_clip",
+        default=None,
+        help="use the real 49,408-token CLIP vocabulary: a path to bpe_simple_vocab_16e6.txt.gz, "
+        "or no value to take it from an installed open-clip-torch",
+    )
+    base = sub.add_parser(
+        "pretrained",
+        help="write a tiny pipeline whose VAE and UNet are trained on the "
+        "synthetic data (a base on which a ControlNet can learn control)",
+    )
     base.add_argument("out_dir")
     base.add_argument("--data", required=True, help="an imagefolder written by the dataset command")
     base.add_argument("--resolution", type=int, default=64)
@@ -457,11 +512,19 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch.manual_seed(args.seed)
-        pipeline = pretrain_base(make_pipeline("tiny", seed=args.seed), args.data, args.resolution,
-                                 args.vae_steps, args.unet_steps, seed=args.seed)
+        pipeline = pretrain_base(
+            make_pipeline("tiny", seed=args.seed),
+            args.data,
+            args.resolution,
+            args.vae_steps,
+            args.unet_steps,
+            seed=args.seed,
+        )
         pipeline.save_pretrained(args.out_dir)
-        print(f"wrote the pre-trained tiny pipeline to {args.out_dir} "
-              f"(VAE scaling factor {pipeline.vae.config.scaling_factor:.3f})")
+        print(
+            f"wrote the pre-trained tiny pipeline to {args.out_dir} "
+            f"(VAE scaling factor {pipeline.vae.config.scaling_factor:.3f})"
+        )
     elif args.command == "pipeline":
         vocab = args.clip_vocab
         if vocab == "open_clip":
@@ -472,8 +535,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {args.size} pipeline to {path}")
     else:
         written = write_dataset(args.out_dir, args.rows, args.resolution, args.seed)
-        validation = write_validation_images(Path(args.out_dir) / "validation", args.validation_images,
-                                              args.resolution)
+        validation = write_validation_images(Path(args.out_dir) / "validation", args.validation_images, args.resolution)
         for fmt, path in written.items():
             print(f"wrote {args.rows} rows as {fmt} to {path}")
         print(f"wrote {len(validation)} validation control images to {validation[0].parent}")

@@ -8,8 +8,15 @@ from pathlib import Path
 
 from .validation import ValidationLog
 
-UPLOAD_PATTERNS = ["config.json", "diffusion_pytorch_model.safetensors", "README.md", "images_*.png",
-                   "image_control_*.png", "control_metrics.png", "control_metrics.jsonl"]
+UPLOAD_PATTERNS = [
+    "config.json",
+    "diffusion_pytorch_model.safetensors",
+    "README.md",
+    "images_*.png",
+    "image_control_*.png",
+    "control_metrics.png",
+    "control_metrics.jsonl",
+]
 
 
 def repo_name(hub_model_id: str | None, output_dir: str) -> str:
@@ -29,15 +36,26 @@ def training_details(rows: dict[str, object]) -> str:
 
 def control_section(heldout_loss: float, control_gain: float, heldout_rows: int, plot_name: str) -> str:
     """The control-adherence figures for the model card."""
-    return (f"\n## Control adherence\n\nOn {heldout_rows} held-out rows, at fixed timesteps and noise: held-out "
-            f"denoising loss {heldout_loss:.5f}, control gain {control_gain:.4f} (the error with another row's "
-            f"control image divided by the error with the row's own; 1 means the control image is ignored).\n\n"
-            f"![control adherence](./{plot_name})\n")
+    return (
+        f"\n## Control adherence\n\nOn {heldout_rows} held-out rows, at fixed timesteps and noise: held-out "
+        f"denoising loss {heldout_loss:.5f}, control gain {control_gain:.4f} (the error with another row's "
+        f"control image divided by the error with the row's own; 1 means the control image is ignored).\n\n"
+        f"![control adherence](./{plot_name})\n"
+    )
 
 
-def write_model_card(output_dir: str | Path, repo_id: str, base_model: str, logs: Sequence[ValidationLog],
-                     tags: Sequence[str], license: str, dataset: str | None = None, token: str | None = None,
-                     from_hub: bool = False, extra: str = "") -> Path:
+def write_model_card(
+    output_dir: str | Path,
+    repo_id: str,
+    base_model: str,
+    logs: Sequence[ValidationLog],
+    tags: Sequence[str],
+    license: str,
+    dataset: str | None = None,
+    token: str | None = None,
+    from_hub: bool = False,
+    extra: str = "",
+) -> Path:
     """README.md in output_dir. With `from_hub`, an existing card of the repo is kept and updated."""
     from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, load_or_create_model_card, populate_model_card
     from huggingface_hub import ModelCard, ModelCardData
@@ -50,12 +68,21 @@ def write_model_card(output_dir: str | Path, repo_id: str, base_model: str, logs
             description += f"\nprompt: {log.prompt}\n![images_{i}](./images_{i}.png)\n"
     description += extra
     if from_hub:  # keeps an existing card of the repo, else renders diffusers' training template
-        card = load_or_create_model_card(repo_id, token=token, from_training=True, license=license,
-                                         base_model=base_model, model_description=description, inference=True)
+        card = load_or_create_model_card(
+            repo_id,
+            token=token,
+            from_training=True,
+            license=license,
+            base_model=base_model,
+            model_description=description,
+            inference=True,
+        )
     else:  # the same template, rendered without asking the Hub
         card = ModelCard.from_template(
             card_data=ModelCardData(license=license, library_name="diffusers", inference=True, base_model=base_model),
-            template_path=MODEL_CARD_TEMPLATE_PATH, model_description=description)
+            template_path=MODEL_CARD_TEMPLATE_PATH,
+            model_description=description,
+        )
     card = populate_model_card(card, tags=list(tags))
     path = Path(output_dir) / "README.md"
     card.save(path)
@@ -65,5 +92,10 @@ def write_model_card(output_dir: str | Path, repo_id: str, base_model: str, logs
 def upload_outputs(output_dir: str | Path, repo_id: str, token: str | None) -> None:
     from huggingface_hub import upload_folder
 
-    upload_folder(repo_id=repo_id, folder_path=str(output_dir), commit_message="End of training",
-                  allow_patterns=UPLOAD_PATTERNS, token=token)
+    upload_folder(
+        repo_id=repo_id,
+        folder_path=str(output_dir),
+        commit_message="End of training",
+        allow_patterns=UPLOAD_PATTERNS,
+        token=token,
+    )

@@ -16,8 +16,11 @@ def setup_logging(is_local_main_process: bool) -> None:
     import diffusers
     import transformers
 
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
-                        level=logging.INFO if is_local_main_process else logging.ERROR)
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%H:%M:%S",
+        level=logging.INFO if is_local_main_process else logging.ERROR,
+    )
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     if is_local_main_process:
         transformers.utils.logging.set_verbosity_warning()
@@ -40,8 +43,9 @@ class Progress:
     left out. `sync` (e.g. torch.cuda.synchronize) runs when a pause starts, so that the steps queued before it
     count as training time, not as pause."""
 
-    def __init__(self, total: int, initial: int, samples_per_step: int, enabled: bool,
-                 sync: Callable[[], None] | None = None):
+    def __init__(
+        self, total: int, initial: int, samples_per_step: int, enabled: bool, sync: Callable[[], None] | None = None
+    ):
         self.bar = tqdm(total=total, initial=initial, desc="steps", disable=not enabled, dynamic_ncols=True)
         self.samples_per_step = samples_per_step
         self.sync = sync
@@ -62,8 +66,9 @@ class Progress:
         self.samples_per_second = self.samples_per_step * self._window_steps / max(elapsed, 1e-9)
         self._window_start, self._window_steps, self._paused = now, 0, 0.0
         shown = {**metrics, **self.latest_validation}
-        self.bar.set_postfix({**{k: f"{v:.4g}" for k, v in shown.items()},
-                              "samples/s": f"{self.samples_per_second:.3g}"}, refresh=True)
+        self.bar.set_postfix(
+            {**{k: f"{v:.4g}" for k, v in shown.items()}, "samples/s": f"{self.samples_per_second:.3g}"}, refresh=True
+        )
         return self.samples_per_second
 
     def pause_started(self) -> None:
@@ -89,9 +94,11 @@ def report_outputs(output_dir: str | Path, logging_dir: str | Path, peak_memory_
     from .checkpoints import list_checkpoints
 
     checkpoints = [path.name for _, path in list_checkpoints(output_dir)]
-    lines = [f"weights      : {output_dir / 'diffusion_pytorch_model.safetensors'} (+ config.json)",
-             f"checkpoints  : {output_dir}/{{{','.join(checkpoints)}}}" if checkpoints else "checkpoints  : none",
-             f"tracker logs : {logging_dir}"]
+    lines = [
+        f"weights      : {output_dir / 'diffusion_pytorch_model.safetensors'} (+ config.json)",
+        f"checkpoints  : {output_dir}/{{{','.join(checkpoints)}}}" if checkpoints else "checkpoints  : none",
+        f"tracker logs : {logging_dir}",
+    ]
     images = sorted(output_dir.glob("images_*.png"))
     if images:
         lines.append(f"validation   : {', '.join(str(p) for p in images)}")

@@ -33,15 +33,31 @@ from .validation import check_validation_images
 
 logger = logging.getLogger(__name__)
 
-SD_MODEL_FILES = ("unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer",
-                  "scheduler/scheduler_config.json")
+SD_MODEL_FILES = (
+    "unet/config.json",
+    "vae/config.json",
+    "text_encoder/config.json",
+    "tokenizer",
+    "scheduler/scheduler_config.json",
+)
 
 
 # The ControlNet config fields that must equal its UNet's for the ControlNet's residuals to fit the UNet.
-MATCHING_FIELDS = ("in_channels", "block_out_channels", "down_block_types", "layers_per_block", "cross_attention_dim",
-                   "attention_head_dim", "num_attention_heads", "transformer_layers_per_block", "use_linear_projection",
-                   "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
-                   "class_embed_type")
+MATCHING_FIELDS = (
+    "in_channels",
+    "block_out_channels",
+    "down_block_types",
+    "layers_per_block",
+    "cross_attention_dim",
+    "attention_head_dim",
+    "num_attention_heads",
+    "transformer_layers_per_block",
+    "use_linear_projection",
+    "addition_embed_type",
+    "addition_time_embed_dim",
+    "projection_class_embeddings_input_dim",
+    "class_embed_type",
+)
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -65,16 +81,22 @@ def check_model_folder(flag: str, value: str | None, required: tuple[str, ...]) 
 
 def check_optional_packages(args) -> None:
     # getattr: the Flax trainer has neither flag
-    if getattr(args, "enable_xformers_memory_efficient_attention", False) and importlib.util.find_spec("xformers") \
-            is None:
-        raise InputError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers "
-                         "(or drop the flag: PyTorch SDPA attention is the default)")
+    if (
+        getattr(args, "enable_xformers_memory_efficient_attention", False)
+        and importlib.util.find_spec("xformers") is None
+    ):
+        raise InputError(
+            "--enable_xformers_memory_efficient_attention needs xformers: pip install xformers "
+            "(or drop the flag: PyTorch SDPA attention is the default)"
+        )
     if getattr(args, "use_8bit_adam", False) and importlib.util.find_spec("bitsandbytes") is None:
         raise InputError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
     trackers = {"tensorboard", "wandb", "comet_ml"} if args.report_to == "all" else {args.report_to}
     if "wandb" in trackers and args.hub_token is not None:
-        raise InputError("--hub_token with --report_to wandb would record the token in wandb's run metadata; "
-                         "log in with `hf auth login` or set HF_TOKEN instead")
+        raise InputError(
+            "--hub_token with --report_to wandb would record the token in wandb's run metadata; "
+            "log in with `hf auth login` or set HF_TOKEN instead"
+        )
     for tracker, module in (("tensorboard", "tensorboard"), ("wandb", "wandb"), ("comet_ml", "comet_ml")):
         if tracker in trackers and importlib.util.find_spec(module) is None:
             raise InputError(f"--report_to {args.report_to} needs {module}: pip install {module}")
@@ -116,15 +138,20 @@ def check_model_family(args, sdxl: bool) -> None:
         return
     differ = config_mismatch(controlnet, unet)
     if differ:
-        raise InputError(f"--controlnet_model_name_or_path {args.controlnet_model_name_or_path} does not fit the UNet "
-                         f"of {base} (ControlNet config vs UNet config: {'; '.join(differ)}); give a ControlNet "
-                         f"trained for this base model, or leave the flag out to start one from the UNet")
+        raise InputError(
+            f"--controlnet_model_name_or_path {args.controlnet_model_name_or_path} does not fit the UNet "
+            f"of {base} (ControlNet config vs UNet config: {'; '.join(differ)}); give a ControlNet "
+            f"trained for this base model, or leave the flag out to start one from the UNet"
+        )
 
 
 def config_mismatch(controlnet: dict, unet: dict) -> str:
     """The fields in which a ControlNet config does not fit a UNet config ("" when it fits)."""
-    return "; ".join(f"{field} {controlnet.get(field)!r} vs {unet.get(field)!r}" for field in MATCHING_FIELDS
-                     if field in controlnet and field in unet and not _same_setting(controlnet[field], unet[field]))
+    return "; ".join(
+        f"{field} {controlnet.get(field)!r} vs {unet.get(field)!r}"
+        for field in MATCHING_FIELDS
+        if field in controlnet and field in unet and not _same_setting(controlnet[field], unet[field])
+    )
 
 
 def check_checkpoint(args, checkpoint: Path) -> None:
@@ -133,14 +160,18 @@ def check_checkpoint(args, checkpoint: Path) -> None:
     unet = read_model_config(args.pretrained_model_name_or_path, "unet", args.revision)
     saved = read_model_config(str(checkpoint / "controlnet"))
     if unet is not None and saved is not None and config_mismatch(saved, unet):
-        raise InputError(f"--resume_from_checkpoint {checkpoint} holds a ControlNet of another base model "
-                         f"({config_mismatch(saved, unet)}); resume it with the --pretrained_model_name_or_path it "
-                         f"was trained on, or start a new output_dir")
+        raise InputError(
+            f"--resume_from_checkpoint {checkpoint} holds a ControlNet of another base model "
+            f"({config_mismatch(saved, unet)}); resume it with the --pretrained_model_name_or_path it "
+            f"was trained on, or start a new output_dir"
+        )
     for path in sorted(checkpoint.rglob("*")):
         problem = damaged_weights(path) if path.is_file() else None
         if problem:
-            raise InputError(f"--resume_from_checkpoint {checkpoint}: {path.relative_to(checkpoint)} is damaged "
-                             f"({problem}); resume from an earlier checkpoint-N, or remove this one")
+            raise InputError(
+                f"--resume_from_checkpoint {checkpoint}: {path.relative_to(checkpoint)} is damaged "
+                f"({problem}); resume from an earlier checkpoint-N, or remove this one"
+            )
 
 
 def damaged_weights(path: Path) -> str | None:
@@ -197,8 +228,9 @@ class Processes:
     broadcast: Callable[[Any], Any]
 
 
-def run_preflight(args, model_files: tuple[str, ...], processes: Callable[[], Processes],
-                  default_seed: int | None = None) -> Preflight:
+def run_preflight(
+    args, model_files: tuple[str, ...], processes: Callable[[], Processes], default_seed: int | None = None
+) -> Preflight:
     """Every check that needs no model. Without --seed a fresh run uses `default_seed`, or a random seed (agreed
     by all processes) when that is None; a resumed run uses the checkpoint's seed."""
     check_model_family(args, sdxl="text_encoder_2/config.json" in model_files)  # before the files: says which script
@@ -222,8 +254,11 @@ def run_preflight(args, model_files: tuple[str, ...], processes: Callable[[], Pr
     if resume_from is not None:
         stored = read_state(resume_from)["seed"]
         if seed is not None and seed != stored:
-            logger.warning("--seed %d differs from the checkpoint's seed %d: the resumed run will not match an "
-                           "uninterrupted one", seed, stored)
+            logger.warning(
+                "--seed %d differs from the checkpoint's seed %d: the resumed run will not match an uninterrupted one",
+                seed,
+                stored,
+            )
         seed = stored if seed is None else seed
     # No models: only the process group, so all ranks agree on the seed and the data.
     state = processes()

@@ -54,8 +54,12 @@ class Preset:
 _BF16 = (("mixed_precision", "bf16"),)
 _SD = (("resolution", 512), *_BF16)
 _XL = (("resolution", 1024), *_BF16)
-_SMALL = (("train_batch_size", 1), ("gradient_accumulation_steps", 4), ("gradient_checkpointing", True),
-          ("set_grads_to_none", True))
+_SMALL = (
+    ("train_batch_size", 1),
+    ("gradient_accumulation_steps", 4),
+    ("gradient_checkpointing", True),
+    ("set_grads_to_none", True),
+)
 
 # Largest first. Encodings are cached by default (--cache_encodings auto), so the VAE encoder and the text
 # encoders are not on the device while training; fused AdamW is used on CUDA unless 8-bit Adam is asked for.
@@ -64,19 +68,31 @@ PRESETS: tuple[Preset, ...] = (
     Preset("sd", 24, (*_SD, ("train_batch_size", 8))),
     Preset("sd", 16, (*_SD, ("train_batch_size", 8), ("gradient_checkpointing", True))),
     Preset("sd", 12, (*_SD, ("train_batch_size", 4), ("gradient_checkpointing", True), ("set_grads_to_none", True))),
-    Preset("sd", 8, (*_SD, *_SMALL, ("use_8bit_adam", True)), needs=("bitsandbytes",),
-           note="without bitsandbytes: the DeepSpeed ZeRO-2 CPU-offload config, the same flags with "
-                "--mixed_precision fp16 and without --use_8bit_adam; ~25 GB of host RAM"),
+    Preset(
+        "sd",
+        8,
+        (*_SD, *_SMALL, ("use_8bit_adam", True)),
+        needs=("bitsandbytes",),
+        note="without bitsandbytes: the DeepSpeed ZeRO-2 CPU-offload config, the same flags with "
+        "--mixed_precision fp16 and without --use_8bit_adam; ~25 GB of host RAM",
+    ),
     Preset("sdxl", 40, (*_XL, *_SMALL)),
     Preset("sdxl", 24, (*_XL, *_SMALL, ("use_8bit_adam", True)), needs=("bitsandbytes",)),
-    Preset("sdxl", 16, (("resolution", 1024), ("mixed_precision", "fp16"), *_SMALL), deepspeed=True,
-           needs=("deepspeed",),
-           note="ZeRO-2 keeps the fp32 weights and AdamW state in host RAM, ~25 GB"),
+    Preset(
+        "sdxl",
+        16,
+        (("resolution", 1024), ("mixed_precision", "fp16"), *_SMALL),
+        deepspeed=True,
+        needs=("deepspeed",),
+        note="ZeRO-2 keeps the fp32 weights and AdamW state in host RAM, ~25 GB",
+    ),
 )
 # What does not fit at all, for the table: the frozen SDXL UNet (5.1 GB in bf16) and the ControlNet's weights and
 # gradients in 16-bit (5 GB) leave nothing for activations on 12 GB and less.
-NOT_POSSIBLE = {("sdxl", 12): "no preset: frozen UNet + ControlNet weights and gradients alone take ~10 GB",
-                ("sdxl", 8): "no preset: the frozen UNet and the ControlNet weights alone take ~7.6 GB"}
+NOT_POSSIBLE = {
+    ("sdxl", 12): "no preset: frozen UNet + ControlNet weights and gradients alone take ~10 GB",
+    ("sdxl", 8): "no preset: the frozen UNet and the ControlNet weights alone take ~7.6 GB",
+}
 SIZES_GB = (40, 24, 16, 12, 8)
 
 
@@ -112,12 +128,16 @@ def oom_message(args, family: str, error: BaseException | None = None, device_gi
     head = f"out of device memory{card}{detail}."
     preset = next_preset(args, family, device_gib)
     if preset is None:
-        return (f"{head} This run already uses the smallest {FAMILIES[family]} preset: lower --resolution, or "
-                f"launch with the DeepSpeed ZeRO-2 CPU-offload config ({DEEPSPEED_LAUNCH} ...).")
+        return (
+            f"{head} This run already uses the smallest {FAMILIES[family]} preset: lower --resolution, or "
+            f"launch with the DeepSpeed ZeRO-2 CPU-offload config ({DEEPSPEED_LAUNCH} ...)."
+        )
     needs = f" (needs pip install {' '.join(preset.needs)})" if preset.needs else ""
     launch = f" launched with {DEEPSPEED_LAUNCH}" if preset.deepspeed else ""
-    return (f"{head} Try the {preset.memory_gb} GB {FAMILIES[family]} memory preset{launch}: {preset.cli()}"
-            f"{needs} (README: memory presets).")
+    return (
+        f"{head} Try the {preset.memory_gb} GB {FAMILIES[family]} memory preset{launch}: {preset.cli()}"
+        f"{needs} (README: memory presets)."
+    )
 
 
 def device_memory_gib() -> float | None:

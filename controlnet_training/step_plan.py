@@ -39,8 +39,9 @@ def effective_batch(per_device: int, processes: int, accumulation: int) -> int:
     return per_device * processes * accumulation
 
 
-def plan_steps(batches_per_epoch: int, gradient_accumulation_steps: int, max_train_steps: int | None,
-               num_train_epochs: int) -> StepPlan:
+def plan_steps(
+    batches_per_epoch: int, gradient_accumulation_steps: int, max_train_steps: int | None, num_train_epochs: int
+) -> StepPlan:
     updates = math.ceil(batches_per_epoch / gradient_accumulation_steps)
     return StepPlan(batches_per_epoch, gradient_accumulation_steps, max_train_steps or num_train_epochs * updates)
 
@@ -51,9 +52,11 @@ class NonFiniteTraining(RuntimeError):
 
         kept = list_checkpoints(output_dir)
         last = f"the last checkpoint, {kept[-1][1].name}, is intact" if kept else "no checkpoint was written yet"
-        super().__init__(f"the loss or gradient norm was not finite for {len(steps)} consecutive steps (steps "
-                         f"{', '.join(map(str, steps))}): stopping; {last}. Lower --learning_rate, raise "
-                         f"--adam_epsilon or check the data, then resume with --resume_from_checkpoint latest")
+        super().__init__(
+            f"the loss or gradient norm was not finite for {len(steps)} consecutive steps (steps "
+            f"{', '.join(map(str, steps))}): stopping; {last}. Lower --learning_rate, raise "
+            f"--adam_epsilon or check the data, then resume with --resume_from_checkpoint latest"
+        )
 
 
 @dataclass

@@ -32,8 +32,10 @@ def validation_pairs(prompts: Sequence[str], images: Sequence[str]) -> list[tupl
         return [(prompt, images[0]) for prompt in prompts]
     if len(prompts) == 1:
         return [(prompts[0], image) for image in images]
-    raise InputError(f"give 1 --validation_image, 1 --validation_prompt, or equal numbers of both "
-                     f"(got {len(images)} images and {len(prompts)} prompts)")
+    raise InputError(
+        f"give 1 --validation_image, 1 --validation_prompt, or equal numbers of both "
+        f"(got {len(images)} images and {len(prompts)} prompts)"
+    )
 
 
 def check_validation_images(paths: Sequence[str] | None) -> None:

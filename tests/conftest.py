@@ -33,9 +33,12 @@ def flax_env(tmp_path_factory) -> dict[str, str]:
     """The Flax trainer's environment: 4 CPU devices, one thread, and one persistent compilation cache for the
     whole test session (a run compiles only the shapes no earlier run compiled)."""
     cache = tmp_path_factory.mktemp("jax-compilation-cache")
-    return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={FLAX_DEVICES} {XLA_THREADS}",
-            "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    return {
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={FLAX_DEVICES} {XLA_THREADS}",
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
 
 
 @pytest.fixture(scope="session")
@@ -91,12 +94,25 @@ def base_args(tiny_sd: Path, data_dir: Path, output_dir: Path, **overrides) -> l
     return argv
 
 
-def run_script(script: str, argv: list[str], check: bool = True, env: dict | None = None,
-               timeout: int = 600) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, **THREADS, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
-                "PYTHONWARNINGS": "default::FutureWarning", **(env or {})}
-    result = subprocess.run([sys.executable, str(ROOT / script), *argv], capture_output=True, text=True,
-                            env=full_env, timeout=timeout, cwd=ROOT)
+def run_script(
+    script: str, argv: list[str], check: bool = True, env: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    full_env = {
+        **os.environ,
+        **THREADS,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+        "PYTHONWARNINGS": "default::FutureWarning",
+        **(env or {}),
+    }
+    result = subprocess.run(
+        [sys.executable, str(ROOT / script), *argv],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=ROOT,
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stderr[-6000:]}")
     return result
@@ -140,4 +156,3 @@ def tiny_sdxl(tmp_path_factory) -> Path:
     from controlnet_training.fixtures import write_pipeline
 
     return write_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl", size="tiny-sdxl")
-

@@ -7,39 +7,117 @@ import pytest
 from controlnet_training.arguments import InputError, build_parser, check_args
 
 REFERENCE_SD_FLAGS = {
-    "pretrained_model_name_or_path", "controlnet_model_name_or_path", "revision", "variant", "tokenizer_name",
-    "output_dir", "cache_dir", "seed", "resolution", "train_batch_size", "num_train_epochs", "max_train_steps",
-    "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "gradient_accumulation_steps",
-    "gradient_checkpointing", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles",
-    "lr_power", "use_8bit_adam", "dataloader_num_workers", "adam_beta1", "adam_beta2", "adam_weight_decay",
-    "adam_epsilon", "max_grad_norm", "push_to_hub", "hub_token", "hub_model_id", "logging_dir", "allow_tf32",
-    "report_to", "mixed_precision", "enable_xformers_memory_efficient_attention", "set_grads_to_none",
-    "dataset_name", "dataset_config_name", "train_data_dir", "image_column", "conditioning_image_column",
-    "caption_column", "max_train_samples", "proportion_empty_prompts", "validation_prompt", "validation_image",
-    "num_validation_images", "validation_steps", "tracker_project_name",
+    "pretrained_model_name_or_path",
+    "controlnet_model_name_or_path",
+    "revision",
+    "variant",
+    "tokenizer_name",
+    "output_dir",
+    "cache_dir",
+    "seed",
+    "resolution",
+    "train_batch_size",
+    "num_train_epochs",
+    "max_train_steps",
+    "checkpointing_steps",
+    "checkpoints_total_limit",
+    "resume_from_checkpoint",
+    "gradient_accumulation_steps",
+    "gradient_checkpointing",
+    "learning_rate",
+    "scale_lr",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "lr_num_cycles",
+    "lr_power",
+    "use_8bit_adam",
+    "dataloader_num_workers",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_weight_decay",
+    "adam_epsilon",
+    "max_grad_norm",
+    "push_to_hub",
+    "hub_token",
+    "hub_model_id",
+    "logging_dir",
+    "allow_tf32",
+    "report_to",
+    "mixed_precision",
+    "enable_xformers_memory_efficient_attention",
+    "set_grads_to_none",
+    "dataset_name",
+    "dataset_config_name",
+    "train_data_dir",
+    "image_column",
+    "conditioning_image_column",
+    "caption_column",
+    "max_train_samples",
+    "proportion_empty_prompts",
+    "validation_prompt",
+    "validation_image",
+    "num_validation_images",
+    "validation_steps",
+    "tracker_project_name",
 }
 
 REFERENCE_DEFAULTS = {
-    "output_dir": "controlnet-model", "seed": None, "resolution": 512, "train_batch_size": 4, "num_train_epochs": 1,
-    "max_train_steps": None, "checkpointing_steps": 500, "checkpoints_total_limit": None,
-    "gradient_accumulation_steps": 1, "learning_rate": 5e-6, "lr_scheduler": "constant", "lr_warmup_steps": 500,
-    "lr_num_cycles": 1, "lr_power": 1.0, "dataloader_num_workers": 0, "adam_beta1": 0.9, "adam_beta2": 0.999,
-    "adam_weight_decay": 1e-2, "adam_epsilon": 1e-8, "max_grad_norm": 1.0, "logging_dir": "logs",
-    "report_to": "tensorboard", "mixed_precision": None, "image_column": "image",
-    "conditioning_image_column": "conditioning_image", "caption_column": "text", "proportion_empty_prompts": 0,
-    "num_validation_images": 4, "validation_steps": 100, "tracker_project_name": "train_controlnet",
-    "snr_gamma": None, "gradient_checkpointing": False, "set_grads_to_none": False, "push_to_hub": False,
+    "output_dir": "controlnet-model",
+    "seed": None,
+    "resolution": 512,
+    "train_batch_size": 4,
+    "num_train_epochs": 1,
+    "max_train_steps": None,
+    "checkpointing_steps": 500,
+    "checkpoints_total_limit": None,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 5e-6,
+    "lr_scheduler": "constant",
+    "lr_warmup_steps": 500,
+    "lr_num_cycles": 1,
+    "lr_power": 1.0,
+    "dataloader_num_workers": 0,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "adam_weight_decay": 1e-2,
+    "adam_epsilon": 1e-8,
+    "max_grad_norm": 1.0,
+    "logging_dir": "logs",
+    "report_to": "tensorboard",
+    "mixed_precision": None,
+    "image_column": "image",
+    "conditioning_image_column": "conditioning_image",
+    "caption_column": "text",
+    "proportion_empty_prompts": 0,
+    "num_validation_images": 4,
+    "validation_steps": 100,
+    "tracker_project_name": "train_controlnet",
+    "snr_gamma": None,
+    "gradient_checkpointing": False,
+    "set_grads_to_none": False,
+    "push_to_hub": False,
 }
-OUR_DEFAULTS = {"logging_steps": 10, "torch_compile": False, "channels_last": False,
-                "max_consecutive_nonfinite_steps": 3}
+OUR_DEFAULTS = {
+    "logging_steps": 10,
+    "torch_compile": False,
+    "channels_last": False,
+    "max_consecutive_nonfinite_steps": 3,
+}
 
 
 def parse(*flags: str):
     return build_parser("test").parse_args(["--pretrained_model_name_or_path", "m", *flags])
 
 
-OUR_FLAGS = {"snr_gamma", "validation_split", "cache_encodings", "logging_steps", "torch_compile", "channels_last",
-             "max_consecutive_nonfinite_steps"}
+OUR_FLAGS = {
+    "snr_gamma",
+    "validation_split",
+    "cache_encodings",
+    "logging_steps",
+    "torch_compile",
+    "channels_last",
+    "max_consecutive_nonfinite_steps",
+}
 
 
 def test_every_reference_flag_plus_ours():
@@ -56,8 +134,18 @@ def test_reference_defaults():
 
 
 def test_validation_lists_and_types():
-    args = parse("--dataset_name", "d", "--validation_prompt", "a", "b", "--validation_image", "x.png", "y.png",
-                 "--snr_gamma", "5")
+    args = parse(
+        "--dataset_name",
+        "d",
+        "--validation_prompt",
+        "a",
+        "b",
+        "--validation_image",
+        "x.png",
+        "y.png",
+        "--snr_gamma",
+        "5",
+    )
     assert args.validation_prompt == ["a", "b"] and args.validation_image == ["x.png", "y.png"]
     assert args.snr_gamma == 5.0
     check_args(args)
@@ -65,8 +153,9 @@ def test_validation_lists_and_types():
 
 @pytest.mark.parametrize("prompts,images", [(1, 3), (3, 1), (2, 2)])
 def test_allowed_pairings(prompts, images):
-    args = parse("--dataset_name", "d", "--validation_prompt", *["p"] * prompts, "--validation_image",
-                 *["i.png"] * images)
+    args = parse(
+        "--dataset_name", "d", "--validation_prompt", *["p"] * prompts, "--validation_image", *["i.png"] * images
+    )
     check_args(args)
 
 
@@ -95,8 +184,13 @@ def test_sdxl_flags_are_the_shared_ones_plus_its_own():
     parser = build_parser("test")
     add_sdxl_args(parser)
     dests = {a.dest for a in parser._actions if a.dest != "help"}
-    sdxl_own = {"pretrained_vae_model_name_or_path", "crops_coords_top_left_h", "crops_coords_top_left_w",
-                "enable_npu_flash_attention", "image_interpolation_mode"}
+    sdxl_own = {
+        "pretrained_vae_model_name_or_path",
+        "crops_coords_top_left_h",
+        "crops_coords_top_left_w",
+        "enable_npu_flash_attention",
+        "image_interpolation_mode",
+    }
     assert dests == REFERENCE_SD_FLAGS | sdxl_own | OUR_FLAGS
     assert len(dests) == 57 + len(OUR_FLAGS)
     args = parser.parse_args(["--pretrained_model_name_or_path", "m", "--dataset_name", "d"])

@@ -43,11 +43,13 @@ def corrupt_copy(source: Path, target: Path) -> Path:
 def empty_parquet(target: Path) -> Path:
     import datasets
 
-    features = datasets.Features({"image": datasets.Image(), "conditioning_image": datasets.Image(),
-                                  "text": datasets.Value("string")})
+    features = datasets.Features(
+        {"image": datasets.Image(), "conditioning_image": datasets.Image(), "text": datasets.Value("string")}
+    )
     target.mkdir()
     datasets.Dataset.from_dict({"image": [], "conditioning_image": [], "text": []}, features=features).to_parquet(
-        str(target / "train.parquet"))
+        str(target / "train.parquet")
+    )
     return target
 
 
@@ -72,8 +74,10 @@ def caption_lists_parquet(source: Path, target: Path, row: int = 5) -> Path:
 
     from controlnet_training.data import load_train_split
 
-    rows = load_train_split(SimpleNamespace(dataset_name=None, train_data_dir=str(source), dataset_config_name=None,
-                                            cache_dir=None), streaming=False)
+    rows = load_train_split(
+        SimpleNamespace(dataset_name=None, train_data_dir=str(source), dataset_config_name=None, cache_dir=None),
+        streaming=False,
+    )
     captions = [[text, text.upper()] for text in rows["text"]]
     captions[row] = []
     target.mkdir()
@@ -97,8 +101,9 @@ def damaged_checkpoint(controlnet: Path, target: Path, damage: str = "") -> Path
 
     torch.save({"state": {}, "param_groups": [{"lr": 1.0, "params": list(range(1000))}]}, torch_file)
     (target / "training_state.json").write_text('{"global_step": 3, "seed": 1}')
-    victim = {"weights": target / "controlnet" / "diffusion_pytorch_model.safetensors",
-              "optimizer": torch_file}.get(damage)
+    victim = {"weights": target / "controlnet" / "diffusion_pytorch_model.safetensors", "optimizer": torch_file}.get(
+        damage
+    )
     if victim is not None:
         victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     return target
@@ -115,44 +120,65 @@ def controlnet_of(model: Path, target: Path) -> Path:
 # (overrides of the tiny run's flags, text the error must contain)
 CASES = {
     "no dataset": (dict(train_data_dir=None), "--dataset_name"),
-    "prompt/image counts": (dict(validation_prompt=["a", "b"], validation_image=["{v0}", "{v1}", "{v0}"]),
-                            "3 images and 2 prompts"),
+    "prompt/image counts": (
+        dict(validation_prompt=["a", "b"], validation_image=["{v0}", "{v1}", "{v0}"]),
+        "3 images and 2 prompts",
+    ),
     "prompt without image": (dict(validation_prompt=["a"]), "--validation_prompt needs --validation_image"),
     "image without prompt": (dict(validation_image=["{v0}"]), "--validation_image needs --validation_prompt"),
-    "missing column": (dict(caption_column="caption"), "--caption_column 'caption' is not a dataset column; "
-                                                       "columns are: image, conditioning_image, text"),
+    "missing column": (
+        dict(caption_column="caption"),
+        "--caption_column 'caption' is not a dataset column; columns are: image, conditioning_image, text",
+    ),
     "resolution": (dict(resolution=60), "--resolution must be divisible by 8"),
     "no model folder": (dict(pretrained_model_name_or_path="{tmp}/nowhere"), "--pretrained_model_name_or_path"),
     "not a model folder": (dict(pretrained_model_name_or_path="{tmp}"), "missing unet/config.json"),
     "no data folder": (dict(train_data_dir="{tmp}/no-data"), "--train_data_dir {tmp}/no-data: no such folder"),
     "corrupt image": (dict(train_data_dir="{corrupt}"), "00003.png is not a readable image"),
     "empty dataset": (dict(train_data_dir="{empty}"), "the training dataset {empty} is empty"),
-    "folder of text files": (dict(train_data_dir="{tmp}/models"),
-                             "--image_column 'image' is not a dataset column; columns are: text"),
+    "folder of text files": (
+        dict(train_data_dir="{tmp}/models"),
+        "--image_column 'image' is not a dataset column; columns are: text",
+    ),
     "empty prompts": (dict(proportion_empty_prompts=1.5), "--proportion_empty_prompts must be in [0, 1]"),
     "mixed precision": (dict(mixed_precision="fp8"), "--mixed_precision: invalid choice"),
     "missing checkpoint": (dict(resume_from_checkpoint="checkpoint-99"), "--resume_from_checkpoint checkpoint-99"),
     "xformers": (dict(enable_xformers_memory_efficient_attention=True), "pip install xformers"),
-    "caption None in a row": (dict(train_data_dir="{captions_none}"),
-                              "--caption_column 'text': row 5 has None instead of a caption"),
-    "caption key missing in a row": (dict(train_data_dir="{captions_missing}", cache_encodings="always"),
-                                     "--caption_column 'text': row 5 has None instead of a caption"),
-    "empty caption list in a row": (dict(train_data_dir="{captions_empty_list}"),
-                                    "--caption_column 'text': row 5 has an empty list instead of a caption"),
-    "SDXL pipeline": (dict(pretrained_model_name_or_path="{sdxl}"),
-                      "--pretrained_model_name_or_path {sdxl} is an SDXL pipeline; use train_controlnet_sdxl.py"),
-    "ControlNet of another family": (dict(controlnet_model_name_or_path="{sdxl_controlnet}"),
-                                     "--controlnet_model_name_or_path {sdxl_controlnet} does not fit the UNet"),
-    "fp16 on the CPU": (dict(mixed_precision="fp16"), "--mixed_precision fp16 (from the flag or the accelerate "
-                                                      "config) needs a CUDA GPU"),
+    "caption None in a row": (
+        dict(train_data_dir="{captions_none}"),
+        "--caption_column 'text': row 5 has None instead of a caption",
+    ),
+    "caption key missing in a row": (
+        dict(train_data_dir="{captions_missing}", cache_encodings="always"),
+        "--caption_column 'text': row 5 has None instead of a caption",
+    ),
+    "empty caption list in a row": (
+        dict(train_data_dir="{captions_empty_list}"),
+        "--caption_column 'text': row 5 has an empty list instead of a caption",
+    ),
+    "SDXL pipeline": (
+        dict(pretrained_model_name_or_path="{sdxl}"),
+        "--pretrained_model_name_or_path {sdxl} is an SDXL pipeline; use train_controlnet_sdxl.py",
+    ),
+    "ControlNet of another family": (
+        dict(controlnet_model_name_or_path="{sdxl_controlnet}"),
+        "--controlnet_model_name_or_path {sdxl_controlnet} does not fit the UNet",
+    ),
+    "fp16 on the CPU": (
+        dict(mixed_precision="fp16"),
+        "--mixed_precision fp16 (from the flag or the accelerate config) needs a CUDA GPU",
+    ),
     "image that is a text file": (dict(train_data_dir="{text_image}"), "00005.png is not a readable image"),
     "wandb not installed": (dict(report_to="wandb"), "--report_to wandb needs wandb: pip install wandb"),
-    "truncated checkpoint": (dict(resume_from_checkpoint="{truncated_checkpoint}"),
-                             "controlnet/diffusion_pytorch_model.safetensors is damaged"),
-    "truncated optimizer state": (dict(resume_from_checkpoint="{truncated_optimizer}"),
-                                  "optimizer.bin is damaged"),
-    "checkpoint of another model": (dict(resume_from_checkpoint="{sdxl_checkpoint}"),
-                                    "holds a ControlNet of another base model"),
+    "truncated checkpoint": (
+        dict(resume_from_checkpoint="{truncated_checkpoint}"),
+        "controlnet/diffusion_pytorch_model.safetensors is damaged",
+    ),
+    "truncated optimizer state": (dict(resume_from_checkpoint="{truncated_optimizer}"), "optimizer.bin is damaged"),
+    "checkpoint of another model": (
+        dict(resume_from_checkpoint="{sdxl_checkpoint}"),
+        "holds a ControlNet of another base model",
+    ),
     "infinite learning rate": (dict(learning_rate="inf"), "--learning_rate must be a finite number, got inf"),
     "nan min-SNR gamma": (dict(snr_gamma="nan"), "--snr_gamma must be a finite number, got nan"),
     "nan gradient clipping": (dict(max_grad_norm="nan"), "--max_grad_norm must be a finite number, got nan"),
@@ -164,21 +190,29 @@ CASES = {
     "zero batch": (dict(train_batch_size=0), "--train_batch_size must be > 0"),
     "negative warmup": (dict(lr_warmup_steps=-5), "--lr_warmup_steps must be >= 0"),
     "unknown schedule": (dict(lr_scheduler="piecewise_constant"), "--lr_scheduler piecewise_constant"),
-    "polynomial below its floor": (dict(lr_scheduler="polynomial", learning_rate=1e-8),
-                                   "--lr_scheduler polynomial decays to 1e-7"),
-    "missing validation image": (dict(validation_prompt=["a"], validation_image=["{tmp}/none.png"]),
-                                 "--validation_image {tmp}/none.png: no such file"),
+    "polynomial below its floor": (
+        dict(lr_scheduler="polynomial", learning_rate=1e-8),
+        "--lr_scheduler polynomial decays to 1e-7",
+    ),
+    "missing validation image": (
+        dict(validation_prompt=["a"], validation_image=["{tmp}/none.png"]),
+        "--validation_image {tmp}/none.png: no such file",
+    ),
     "tracker not installed": (dict(report_to="comet_ml"), "--report_to comet_ml needs comet_ml"),
     "token to wandb": (dict(report_to="wandb", hub_token="hf_secret"), "--hub_token with --report_to wandb"),
 }
 
 
-def expect_one_line_error(main, overrides: dict, expected: str, tiny_sd, fill_data, tmp_path, out, capsys,
-                          request) -> None:
+def expect_one_line_error(
+    main, overrides: dict, expected: str, tiny_sd, fill_data, tmp_path, out, capsys, request
+) -> None:
     """`main` with the base flags plus `overrides` (the {placeholders} filled in) exits with status 2 and exactly one
     error line containing `expected`, leaving `out` as it was."""
-    places = {"tmp": str(tmp_path), "v0": str(fill_data["validation"] / "control_0.png"),
-              "v1": str(fill_data["validation"] / "control_1.png")}
+    places = {
+        "tmp": str(tmp_path),
+        "v0": str(fill_data["validation"] / "control_0.png"),
+        "v1": str(fill_data["validation"] / "control_1.png"),
+    }
     images = fill_data["imagefolder"]
     builders = {
         "corrupt": lambda: corrupt_copy(images, tmp_path / "corrupt"),
@@ -187,12 +221,15 @@ def expect_one_line_error(main, overrides: dict, expected: str, tiny_sd, fill_da
         "captions_missing": lambda: bad_caption_copy(images, tmp_path / "captions-missing", change="missing"),
         "captions_empty_list": lambda: caption_lists_parquet(images, tmp_path / "captions-lists"),
         "text_image": lambda: text_image_copy(images, tmp_path / "text-image"),
-        "truncated_checkpoint": lambda: damaged_checkpoint(controlnet_of(tiny_sd, tmp_path / "cn"),
-                                                           tmp_path / "elsewhere" / "checkpoint-3", "weights"),
-        "truncated_optimizer": lambda: damaged_checkpoint(controlnet_of(tiny_sd, tmp_path / "cn"),
-                                                          tmp_path / "elsewhere" / "checkpoint-3", "optimizer"),
+        "truncated_checkpoint": lambda: damaged_checkpoint(
+            controlnet_of(tiny_sd, tmp_path / "cn"), tmp_path / "elsewhere" / "checkpoint-3", "weights"
+        ),
+        "truncated_optimizer": lambda: damaged_checkpoint(
+            controlnet_of(tiny_sd, tmp_path / "cn"), tmp_path / "elsewhere" / "checkpoint-3", "optimizer"
+        ),
         "sdxl_checkpoint": lambda: damaged_checkpoint(
-            controlnet_of(request.getfixturevalue("tiny_sdxl"), tmp_path / "xl-cn"), tmp_path / "xl" / "checkpoint-3"),
+            controlnet_of(request.getfixturevalue("tiny_sdxl"), tmp_path / "xl-cn"), tmp_path / "xl" / "checkpoint-3"
+        ),
         "sdxl": lambda: request.getfixturevalue("tiny_sdxl"),
         "sd": lambda: request.getfixturevalue("tiny_sd"),
         "sd_controlnet": lambda: controlnet_of(request.getfixturevalue("tiny_sd"), tmp_path / "sd-controlnet"),
@@ -221,11 +258,13 @@ def expect_one_line_error(main, overrides: dict, expected: str, tiny_sd, fill_da
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_fails_early_with_one_line(case, tiny_sd, fill_data, tmp_path, existing_output, no_model_loading,
-                                             capsys, request):
+def test_bad_input_fails_early_with_one_line(
+    case, tiny_sd, fill_data, tmp_path, existing_output, no_model_loading, capsys, request
+):
     overrides, expected = CASES[case]
-    expect_one_line_error(train_controlnet.main, overrides, expected, tiny_sd, fill_data, tmp_path, existing_output,
-                          capsys, request)
+    expect_one_line_error(
+        train_controlnet.main, overrides, expected, tiny_sd, fill_data, tmp_path, existing_output, capsys, request
+    )
 
 
 def test_output_dir_that_is_a_file_is_refused(tiny_sd, fill_data, tmp_path, no_model_loading, capsys):

@@ -10,22 +10,43 @@ import sys
 
 from conftest import ROOT, THREADS
 
-XLA_FLAGS = ("--xla_force_host_platform_device_count=2 --xla_cpu_multi_thread_eigen=false "
-             "intra_op_parallelism_threads=1")
+XLA_FLAGS = "--xla_force_host_platform_device_count=2 --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
 def test_tiny_cpu_run_prints_the_figures():
     env = {**os.environ, **THREADS, "XLA_FLAGS": XLA_FLAGS, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "benchmark_flax.py"), "--model", "tiny",
-                             "--resolution", "64", "--batch_size", "1", "--steps", "2", "--warmup", "1"],
-                            capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "benchmark_flax.py"),
+            "--model",
+            "tiny",
+            "--resolution",
+            "64",
+            "--batch_size",
+            "1",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     out, flops = result.stdout, {}
     assert re.search(r"devices: 2 × \S+", out), out
     assert "global batch: 2" in out, out
     for path in ("optimized", "reference"):
-        line = re.search(rf"^{path}: compile \d+\.\d+ s \| steady \d+\.\d+ s/step .* \| \d+\.\d+ samples/s \| "
-                         r"(\d+\.\d+) GFLOP/sample \| MFU n/a \| peak memory n/a \| loss \d+\.\d+$", out, re.M)
+        line = re.search(
+            rf"^{path}: compile \d+\.\d+ s \| steady \d+\.\d+ s/step .* \| \d+\.\d+ samples/s \| "
+            r"(\d+\.\d+) GFLOP/sample \| MFU n/a \| peak memory n/a \| loss \d+\.\d+$",
+            out,
+            re.M,
+        )
         assert line, out
         flops[path] = float(line.group(1))
     assert flops["reference"] > flops["optimized"] > 0  # the reference also runs the VAE and the text encoder

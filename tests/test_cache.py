@@ -28,8 +28,9 @@ def test_interrupted_build_is_never_read_and_resumes(tmp_path):
         build_or_load(tmp_path, {"a": 1}, range(10), dies_in_second_shard, rows_per_shard=4)
     assert [p.name for p in tmp_path.iterdir()] == [p.name for p in tmp_path.glob("*.partial")]  # no finished cache
     calls.clear()
-    cache = build_or_load(tmp_path, {"a": 1}, range(10), lambda k: calls.append(list(k)) or squares(k),
-                          rows_per_shard=4)
+    cache = build_or_load(
+        tmp_path, {"a": 1}, range(10), lambda k: calls.append(list(k)) or squares(k), rows_per_shard=4
+    )
     assert sorted(k for batch in calls for k in batch) == list(range(4, 10))  # the first shard was kept
     assert cache.lookup([9, 0])["v"].tolist() == [[9.0, 81.0], [0.0, 0.0]]
 
@@ -53,8 +54,9 @@ def test_bfloat16_is_stored_in_16_bits_and_read_back_exactly(tmp_path):
 
     import jax.numpy as jnp  # the Flax trainer writes jax arrays: the same format
 
-    from_jax = build_or_load(tmp_path / "jax", {}, range(5),
-                             lambda k: {"b": jnp.asarray(values.float().numpy()[k], dtype=jnp.bfloat16)})
+    from_jax = build_or_load(
+        tmp_path / "jax", {}, range(5), lambda k: {"b": jnp.asarray(values.float().numpy()[k], dtype=jnp.bfloat16)}
+    )
     assert np.array_equal(from_jax.lookup([4, 0])["b"], found["b"][[4, 0]])
 
 
@@ -87,8 +89,9 @@ def test_processes_split_the_shards(tmp_path):
             seen[rank].extend(keys)
             return squares(keys)
 
-        results[rank] = build_or_load(tmp_path, {}, range(10), compute, rank=rank, world_size=2,
-                                      barrier=barrier.wait, rows_per_shard=3)
+        results[rank] = build_or_load(
+            tmp_path, {}, range(10), compute, rank=rank, world_size=2, barrier=barrier.wait, rows_per_shard=3
+        )
 
     threads = [threading.Thread(target=run, args=(rank,)) for rank in (0, 1)]
     for thread in threads:

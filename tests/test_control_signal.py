@@ -24,8 +24,9 @@ from controlnet_training.torch_training.control_signal import ControlSignal
 
 
 def heldout_batches(fill_data, tokenizer, rows=6, batch=4):
-    args = SimpleNamespace(dataset_name=None, dataset_config_name=None, train_data_dir=str(fill_data["parquet"]),
-                           cache_dir=None)
+    args = SimpleNamespace(
+        dataset_name=None, dataset_config_name=None, train_data_dir=str(fill_data["parquet"]), cache_dir=None
+    )
     data = load_train_split(args).select(range(rows))
     dataset = ControlNetDataset(data, Columns("image", "conditioning_image", "text"), PairedTransform(64), seed=0)
     collate = Collator([tokenizer] if tokenizer is not None else [])
@@ -36,8 +37,7 @@ def heldout_batches(fill_data, tokenizer, rows=6, batch=4):
 def sd_models(tiny_sd):
     from controlnet_training.torch_training.models import load_sd_models
 
-    args = SimpleNamespace(pretrained_model_name_or_path=str(tiny_sd), revision=None, variant=None,
-                           tokenizer_name=None)
+    args = SimpleNamespace(pretrained_model_name_or_path=str(tiny_sd), revision=None, variant=None, tokenizer_name=None)
     return load_sd_models(args)
 
 
@@ -52,8 +52,14 @@ def sd_encode(models):
 
 
 def test_gain_is_exactly_one_for_a_controlnet_made_from_the_unet(sd_models, fill_data):
-    signal = ControlSignal(heldout_batches(fill_data, sd_models.tokenizer), sd_encode(sd_models), sd_models.unet,
-                           sd_models.noise_scheduler, torch.float32, seed=3)
+    signal = ControlSignal(
+        heldout_batches(fill_data, sd_models.tokenizer),
+        sd_encode(sd_models),
+        sd_models.unet,
+        sd_models.noise_scheduler,
+        torch.float32,
+        seed=3,
+    )
     controlnet = ControlNetModel.from_unet(sd_models.unet)
     first = signal.measure(controlnet, torch.device("cpu"))
     assert first["control_gain"] == 1.0
@@ -80,8 +86,15 @@ class OracleControlNet(torch.nn.Module):
         super().__init__()
         self.alphas = scheduler.alphas_cumprod
 
-    def forward(self, noisy, timesteps, encoder_hidden_states=None, controlnet_cond=None, added_cond_kwargs=None,
-                return_dict=False):
+    def forward(
+        self,
+        noisy,
+        timesteps,
+        encoder_hidden_states=None,
+        controlnet_cond=None,
+        added_cond_kwargs=None,
+        return_dict=False,
+    ):
         a = self.alphas[timesteps].view(-1, 1, 1, 1).to(noisy.dtype)
         latents = latent_of(controlnet_cond)
         eps = (noisy - a.sqrt() * latents) / (1 - a).sqrt()
@@ -89,8 +102,16 @@ class OracleControlNet(torch.nn.Module):
 
 
 class PassThroughUNet(torch.nn.Module):
-    def forward(self, noisy, timesteps, encoder_hidden_states=None, added_cond_kwargs=None,
-                down_block_additional_residuals=(), mid_block_additional_residual=None, return_dict=False):
+    def forward(
+        self,
+        noisy,
+        timesteps,
+        encoder_hidden_states=None,
+        added_cond_kwargs=None,
+        down_block_additional_residuals=(),
+        mid_block_additional_residual=None,
+        return_dict=False,
+    ):
         return (down_block_additional_residuals[0],)
 
 
@@ -122,8 +143,12 @@ def test_heldout_split():
 
 
 def test_short_run_writes_log_plot_and_card(tiny_sd, fill_data, tmp_path):
-    run_script("train_controlnet.py", base_args(tiny_sd, fill_data["imagefolder"], tmp_path, max_train_steps=3,
-                                                validation_steps=2, validation_split=4))
+    run_script(
+        "train_controlnet.py",
+        base_args(
+            tiny_sd, fill_data["imagefolder"], tmp_path, max_train_steps=3, validation_steps=2, validation_split=4
+        ),
+    )
     records = [json.loads(line) for line in (tmp_path / "control_metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 2, 3]
     assert records[0]["control_gain"] == 1.0 and records[0]["train_loss"] is None

@@ -24,8 +24,15 @@ from controlnet_training.data import (
 
 
 def data_args(**kwargs):
-    defaults = dict(dataset_name=None, dataset_config_name=None, train_data_dir=None, cache_dir=None,
-                    image_column="image", conditioning_image_column="conditioning_image", caption_column="text")
+    defaults = dict(
+        dataset_name=None,
+        dataset_config_name=None,
+        train_data_dir=None,
+        cache_dir=None,
+        image_column="image",
+        conditioning_image_column="conditioning_image",
+        caption_column="text",
+    )
     return SimpleNamespace(**{**defaults, **kwargs})
 
 
@@ -45,8 +52,9 @@ def test_dataset_name_accepts_a_local_path(fill_data):
 
 
 def test_column_fallback_by_position():
-    columns = resolve_columns(["a", "b", "c"], data_args(image_column=None, caption_column=None,
-                                                          conditioning_image_column=None))
+    columns = resolve_columns(
+        ["a", "b", "c"], data_args(image_column=None, caption_column=None, conditioning_image_column=None)
+    )
     assert columns == Columns("a", "c", "b")
 
 
@@ -56,9 +64,13 @@ def test_transform_matches_torchvision():
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (90, 130, 3), dtype=np.uint8))
     resolution = 64
-    reference = transforms.Compose([
-        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
-        transforms.CenterCrop(resolution), transforms.ToTensor()])
+    reference = transforms.Compose(
+        [
+            transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
+            transforms.CenterCrop(resolution),
+            transforms.ToTensor(),
+        ]
+    )
     target, control = PairedTransform(resolution)(image, image.convert("RGBA"))
     expected = reference(image).numpy()
     assert target.shape == control.shape == (3, 64, 64)
@@ -95,8 +107,9 @@ def test_rows_and_collation(fill_data, tiny_sd):
     from transformers import AutoTokenizer
 
     dataset = load_train_split(data_args(train_data_dir=str(fill_data["parquet"])))
-    rows = ControlNetDataset(dataset, Columns("image", "conditioning_image", "text"), PairedTransform(64), seed=0,
-                             proportion_empty=0.5)
+    rows = ControlNetDataset(
+        dataset, Columns("image", "conditioning_image", "text"), PairedTransform(64), seed=0, proportion_empty=0.5
+    )
     first = rows[(0, 3)]
     assert rows[(0, 3)]["caption"] == first["caption"]  # the same epoch gives the same draw
     captions = {rows[(epoch, 3)]["caption"] for epoch in range(20)}
@@ -148,15 +161,21 @@ def test_an_image_too_large_to_decode_safely_is_reported(tmp_path):
 
     # A valid PNG header of 30000 × 30000 pixels (900 MP): PIL raises on open, without decoding anything.
     header = chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
-    (tmp_path / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0"))
-                                        + chunk(b"IEND", b""))
+    (tmp_path / "huge.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+    )
     Image.new("RGB", (8, 8)).save(tmp_path / "small.png")
     import datasets
 
-    rows = datasets.Dataset.from_dict({"image": [str(tmp_path / "small.png"), str(tmp_path / "huge.png")],
-                                       "conditioning_image": [str(tmp_path / "small.png")] * 2, "text": ["a", "b"]},
-                                      features=datasets.Features({"image": datasets.Image(),
-                                                                  "conditioning_image": datasets.Image(),
-                                                                  "text": datasets.Value("string")}))
+    rows = datasets.Dataset.from_dict(
+        {
+            "image": [str(tmp_path / "small.png"), str(tmp_path / "huge.png")],
+            "conditioning_image": [str(tmp_path / "small.png")] * 2,
+            "text": ["a", "b"],
+        },
+        features=datasets.Features(
+            {"image": datasets.Image(), "conditioning_image": datasets.Image(), "text": datasets.Value("string")}
+        ),
+    )
     with pytest.raises(InputError, match=r"huge\.png is not a readable image .*exceeds limit"):
         check_images(rows, Columns("image", "conditioning_image", "text"))

@@ -26,8 +26,10 @@ import torch
 
 from conftest import RESOLUTION, ROOT, THREADS, base_args, free_port, load_weights, read_scalars
 
-pytestmark = [pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed"),
-              pytest.mark.xdist_group("processes")]  # several processes: one xdist worker runs them all
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed"),
+    pytest.mark.xdist_group("processes"),
+]  # several processes: one xdist worker runs them all
 
 CONFIG = ROOT / "configs" / "deepspeed_zero2_offload.yaml"
 ACCUMULATION = 4  # the config's gradient_accumulation_steps: the flag must agree with it
@@ -35,8 +37,15 @@ TIMEOUT = 300  # s per launch (a run here takes ~30 s): a rank stuck in a collec
 # Every run: global batch 1 x 2 processes x 4 = 8 of the 12 rows, 6 micro-batches per process and epoch, so an
 # epoch is 2 optimizer steps (the second accumulates 2 micro-batches). A linear decay from a large rate makes every
 # step's LR differ, so the schedule has to reach DeepSpeed's optimizer and be restored on resume to match.
-RUN = dict(train_batch_size=1, validation_split=0, gradient_accumulation_steps=ACCUMULATION, max_train_steps=4,
-           learning_rate=1e-3, lr_scheduler="linear", lr_warmup_steps=0)
+RUN = dict(
+    train_batch_size=1,
+    validation_split=0,
+    gradient_accumulation_steps=ACCUMULATION,
+    max_train_steps=4,
+    learning_rate=1e-3,
+    lr_scheduler="linear",
+    lr_warmup_steps=0,
+)
 
 
 def child_env() -> dict:
@@ -62,8 +71,14 @@ print("OPS " + json.dumps(errors))
 def op_errors() -> dict[str, str]:
     """Build DeepSpeed's CPU ops in one process (not both ranks at once); {builder: why it failed}."""
     builders = ["ShareMemCommBuilder", "CPUAdamBuilder"]
-    result = subprocess.run([sys.executable, "-c", BUILD_OPS, *builders], capture_output=True, text=True,
-                            env=child_env(), timeout=1500, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", BUILD_OPS, *builders],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=1500,
+        cwd=ROOT,
+    )
     lines = [line for line in result.stdout.splitlines() if line.startswith("OPS ")]
     if not lines:
         return {name: f"the build process failed ({result.returncode}): {result.stderr[-1500:]}" for name in builders}
@@ -78,9 +93,22 @@ def needs(op_errors: dict[str, str], *builders: str) -> None:
 
 
 def launch(script: str, argv: list[str], offload: bool = True) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG),
-               "--mixed_precision", "no", "--num_processes", "2", "--main_process_port", str(free_port()),
-               *([] if offload else ["--offload_optimizer_device", "none"]), str(ROOT / script), *argv]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CONFIG),
+        "--mixed_precision",
+        "no",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        *([] if offload else ["--offload_optimizer_device", "none"]),
+        str(ROOT / script),
+        *argv,
+    ]
     return subprocess.run(command, capture_output=True, text=True, env=child_env(), timeout=TIMEOUT, cwd=ROOT)
 
 
@@ -93,8 +121,15 @@ def torchrun_ddp(argv: list[str]) -> subprocess.CompletedProcess:
     """The plain data-parallel reference: two gloo processes (accelerate's MULTI_CPU), as in test_multiprocess."""
     env = {**child_env(), "ACCELERATE_USE_CPU": "true"}
     env.pop("DS_ACCELERATOR")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               str(ROOT / "train_controlnet.py"), *argv]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        str(ROOT / "train_controlnet.py"),
+        *argv,
+    ]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=TIMEOUT, cwd=ROOT)
 
 
@@ -106,11 +141,16 @@ def copy_checkpoint(source: Path, output_dir: Path) -> None:
 
 def engine_state(checkpoint: Path) -> dict:
     """What DeepSpeed's engine recorded in a checkpoint: processes, optimizer steps, ZeRO settings."""
-    state = torch.load(checkpoint / "pytorch_model" / "mp_rank_00_model_states.pt", map_location="cpu",
-                       weights_only=False)
+    state = torch.load(
+        checkpoint / "pytorch_model" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+    )
     zero = state["ds_config"]["zero_optimization"]
-    return {"dp_world_size": state["dp_world_size"], "global_steps": state["global_steps"], "stage": zero["stage"],
-            "offload": zero["offload_optimizer"]["device"]}
+    return {
+        "dp_world_size": state["dp_world_size"],
+        "global_steps": state["global_steps"],
+        "stage": zero["stage"],
+        "offload": zero["offload_optimizer"]["device"],
+    }
 
 
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -155,12 +195,18 @@ def test_zero2_offload_checkpoints_every_rank_prunes_and_resumes(zero2_offload, 
         folder = zero2_offload / name
         # every rank wrote its part: its ZeRO-2 optimizer partition and its RNG state
         assert sorted(p.name for p in (folder / "pytorch_model").glob("zero_pp_rank_*_optim_states.pt")) == [
-            "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+            "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        ]
         assert sorted(p.name for p in folder.glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
         assert (folder / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()  # diffusers layout
         # the engine saw both ranks, one optimizer step per global step, ZeRO-2 with the optimizer on the CPU
-        assert engine_state(folder) == {"dp_world_size": 2, "global_steps": int(name.split("-")[1]), "stage": 2,
-                                        "offload": "cpu"}
+        assert engine_state(folder) == {
+            "dp_world_size": 2,
+            "global_steps": int(name.split("-")[1]),
+            "stage": 2,
+            "offload": "cpu",
+        }
     # the ControlNet in the last checkpoint is the final one
     final = load_weights(zero2_offload)
     assert max_difference(load_weights(zero2_offload / "checkpoint-4" / "controlnet"), final) == 0
@@ -168,8 +214,12 @@ def test_zero2_offload_checkpoints_every_rank_prunes_and_resumes(zero2_offload, 
     # Resume from step 3 to step 4: mid-epoch (step 3 ends at micro-batch 4 of epoch 1, so the resumed run skips 4).
     resumed = tmp_path / "resumed"
     copy_checkpoint(zero2_offload / "checkpoint-3", resumed)
-    summary = check(launch("train_controlnet.py", base_args(tiny_sd, fill_data["imagefolder"], resumed,
-                                                            resume_from_checkpoint="latest", **RUN)))
+    summary = check(
+        launch(
+            "train_controlnet.py",
+            base_args(tiny_sd, fill_data["imagefolder"], resumed, resume_from_checkpoint="latest", **RUN),
+        )
+    )
     assert "checkpoint-3 (step 3)" in summary
     straight_loss, resumed_loss = read_scalars(zero2_offload / "logs", "loss"), read_scalars(resumed / "logs", "loss")
     assert sorted(resumed_loss) == [4]
@@ -196,32 +246,55 @@ def test_zero2_offload_matches_ddp_and_loads_in_the_pipeline(zero2_offload, ddp_
     from PIL import Image
 
     controlnet = ControlNetModel.from_pretrained(zero2_offload)
-    pipeline = StableDiffusionControlNetPipeline.from_pretrained(tiny_sd, controlnet=controlnet, safety_checker=None,
-                                                                 requires_safety_checker=False)
+    pipeline = StableDiffusionControlNetPipeline.from_pretrained(
+        tiny_sd, controlnet=controlnet, safety_checker=None, requires_safety_checker=False
+    )
     pipeline.scheduler = UniPCMultistepScheduler.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     control = Image.new("RGB", (RESOLUTION, RESOLUTION), (255, 255, 255))
-    image = pipeline("a red circle", image=control, num_inference_steps=2, height=RESOLUTION, width=RESOLUTION,
-                     generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    image = pipeline(
+        "a red circle",
+        image=control,
+        num_inference_steps=2,
+        height=RESOLUTION,
+        width=RESOLUTION,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images[0]
     assert image.shape == (RESOLUTION, RESOLUTION, 3) and bool(torch.isfinite(torch.from_numpy(image)).all())
 
 
-def test_sdxl_zero2_without_offload_trains_checkpoints_and_resumes_exactly(tiny_sdxl, fill_data, tmp_path,
-                                                                          op_errors):
+def test_sdxl_zero2_without_offload_trains_checkpoints_and_resumes_exactly(tiny_sdxl, fill_data, tmp_path, op_errors):
     """SDXL, and ZeRO-2 without optimizer offload: torch's AdamW steps the ZeRO partitions, so the resume is exact."""
     needs(op_errors, "ShareMemCommBuilder")
     run = {**RUN, "max_train_steps": 2}
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    summary = check(launch("train_controlnet_sdxl.py", base_args(tiny_sdxl, fill_data["imagefolder"], straight,
-                                                                 checkpointing_steps=1, **run), offload=False))
+    summary = check(
+        launch(
+            "train_controlnet_sdxl.py",
+            base_args(tiny_sdxl, fill_data["imagefolder"], straight, checkpointing_steps=1, **run),
+            offload=False,
+        )
+    )
     assert "processes : 2" in summary and "effective batch : 8" in summary
     assert sorted(p.name for p in (straight / "checkpoint-1" / "pytorch_model").glob("zero_pp_rank_*")) == [
-        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
-    assert engine_state(straight / "checkpoint-1") == {"dp_world_size": 2, "global_steps": 1, "stage": 2,
-                                                       "offload": "none"}
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
+    assert engine_state(straight / "checkpoint-1") == {
+        "dp_world_size": 2,
+        "global_steps": 1,
+        "stage": 2,
+        "offload": "none",
+    }
     copy_checkpoint(straight / "checkpoint-1", resumed)
-    check(launch("train_controlnet_sdxl.py", base_args(tiny_sdxl, fill_data["imagefolder"], resumed,
-                                                       resume_from_checkpoint="latest", **run), offload=False))
+    check(
+        launch(
+            "train_controlnet_sdxl.py",
+            base_args(tiny_sdxl, fill_data["imagefolder"], resumed, resume_from_checkpoint="latest", **run),
+            offload=False,
+        )
+    )
     a, b = read_scalars(straight / "logs", "loss"), read_scalars(resumed / "logs", "loss")
     assert sorted(b) == [2] and b[2] == a[2]
     assert max_difference(load_weights(resumed), load_weights(straight)) == 0
@@ -240,15 +313,22 @@ def ds_config_env(monkeypatch) -> None:
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", str(section["zero_stage"]))
 
 
-@pytest.mark.parametrize("flags, error", [
-    ({"gradient_accumulation_steps": 4, "max_grad_norm": 1.0}, None),
-    ({"gradient_accumulation_steps": 1, "max_grad_norm": 1.0},
-     "--gradient_accumulation_steps 1 disagrees with the accelerate config's gradient_accumulation_steps 4 "
-     "(accelerate would silently use 4): pass --gradient_accumulation_steps 4, or change the config"),
-    ({"gradient_accumulation_steps": 4, "max_grad_norm": 0.5},
-     "--max_grad_norm 0.5 disagrees with the DeepSpeed config's gradient_clipping 1 (DeepSpeed clips, not the "
-     "trainer): pass --max_grad_norm 1, or change the config"),
-])
+@pytest.mark.parametrize(
+    "flags, error",
+    [
+        ({"gradient_accumulation_steps": 4, "max_grad_norm": 1.0}, None),
+        (
+            {"gradient_accumulation_steps": 1, "max_grad_norm": 1.0},
+            "--gradient_accumulation_steps 1 disagrees with the accelerate config's gradient_accumulation_steps 4 "
+            "(accelerate would silently use 4): pass --gradient_accumulation_steps 4, or change the config",
+        ),
+        (
+            {"gradient_accumulation_steps": 4, "max_grad_norm": 0.5},
+            "--max_grad_norm 0.5 disagrees with the DeepSpeed config's gradient_clipping 1 (DeepSpeed clips, not the "
+            "trainer): pass --max_grad_norm 1, or change the config",
+        ),
+    ],
+)
 def test_flags_disagreeing_with_the_deepspeed_config_are_refused(monkeypatch, flags, error):
     """make_accelerator refuses them (before any model loads): accelerate would take the config's accumulation over
     the flag at prepare() while the step plan, schedule and resume position follow the flag (a launch that got 4
@@ -263,7 +343,8 @@ def test_flags_disagreeing_with_the_deepspeed_config_are_refused(monkeypatch, fl
     ds_config_env(monkeypatch)
     accelerator = SimpleNamespace(  # as Accelerator(gradient_accumulation_steps=flag) builds it from that env
         gradient_accumulation_steps=int(parse_choice_from_env("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")),
-        state=SimpleNamespace(deepspeed_plugin=DeepSpeedPlugin()))
+        state=SimpleNamespace(deepspeed_plugin=DeepSpeedPlugin()),
+    )
     args = SimpleNamespace(**flags)
     if error is None:
         check_config_agrees(args, accelerator)

@@ -14,11 +14,18 @@ from controlnet_training.torch_training.encodings import drop_encoders, posterio
 
 
 def make_session(fill_data, cache_dir, rows=5):
-    args = SimpleNamespace(dataset_name=None, dataset_config_name=None, train_data_dir=str(fill_data["imagefolder"]),
-                           cache_dir=str(cache_dir), revision=None, variant=None)
+    args = SimpleNamespace(
+        dataset_name=None,
+        dataset_config_name=None,
+        train_data_dir=str(fill_data["imagefolder"]),
+        cache_dir=str(cache_dir),
+        revision=None,
+        variant=None,
+    )
     data = load_train_split(args).select(range(rows))
-    preflight = SimpleNamespace(dataset=data, columns=Columns("image", "conditioning_image", "text"), seed=0,
-                                heldout=None)
+    preflight = SimpleNamespace(
+        dataset=data, columns=Columns("image", "conditioning_image", "text"), seed=0, heldout=None
+    )
     return SimpleNamespace(args=args, preflight=preflight, cache_workers=Workers())
 
 
@@ -83,8 +90,9 @@ def test_cached_text_embeddings_equal_fresh_encodes(fill_data, tiny_sd, tmp_path
     encoder = CLIPTextModel.from_pretrained(tiny_sd / "text_encoder")
 
     def encode(captions):
-        ids = tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
-                        return_tensors="pt").input_ids
+        ids = tokenizer(
+            captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
+        ).input_ids
         return {"prompt_embeds": encoder(ids, return_dict=False)[0]}
 
     cache = text_cache(make_session(fill_data, tmp_path), ["a red circle", "", "blue"], {"e": 1}, encode)
@@ -93,8 +101,10 @@ def test_cached_text_embeddings_equal_fresh_encodes(fill_data, tiny_sd, tmp_path
     torch.testing.assert_close(torch.from_numpy(cache.lookup(["blue", ""])["prompt_embeds"]), fresh, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode,steps,expected", [
-    ("auto", None, True), ("auto", 5, True), ("auto", 4, False), ("always", 1, True), ("never", None, False)])
+@pytest.mark.parametrize(
+    "mode,steps,expected",
+    [("auto", None, True), ("auto", 5, True), ("auto", 4, False), ("always", 1, True), ("never", None, False)],
+)
 def test_auto_caches_when_the_run_reads_every_row(mode, steps, expected):
     args = SimpleNamespace(cache_encodings=mode, max_train_steps=steps)
     assert wants_cache(args, num_rows=10, effective_batch=2) is expected

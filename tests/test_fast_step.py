@@ -19,9 +19,19 @@ SCRIPT = "train_controlnet.py"
 
 
 def options(**overrides) -> Namespace:
-    values = dict(enable_xformers_memory_efficient_attention=False, gradient_checkpointing=False, allow_tf32=False,
-                  channels_last=False, torch_compile=False, use_8bit_adam=False, learning_rate=1e-4,
-                  adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=1e-2, adam_epsilon=1e-8)
+    values = dict(
+        enable_xformers_memory_efficient_attention=False,
+        gradient_checkpointing=False,
+        allow_tf32=False,
+        channels_last=False,
+        torch_compile=False,
+        use_8bit_adam=False,
+        learning_rate=1e-4,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_weight_decay=1e-2,
+        adam_epsilon=1e-8,
+    )
     values.update(overrides)
     return Namespace(**values)
 
@@ -76,14 +86,20 @@ def test_channels_last_and_tf32_only_for_cuda(tiny_models, tmp_path):
         assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
     # Still trains, and saves / loads in diffusers layout.
     sample = torch.randn(1, 4, 8, 8)
-    down, mid = controlnet(sample, torch.tensor([3]), encoder_hidden_states=torch.randn(1, 77, 32),
-                           controlnet_cond=torch.rand(1, 3, 64, 64), return_dict=False)
+    down, mid = controlnet(
+        sample,
+        torch.tensor([3]),
+        encoder_hidden_states=torch.randn(1, 77, 32),
+        controlnet_cond=torch.rand(1, 3, 64, 64),
+        return_dict=False,
+    )
     (sum(d.square().mean() for d in down) + mid.square().mean()).backward()
     assert controlnet.conv_in.weight.grad is not None
     controlnet.save_pretrained(tmp_path)
     loaded = ControlNetModel.from_pretrained(tmp_path)
-    assert all(torch.equal(a, b) for a, b in zip(controlnet.state_dict().values(), loaded.state_dict().values(),
-                                                 strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(controlnet.state_dict().values(), loaded.state_dict().values(), strict=True)
+    )
 
 
 def test_compile_is_in_place_and_keeps_the_state_dict(tiny_models):
@@ -119,8 +135,15 @@ def test_fused_adamw_where_torch_has_it(monkeypatch, tiny_models):
 
 # ------------------------------------------------------------------------------------------- presets and OOM
 def run_flags(**flags) -> Namespace:
-    values = dict(resolution=512, mixed_precision="bf16", train_batch_size=4, gradient_accumulation_steps=1,
-                  gradient_checkpointing=False, set_grads_to_none=False, use_8bit_adam=False)
+    values = dict(
+        resolution=512,
+        mixed_precision="bf16",
+        train_batch_size=4,
+        gradient_accumulation_steps=1,
+        gradient_checkpointing=False,
+        set_grads_to_none=False,
+        use_8bit_adam=False,
+    )
     values.update(flags)
     return Namespace(**values)
 
@@ -155,8 +178,13 @@ def test_next_preset_after_running_out_of_memory():
     assert next_preset(run_flags(train_batch_size=32), "sd", device_gib=23.6).memory_gb == 24
     assert next_preset(run_flags(train_batch_size=32), "sd", device_gib=79.2).memory_gb == 40
     assert next_preset(run_flags(train_batch_size=32), "sd").memory_gb == 8
-    xl = run_flags(resolution=1024, train_batch_size=1, gradient_accumulation_steps=4, gradient_checkpointing=True,
-                   set_grads_to_none=True)
+    xl = run_flags(
+        resolution=1024,
+        train_batch_size=1,
+        gradient_accumulation_steps=4,
+        gradient_checkpointing=True,
+        set_grads_to_none=True,
+    )
     assert next_preset(xl, "sdxl").memory_gb == 24
     assert next_preset(run_flags(**{**vars(xl), "use_8bit_adam": True}), "sdxl").deepspeed
 
@@ -164,18 +192,39 @@ def test_next_preset_after_running_out_of_memory():
 def test_oom_message_is_one_line_with_the_exact_flags():
     from controlnet_training.presets import oom_message
 
-    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.50 GiB. GPU 0 has a total capacity of "
-                                   "23.64 GiB of which 1.10 GiB is free.\nOf the allocated memory ...")
+    error = torch.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 2.50 GiB. GPU 0 has a total capacity of "
+        "23.64 GiB of which 1.10 GiB is free.\nOf the allocated memory ..."
+    )
     message = oom_message(run_flags(train_batch_size=8), "sd", error, device_gib=23.6)
     assert "\n" not in message
     assert "Tried to allocate 2.50 GiB" in message and "24 GiB" in message
-    assert ("Try the 16 GB SD 1.x/2.x, 512 px memory preset: --resolution 512 --mixed_precision bf16 "
-            "--train_batch_size 8 --gradient_checkpointing") in message
-    xl = oom_message(run_flags(resolution=1024, train_batch_size=1, gradient_accumulation_steps=4,
-                               gradient_checkpointing=True, set_grads_to_none=True, use_8bit_adam=True), "sdxl")
+    assert (
+        "Try the 16 GB SD 1.x/2.x, 512 px memory preset: --resolution 512 --mixed_precision bf16 "
+        "--train_batch_size 8 --gradient_checkpointing"
+    ) in message
+    xl = oom_message(
+        run_flags(
+            resolution=1024,
+            train_batch_size=1,
+            gradient_accumulation_steps=4,
+            gradient_checkpointing=True,
+            set_grads_to_none=True,
+            use_8bit_adam=True,
+        ),
+        "sdxl",
+    )
     assert "accelerate launch --config_file configs/deepspeed_zero2_offload.yaml" in xl and "deepspeed" in xl
-    smallest = oom_message(run_flags(train_batch_size=1, gradient_accumulation_steps=4, gradient_checkpointing=True,
-                                     set_grads_to_none=True, use_8bit_adam=True), "sd")
+    smallest = oom_message(
+        run_flags(
+            train_batch_size=1,
+            gradient_accumulation_steps=4,
+            gradient_checkpointing=True,
+            set_grads_to_none=True,
+            use_8bit_adam=True,
+        ),
+        "sd",
+    )
     assert "smallest" in smallest and "--resolution" in smallest
 
 
@@ -200,10 +249,12 @@ def test_trainer_out_of_memory_prints_the_next_preset(tiny_sd, fill_data, tmp_pa
         "    raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 3.00 GiB. GPU 0 has 7.6 GiB')\n"
         "TrainStep.loss = boom\n"
         f"sys.argv = ['train_controlnet.py', *{argv!r}]\n"
-        f"runpy.run_path({str(ROOT / SCRIPT)!r}, run_name='__main__')\n")
+        f"runpy.run_path({str(ROOT / SCRIPT)!r}, run_name='__main__')\n"
+    )
     env = {**os.environ, **THREADS, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600,
-                            cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     last = [line for line in result.stderr.splitlines() if line.strip()][-1]
     assert "out of device memory (Tried to allocate 3.00 GiB)" in last
@@ -238,9 +289,11 @@ def test_loss_is_read_only_at_logging_steps(tiny_sd, fill_data, tmp_path):
 @lru_cache(maxsize=1)
 def inductor_problem() -> str | None:
     """Why inductor cannot compile here (no C++ compiler, ...), found by compiling a small function; None if it can."""
-    code = ("import torch\n"
-            "f = torch.compile(lambda x: torch.sin(x) * 2 + 1, backend='inductor')\n"
-            "print(float(f(torch.ones(4)).sum()))\n")
+    code = (
+        "import torch\n"
+        "f = torch.compile(lambda x: torch.sin(x) * 2 + 1, backend='inductor')\n"
+        "print(float(f(torch.ones(4)).sum()))\n"
+    )
     env = {**os.environ, **THREADS, "TORCHINDUCTOR_COMPILE_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     if result.returncode == 0:
@@ -257,16 +310,26 @@ def test_torch_compile_trains_checkpoints_and_resumes_exactly(tiny_sd, fill_data
     common = dict(torch_compile=True, validation_split=0, train_batch_size=2)
     straight, split = tmp_path / "straight", tmp_path / "split"
     # Two compiled runs, not three: the straight run's own checkpoint-2, copied, is the one the split run resumes.
-    result = run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], straight, max_train_steps=3,
-                                          checkpointing_steps=2, **common), env=env, timeout=1800)
+    result = run_script(
+        SCRIPT,
+        base_args(tiny_sd, fill_data["imagefolder"], straight, max_train_steps=3, checkpointing_steps=2, **common),
+        env=env,
+        timeout=1800,
+    )
     saved = straight / "checkpoint-2" / "controlnet" / "diffusion_pytorch_model.safetensors"
     from safetensors.torch import load_file
 
     assert not any("_orig_mod" in key for key in load_file(saved))  # saved from the module itself
     split.mkdir()
     shutil.copytree(straight / "checkpoint-2", split / "checkpoint-2")
-    run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], split, max_train_steps=3,
-                                 resume_from_checkpoint="latest", **common), env=env, timeout=1800)
+    run_script(
+        SCRIPT,
+        base_args(
+            tiny_sd, fill_data["imagefolder"], split, max_train_steps=3, resume_from_checkpoint="latest", **common
+        ),
+        env=env,
+        timeout=1800,
+    )
     a, b = load_weights(straight), load_weights(split)
     assert a.keys() == b.keys() and not any("_orig_mod" in key for key in a)
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed compiled run differs from the straight one"

@@ -32,8 +32,10 @@ from controlnet_training.checkpoints import (
 )
 
 SCRIPT = "train_controlnet.py"
-MESSAGE = re.compile(r"^train_controlnet\.py: error: disk full writing (\S+): needs at least (\d+) MB more; "
-                     r"free space and rerun with --resume_from_checkpoint latest$")
+MESSAGE = re.compile(
+    r"^train_controlnet\.py: error: disk full writing (\S+): needs at least (\d+) MB more; "
+    r"free space and rerun with --resume_from_checkpoint latest$"
+)
 
 
 def hidden(folder: Path) -> list[str]:
@@ -63,11 +65,14 @@ def small_disk(tmp_path):
         folder.mkdir()
         if shutil.which("mount") is None:
             pytest.skip("no mount command here: cannot make a small disk")
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True
+        )
         if result.returncode != 0:
-            pytest.skip(f"mount -t tmpfs is not permitted here (euid {os.geteuid()}): "
-                        f"{(result.stderr or result.stdout).strip()}")
+            pytest.skip(
+                f"mount -t tmpfs is not permitted here (euid {os.geteuid()}): "
+                f"{(result.stderr or result.stdout).strip()}"
+            )
         mounted.append(folder)
         return SmallDisk(folder)
 
@@ -82,8 +87,16 @@ def test_full_disk_at_a_checkpoint_then_at_the_final_weights_then_resume(tiny_sd
     With 25 MiB checkpoint-4 fits but the final weights (3.7 MiB) do not. With 40 MiB the run finishes."""
     disk = small_disk("disk", "16m")
     out = disk.path / "out"
-    argv = base_args(tiny_sd, fill_data["imagefolder"], out, max_train_steps=4, checkpointing_steps=2,
-                     checkpoints_total_limit=2, resume_from_checkpoint="latest", cache_dir=tmp_path / "cache")
+    argv = base_args(
+        tiny_sd,
+        fill_data["imagefolder"],
+        out,
+        max_train_steps=4,
+        checkpointing_steps=2,
+        checkpoints_total_limit=2,
+        resume_from_checkpoint="latest",
+        cache_dir=tmp_path / "cache",
+    )
 
     result = run_script(SCRIPT, argv, check=False)
     assert result.returncode == 1, result.stderr[-3000:]
@@ -121,8 +134,14 @@ def test_full_disk_while_caching_encodings_then_resume(tiny_sd, fill_data, small
     """64 KiB hold the VAE posteriors (25 KB) but not the text embeddings (118 KB): the run stops naming the
     cache's .partial folder, nothing is left that a later run would read as complete, and with room it finishes."""
     disk = small_disk("cache", "64k")
-    argv = base_args(tiny_sd, fill_data["imagefolder"], tmp_path / "out", max_train_steps=6,
-                     cache_dir=disk.path, resume_from_checkpoint="latest")
+    argv = base_args(
+        tiny_sd,
+        fill_data["imagefolder"],
+        tmp_path / "out",
+        max_train_steps=6,
+        cache_dir=disk.path,
+        resume_from_checkpoint="latest",
+    )
     result = run_script(SCRIPT, argv, check=False)
     assert result.returncode == 1, result.stderr[-3000:]
     match = MESSAGE.match(last_line(result))
@@ -164,8 +183,9 @@ def test_flax_checkpoint_on_a_full_disk(small_disk):
     with pytest.raises(SystemExit) as exit_info:
         checkpoints.save(out, state, {"global_step": 2, "seed": 0}, export, limit=2)
     message = str(exit_info.value.code)
-    assert re.search(rf"error: disk full writing {re.escape(str(out / 'checkpoint-2'))}: needs at least \d+ MB more",
-                     message), message
+    assert re.search(
+        rf"error: disk full writing {re.escape(str(out / 'checkpoint-2'))}: needs at least \d+ MB more", message
+    ), message
     assert [p.name for p in out.iterdir()] == ["checkpoint-1"]
     restored, info = checkpoints.restore(out / "checkpoint-1", jax.eval_shape(lambda: state))
     assert info["global_step"] == 1 and np.array_equal(restored.params["params"]["w"], params["params"]["w"])
@@ -198,7 +218,8 @@ def test_checkpoint_write_failing_with_enospc(tmp_path, monkeypatch):
     # the space asked for: the newest checkpoint's size (3 MB) less the free space (0.5 MB)
     assert str(exit_info.value.code).endswith(
         f"error: disk full writing {tmp_path / 'checkpoint-4'}: needs at least 3 MB more; free space and rerun "
-        "with --resume_from_checkpoint latest")
+        "with --resume_from_checkpoint latest"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
     assert resolve_resume("latest", tmp_path).name == "checkpoint-2"
     assert (tmp_path / "checkpoint-2" / "optimizer.bin").stat().st_size == 3_000_000
@@ -206,6 +227,7 @@ def test_checkpoint_write_failing_with_enospc(tmp_path, monkeypatch):
 
 def test_torch_save_error_on_a_full_disk_counts_as_disk_full(tmp_path, monkeypatch):
     """torch.save's zip writer reports ENOSPC as "unexpected pos": a full disk is told by the free space."""
+
     def write(folder: Path) -> None:
         folder.mkdir()
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
@@ -300,6 +322,7 @@ def test_library_logs_about_a_full_disk_are_dropped(caplog):
 
 def test_state_file_written_last(tmp_path):
     """The state file is what makes a checkpoint complete: a full disk while writing it leaves no checkpoint."""
+
     def write(folder: Path) -> None:
         folder.mkdir()
 

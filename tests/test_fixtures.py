@@ -18,8 +18,9 @@ def test_tiny_pipeline_loads_and_downsamples_by_8(tiny_sd):
 
     pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
     assert pipeline.vae_scale_factor == 8
-    image = pipeline("red circle", num_inference_steps=2, height=64, width=64,
-                     generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipeline(
+        "red circle", num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0)
+    ).images[0]
     assert image.size == (64, 64)
     assert pipeline.tokenizer("red circle").input_ids[0] == pipeline.tokenizer.bos_token_id
 
@@ -42,8 +43,12 @@ def test_real_vocab_layout_from_open_clip_file(tmp_path):
     assert len(vocab) == 512 + 4 + 2
     assert vocab["the</w>"] == 513 and vocab["<|endoftext|>"] == len(vocab) - 1
     tokenizer = make_tokenizer(path)
-    assert tokenizer("the cat").input_ids == [vocab["<|startoftext|>"], vocab["the</w>"], vocab["cat</w>"],
-                                              vocab["<|endoftext|>"]]
+    assert tokenizer("the cat").input_ids == [
+        vocab["<|startoftext|>"],
+        vocab["the</w>"],
+        vocab["cat</w>"],
+        vocab["<|endoftext|>"],
+    ]
 
 
 def test_fill_sample_outline_matches_the_circle():
@@ -66,8 +71,9 @@ def pretrained_base(fill_data):
     from controlnet_training.fixtures import make_pipeline, pretrain_base
 
     torch.manual_seed(0)
-    return pretrain_base(make_pipeline("tiny"), fill_data["imagefolder"], vae_steps=800, unet_steps=150,
-                         log_every=10_000)
+    return pretrain_base(
+        make_pipeline("tiny"), fill_data["imagefolder"], vae_steps=800, unet_steps=150, log_every=10_000
+    )
 
 
 def round_trip_error(vae, pixels) -> float:
@@ -99,8 +105,14 @@ def test_pre_trained_base_beats_the_random_base(pretrained_base, fill_data, tiny
 
     def heldout_loss(pipeline):
         models = SimpleNamespace(vae=pipeline.vae, text_encoder=pipeline.text_encoder)
-        signal = ControlSignal(heldout_batches(fill_data, pipeline.tokenizer, rows=8), sd_encode(models),
-                               pipeline.unet, pipeline.scheduler, torch.float32, seed=0)
+        signal = ControlSignal(
+            heldout_batches(fill_data, pipeline.tokenizer, rows=8),
+            sd_encode(models),
+            pipeline.unet,
+            pipeline.scheduler,
+            torch.float32,
+            seed=0,
+        )
         return signal.measure(ControlNetModel.from_unet(pipeline.unet), torch.device("cpu"))["heldout_loss"]
 
     random_base = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)

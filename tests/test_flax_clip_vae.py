@@ -48,9 +48,18 @@ def clip_apply(module, params, ids: np.ndarray) -> np.ndarray:
 def test_clip_text_encoder_matches_transformers(act):
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    config = CLIPTextConfig(vocab_size=50, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                            num_attention_heads=4, max_position_embeddings=16, hidden_act=act, bos_token_id=0,
-                            eos_token_id=2, pad_token_id=2)
+    config = CLIPTextConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        hidden_act=act,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     torch.manual_seed(0)
     model = perturb(CLIPTextModel(config), 0.2)
     # bos, words, eos, then padding (the pad token is eos, as in SD's tokenizer); and a full-length row
@@ -77,16 +86,33 @@ def test_clip_text_encoder_matches_transformers(act):
 
 
 def test_clip_rejects_unknown_activation():
-    module = clip.CLIPTextModel(dict(vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                                     num_attention_heads=2, max_position_embeddings=4, hidden_act="relu"))
+    module = clip.CLIPTextModel(
+        dict(
+            vocab_size=10,
+            hidden_size=8,
+            intermediate_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=4,
+            hidden_act="relu",
+        )
+    )
     with pytest.raises(ValueError, match="relu"):
         jax.eval_shape(module.init, jax.random.key(0), *module.init_inputs())
 
 
 # --------------------------------------------------------------------------------------------- VAE
-VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-                  up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16), layers_per_block=1,
-                  latent_channels=4, norm_num_groups=4, sample_size=32)
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(8, 16, 16),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=4,
+    sample_size=32,
+)
 
 
 def vae_encode(module, params, pixels):
@@ -172,10 +198,15 @@ def test_tiny_fixture_loads_and_matches(tiny_sd):
 
 
 # --------------------------------------------------------------------------------------------- schedule
-SCHEDULES = [dict(beta_schedule=b, prediction_type=p) for b in ("linear", "scaled_linear", "squaredcos_cap_v2")
-             for p in ("epsilon", "v_prediction")]
-SCHEDULES += [dict(beta_schedule="scaled_linear", prediction_type="v_prediction", rescale_betas_zero_snr=True),
-              dict(trained_betas=np.linspace(1e-4, 0.03, 1000).tolist(), prediction_type="epsilon")]
+SCHEDULES = [
+    dict(beta_schedule=b, prediction_type=p)
+    for b in ("linear", "scaled_linear", "squaredcos_cap_v2")
+    for p in ("epsilon", "v_prediction")
+]
+SCHEDULES += [
+    dict(beta_schedule="scaled_linear", prediction_type="v_prediction", rescale_betas_zero_snr=True),
+    dict(trained_betas=np.linspace(1e-4, 0.03, 1000).tolist(), prediction_type="epsilon"),
+]
 
 
 @pytest.mark.parametrize("config", SCHEDULES, ids=lambda c: "-".join(str(v)[:14] for v in c.values()))
@@ -209,21 +240,27 @@ def test_prediction_target_rejects_sample():
 
 
 def test_min_snr_weights_match_numpy():
-    sched = schedule.NoiseSchedule.from_config(dict(beta_schedule="scaled_linear", beta_start=0.00085,
-                                                    beta_end=0.012, rescale_betas_zero_snr=True))
-    snr = np.concatenate([np.asarray(schedule.snr(sched, jnp.array([999, 900, 500, 10, 0]))),
-                          [0.0, 1e-9, 0.5, 5.0, 50.0]]).astype(np.float32)
+    sched = schedule.NoiseSchedule.from_config(
+        dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True)
+    )
+    snr = np.concatenate(
+        [np.asarray(schedule.snr(sched, jnp.array([999, 900, 500, 10, 0]))), [0.0, 1e-9, 0.5, 5.0, 50.0]]
+    ).astype(np.float32)
     assert snr[0] == 0 and snr[4] > 100
     gamma, s = 5.0, snr.astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        expected = {"epsilon": np.where(s > 0, np.minimum(s, gamma) / s, 1.0),  # min(SNR,γ)/SNR -> 1 as SNR -> 0
-                    "v_prediction": np.minimum(s, gamma) / (s + 1), "sample": np.minimum(s, gamma)}
+        expected = {
+            "epsilon": np.where(s > 0, np.minimum(s, gamma) / s, 1.0),  # min(SNR,γ)/SNR -> 1 as SNR -> 0
+            "v_prediction": np.minimum(s, gamma) / (s + 1),
+            "sample": np.minimum(s, gamma),
+        }
     for kind, reference in expected.items():
         weights = np.asarray(schedule.min_snr_weights(jnp.asarray(snr), gamma, kind))
         assert weights.shape == (10,) and np.isfinite(weights).all()
         np.testing.assert_allclose(weights, reference, rtol=1e-6)
-        np.testing.assert_allclose(weights, torch_min_snr_weights(torch.from_numpy(snr), gamma, kind).numpy(),
-                                   rtol=1e-6)
+        np.testing.assert_allclose(
+            weights, torch_min_snr_weights(torch.from_numpy(snr), gamma, kind).numpy(), rtol=1e-6
+        )
 
 
 # --------------------------------------------------------------------------------------------- DDIM
@@ -253,8 +290,9 @@ def test_ddim_matches_diffusers(config):
     for t, t_prev in zip(timesteps, prev, strict=True):
         model_output = torch.randn(2, 4, 8, 8, generator=generator)
         expected = ddim.step(model_output, int(t), sample).prev_sample
-        out = step(sched, jnp.asarray(model_output.numpy()), jnp.asarray(t), jnp.asarray(t_prev),
-                   jnp.asarray(sample.numpy()))
+        out = step(
+            sched, jnp.asarray(model_output.numpy()), jnp.asarray(t), jnp.asarray(t_prev), jnp.asarray(sample.numpy())
+        )
         assert max_diff(out, expected) <= TOL * max(1.0, float(expected.abs().max()))
         sample = expected
 
@@ -280,26 +318,53 @@ def test_sample_controlnet_matches_diffusers_pipeline(tiny_sd, tmp_path):
     perturb(ControlNetModel.from_unet(unet_model), 0.05).save_pretrained(tmp_path / "controlnet")
     controlnet_model = ControlNetModel.from_pretrained(tmp_path / "controlnet").eval()
     ddim = DDIMScheduler.from_config(json.loads((tiny_sd / "scheduler" / "scheduler_config.json").read_text()))
-    pipe = StableDiffusionControlNetPipeline(vae=vae_model, text_encoder=None, tokenizer=None, unet=unet_model,
-                                             controlnet=controlnet_model, scheduler=ddim, safety_checker=None,
-                                             feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionControlNetPipeline(
+        vae=vae_model,
+        text_encoder=None,
+        tokenizer=None,
+        unet=unet_model,
+        controlnet=controlnet_model,
+        scheduler=ddim,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(0)
     prompt, negative = torch.randn(2, 8, 32, generator=generator), torch.randn(2, 8, 32, generator=generator)
     control, latents = torch.rand(2, 3, 64, 64, generator=generator), torch.randn(2, 4, 8, 8, generator=generator)
     with torch.no_grad():
-        expected = pipe(prompt_embeds=prompt, negative_prompt_embeds=negative, image=control, height=64, width=64,
-                        num_inference_steps=3, guidance_scale=7.5, latents=latents, output_type="np").images
+        expected = pipe(
+            prompt_embeds=prompt,
+            negative_prompt_embeds=negative,
+            image=control,
+            height=64,
+            width=64,
+            num_inference_steps=3,
+            guidance_scale=7.5,
+            latents=latents,
+            output_type="np",
+        ).images
 
-    models = [*convert.load_model(unet.UNet2DConditionModel, tiny_sd / "unet"),
-              *convert.load_model(controlnet.ControlNetModel, tmp_path / "controlnet"),
-              *convert.load_model(vae.AutoencoderKL, tiny_sd / "vae")]
+    models = [
+        *convert.load_model(unet.UNet2DConditionModel, tiny_sd / "unet"),
+        *convert.load_model(controlnet.ControlNetModel, tmp_path / "controlnet"),
+        *convert.load_model(vae.AutoencoderKL, tiny_sd / "vae"),
+    ]
 
     def sample(**kwargs):
         kwargs = dict(num_steps=3, guidance_scale=7.5, latents=jnp.asarray(latents.numpy())) | kwargs
-        return np.asarray(sampling.sample_controlnet(
-            *models, jnp.asarray(prompt.numpy()), jnp.asarray(negative.numpy()), jnp.asarray(control.numpy()),
-            jax.random.key(0), scheduler_config=dict(ddim.config), **kwargs))
+        return np.asarray(
+            sampling.sample_controlnet(
+                *models,
+                jnp.asarray(prompt.numpy()),
+                jnp.asarray(negative.numpy()),
+                jnp.asarray(control.numpy()),
+                jax.random.key(0),
+                scheduler_config=dict(ddim.config),
+                **kwargs,
+            )
+        )
 
     images = sample()
     assert images.shape == expected.shape == (2, 64, 64, 3)

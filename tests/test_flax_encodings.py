@@ -31,8 +31,9 @@ def host_encoders(tiny_sd, dtype) -> HostEncoders:
     vae, vae_params = convert.load_model(AutoencoderKL, tiny_sd / "vae", dtype)
     frozen = jax.tree.map(lambda x: x.astype(dtype), {"text_encoder": text_params, "vae": vae_params})
     models = Models(text_encoder, vae, None, None, None, float(vae.config["scaling_factor"]))
-    tokenizer = load_tokenizer(type("Args", (), {"tokenizer_name": None, "pretrained_model_name_or_path": str(tiny_sd),
-                                                "revision": None})())
+    tokenizer = load_tokenizer(
+        type("Args", (), {"tokenizer_name": None, "pretrained_model_name_or_path": str(tiny_sd), "revision": None})()
+    )
     return HostEncoders(models, frozen, tokenizer)
 
 
@@ -68,20 +69,27 @@ def test_cached_encodings_equal_fresh_encodes_and_are_reused(tiny_sd, fill_data,
     assert set(encodings.texts.keys) == {*captions, ""}
     fresh_text = jax.jit(models.text_encoder.apply)
     for caption in (captions[0], ""):
-        ids = encoders.tokenizer([caption], max_length=encoders.tokenizer.model_max_length, padding="max_length",
-                                 truncation=True, return_tensors="np").input_ids
+        ids = encoders.tokenizer(
+            [caption],
+            max_length=encoders.tokenizer.model_max_length,
+            padding="max_length",
+            truncation=True,
+            return_tensors="np",
+        ).input_ids
         expected = np.asarray(fresh_text(frozen["text_encoder"], ids), np.float32)
         np.testing.assert_allclose(encodings.texts.lookup([caption])["prompt_embeds"], expected, rtol=0, atol=atol)
 
     # The data pipeline serves them in the encoders' dtype (bfloat16 stays bfloat16, exactly), without the target.
-    rows = ControlNetDataset(session.preflight.dataset, session.preflight.columns, PairedTransform(RESOLUTION), 0,
-                             with_target=False)
+    rows = ControlNetDataset(
+        session.preflight.dataset, session.preflight.columns, PairedTransform(RESOLUTION), 0, with_target=False
+    )
     batch = CachedCollator(encodings)([rows[3], rows[0]])
     assert "pixel_values" not in batch and "input_ids" not in batch
     for name in ("latent_mean", "latent_std", "prompt_embeds"):
         assert batch[name].dtype == np.dtype(dtype), name
-    np.testing.assert_array_equal(batch["latent_mean"].astype(np.float32),
-                                  encodings.latents.lookup([3, 0])["latent_mean"])
+    np.testing.assert_array_equal(
+        batch["latent_mean"].astype(np.float32), encodings.latents.lookup([3, 0])["latent_mean"]
+    )
 
     # A second run reuses both caches: the encoders are never placed on a device.
     again_encoders = host_encoders(tiny_sd, dtype)

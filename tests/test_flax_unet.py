@@ -33,18 +33,38 @@ from controlnet_training.flax_models.unet import UNet2DConditionModel
 
 TOL = 1e-4
 SD1 = dict(  # conv proj_in/out, attention_head_dim an int meaning heads
-    sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, cross_attention_dim=12,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    attention_head_dim=2)
+    sample_size=8,
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    norm_num_groups=4,
+    cross_attention_dim=12,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=2,
+)
 SD2 = dict(  # linear proj_in/out, per-block heads, upcast_attention, 2 transformer layers in the last block
-    sample_size=16, block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4, cross_attention_dim=12,
+    sample_size=16,
+    block_out_channels=(8, 16, 16),
+    layers_per_block=1,
+    norm_num_groups=4,
+    cross_attention_dim=12,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=(1, 2, 4), use_linear_projection=True, upcast_attention=True,
-    transformer_layers_per_block=(1, 1, 2))
+    attention_head_dim=(1, 2, 4),
+    use_linear_projection=True,
+    upcast_attention=True,
+    transformer_layers_per_block=(1, 1, 2),
+)
 ONE_BLOCK = dict(  # for what is slow to compile (backward passes, random init)
-    sample_size=4, block_out_channels=(8,), layers_per_block=1, norm_num_groups=4, cross_attention_dim=12,
-    down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), attention_head_dim=2)
+    sample_size=4,
+    block_out_channels=(8,),
+    layers_per_block=1,
+    norm_num_groups=4,
+    cross_attention_dim=12,
+    down_block_types=("DownBlock2D",),
+    up_block_types=("UpBlock2D",),
+    attention_head_dim=2,
+)
 COND_CHANNELS = (4, 8)  # conditioning embedding downsamples x2, so the control image is 2x the latent size
 
 
@@ -78,8 +98,11 @@ def torch_unet(config: dict, seed: int = 0) -> TorchUNet:
 def inputs(config: dict, batch: int = 2, tokens: int = 5, seed: int = 0) -> tuple[np.ndarray, ...]:
     rng = np.random.default_rng(seed)
     size = config["sample_size"]
-    return (rng.standard_normal((batch, 4, size, size), np.float32), rng.integers(0, 1000, batch),
-            rng.standard_normal((batch, tokens, config["cross_attention_dim"]), np.float32))
+    return (
+        rng.standard_normal((batch, 4, size, size), np.float32),
+        rng.integers(0, 1000, batch),
+        rng.standard_normal((batch, tokens, config["cross_attention_dim"]), np.float32),
+    )
 
 
 def residual_shapes(config: dict, batch: int = 2) -> tuple[list[tuple], tuple]:
@@ -118,10 +141,15 @@ def sd1_unet():
 def sd1_controlnet(sd1_unet):
     unet = sd1_unet[0]
     torch.manual_seed(1)  # independent weights everywhere, so that copying the UNet's encoder changes something
-    model = randomize(TorchControlNet.from_unet(unet, conditioning_embedding_out_channels=COND_CHANNELS,
-                                                load_weights_from_unet=False), seed=1)
-    module = ControlNetModel(config=controlnet_config_from_unet(dict(unet.config),
-                                                                conditioning_embedding_out_channels=COND_CHANNELS))
+    model = randomize(
+        TorchControlNet.from_unet(
+            unet, conditioning_embedding_out_channels=COND_CHANNELS, load_weights_from_unet=False
+        ),
+        seed=1,
+    )
+    module = ControlNetModel(
+        config=controlnet_config_from_unet(dict(unet.config), conditioning_embedding_out_channels=COND_CHANNELS)
+    )
     return model, module, flax_params(module, model), jax.jit(module.apply)
 
 
@@ -147,8 +175,14 @@ def test_unet_sd1_parity_with_and_without_residuals(sd1_unet):
     assert max_diff(plain, torch_run(model, x, t, c)[0]) <= TOL, max_diff(plain, torch_run(model, x, t, c)[0])
     down, mid = random_residuals(SD1, seed=3)
     out = apply(params, x, t, c, down, mid)
-    expected = torch_run(model, x, t, c, down_block_additional_residuals=tuple(torch.from_numpy(nchw(r)) for r in down),
-                         mid_block_additional_residual=torch.from_numpy(nchw(mid)))[0]
+    expected = torch_run(
+        model,
+        x,
+        t,
+        c,
+        down_block_additional_residuals=tuple(torch.from_numpy(nchw(r)) for r in down),
+        mid_block_additional_residual=torch.from_numpy(nchw(mid)),
+    )[0]
     assert max_diff(out, expected) <= TOL, max_diff(out, expected)
     assert max_diff(out, plain) > 1e-2
     with pytest.raises(ValueError, match="down-block residuals"):
@@ -180,9 +214,12 @@ def test_controlnet_parity(sd1_controlnet):
 
 def test_controlnet_sd2_num_attention_heads_parity():
     """A ControlNet config with num_attention_heads set (then attention_head_dim is ignored, as in diffusers)."""
-    config = dict({k: v for k, v in SD2.items() if k not in ("sample_size", "up_block_types")},
-                  num_attention_heads=(1, 2, 4), attention_head_dim=3,
-                  conditioning_embedding_out_channels=COND_CHANNELS)
+    config = dict(
+        {k: v for k, v in SD2.items() if k not in ("sample_size", "up_block_types")},
+        num_attention_heads=(1, 2, 4),
+        attention_head_dim=3,
+        conditioning_embedding_out_channels=COND_CHANNELS,
+    )
     torch.manual_seed(5)
     model = randomize(TorchControlNet(**config), seed=5)
     module = ControlNetModel(config=dict(model.config))
@@ -202,10 +239,12 @@ def normalise(value):
 @pytest.mark.parametrize("unet_config", [SD1, SD2], ids=["sd1", "sd2"])
 def test_controlnet_config_from_unet(unet_config):
     unet = TorchUNet(**unet_config)
-    expected = TorchControlNet.from_unet(unet, conditioning_embedding_out_channels=COND_CHANNELS,
-                                         conditioning_channels=1, load_weights_from_unet=False).config
-    ours = controlnet_config_from_unet(dict(unet.config), conditioning_channels=1,
-                                       conditioning_embedding_out_channels=COND_CHANNELS)
+    expected = TorchControlNet.from_unet(
+        unet, conditioning_embedding_out_channels=COND_CHANNELS, conditioning_channels=1, load_weights_from_unet=False
+    ).config
+    ours = controlnet_config_from_unet(
+        dict(unet.config), conditioning_channels=1, conditioning_embedding_out_channels=COND_CHANNELS
+    )
     public = {k for k in expected if not k.startswith("_")}
     assert public == {k for k in ours if not k.startswith("_")}
     assert {k: normalise(ours[k]) for k in public} == {k: normalise(expected[k]) for k in public}
@@ -228,8 +267,9 @@ def test_controlnet_params_from_unet_copies(sd1_unet, sd1_controlnet):
     unet_model, _, unet_params, _ = sd1_unet
     model, _, controlnet_params, apply = sd1_controlnet
     unet_params = jax.tree.map(jnp.array, unet_params)  # a private copy: this test deletes it
-    assert not np.array_equal(unet_params["params"]["conv_in"]["kernel"],
-                              controlnet_params["params"]["conv_in"]["kernel"])
+    assert not np.array_equal(
+        unet_params["params"]["conv_in"]["kernel"], controlnet_params["params"]["conv_in"]["kernel"]
+    )
     params = controlnet_params_from_unet(unet_params, controlnet_params)
     shared = ("conv_in", "time_embedding", "mid_block", "down_blocks_0", "down_blocks_1")
     for name, subtree in params["params"].items():
@@ -296,8 +336,12 @@ def test_conversion_is_strict(sd1_unet):
 
 
 def test_conversion_reshapes_1x1_conv_and_dense():
-    template = {"params": {"dense": {"kernel": jax.ShapeDtypeStruct((3, 5), jnp.float32)},
-                           "conv": {"kernel": jax.ShapeDtypeStruct((1, 1, 5, 2), jnp.float32)}}}
+    template = {
+        "params": {
+            "dense": {"kernel": jax.ShapeDtypeStruct((3, 5), jnp.float32)},
+            "conv": {"kernel": jax.ShapeDtypeStruct((1, 1, 5, 2), jnp.float32)},
+        }
+    }
     conv_weight, dense_weight = np.random.rand(5, 3, 1, 1), np.random.rand(2, 5)
     params = pytorch_to_flax({"dense.weight": conv_weight, "conv.weight": dense_weight}, template)["params"]
     np.testing.assert_array_equal(params["dense"]["kernel"], conv_weight[:, :, 0, 0].T.astype(np.float32))
@@ -308,8 +352,11 @@ def test_conversion_reshapes_1x1_conv_and_dense():
 def test_load_pytorch_weights_formats(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
-    tensors = {"a": torch.randn(2, 3, dtype=torch.bfloat16), "b": torch.randn(4, dtype=torch.float16),
-               "c": torch.arange(3)}
+    tensors = {
+        "a": torch.randn(2, 3, dtype=torch.bfloat16),
+        "b": torch.randn(4, dtype=torch.float16),
+        "c": torch.arange(3),
+    }
     (tmp_path / "st").mkdir()
     save_file(tensors, tmp_path / "st" / "model.safetensors")
     (tmp_path / "bin").mkdir()
@@ -330,8 +377,13 @@ def test_unsupported_config_is_refused():
     with pytest.raises(NotImplementedError, match="class_embed_type"):
         shape_template(module)
     with pytest.raises(ValueError, match="multiples of 2"):
-        jax.eval_shape(UNet2DConditionModel(config=SD1).init, jax.random.key(0), np.zeros((1, 4, 5, 5)),
-                       np.zeros(1), np.zeros((1, 1, 12)))
+        jax.eval_shape(
+            UNet2DConditionModel(config=SD1).init,
+            jax.random.key(0),
+            np.zeros((1, 4, 5, 5)),
+            np.zeros(1),
+            np.zeros((1, 1, 12)),
+        )
 
 
 # --------------------------------------------------------------------------------------------- training options
@@ -345,14 +397,17 @@ def test_gradient_checkpointing_same_values_and_gradients():
     rng = np.random.default_rng(8)
     templates = {}
     for checkpointing in (False, True):
-        for module in (UNet2DConditionModel(config, gradient_checkpointing=checkpointing),
-                       ControlNetModel(controlnet_config, gradient_checkpointing=checkpointing)):
+        for module in (
+            UNet2DConditionModel(config, gradient_checkpointing=checkpointing),
+            ControlNetModel(controlnet_config, gradient_checkpointing=checkpointing),
+        ):
             templates[type(module), checkpointing] = shape_template(module)
     for cls in (UNet2DConditionModel, ControlNetModel):  # same parameter tree, so checkpoints stay interchangeable
         assert jax.tree.structure(templates[cls, False]) == jax.tree.structure(templates[cls, True])
     unet_params, controlnet_params = (
         jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), jnp.float32), templates[cls, False])
-        for cls in (UNet2DConditionModel, ControlNetModel))
+        for cls in (UNet2DConditionModel, ControlNetModel)
+    )
 
     def loss(params, unet_params, dropout_key, checkpointing):
         rngs = {"dropout": dropout_key}
@@ -363,11 +418,14 @@ def test_gradient_checkpointing_same_values_and_gradients():
 
     key = jax.random.key(1)
     loss_and_grads = {  # backward passes are slow to compile on CPU; XLA optimisation level 0 halves that
-        checkpointing: jax.jit(jax.value_and_grad(loss), static_argnums=3).lower(
-            controlnet_params, unet_params, key, checkpointing).compile({"xla_backend_optimization_level": 0})
-        for checkpointing in (False, True)}
+        checkpointing: jax.jit(jax.value_and_grad(loss), static_argnums=3)
+        .lower(controlnet_params, unet_params, key, checkpointing)
+        .compile({"xla_backend_optimization_level": 0})
+        for checkpointing in (False, True)
+    }
     (plain_loss, plain_grads), (remat_loss, remat_grads) = (
-        loss_and_grads[checkpointing](controlnet_params, unet_params, key) for checkpointing in (False, True))
+        loss_and_grads[checkpointing](controlnet_params, unet_params, key) for checkpointing in (False, True)
+    )
     assert abs(float(plain_loss - remat_loss)) <= 1e-6 * float(plain_loss)
     scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(plain_grads))
     diff = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), plain_grads, remat_grads)))

@@ -37,10 +37,21 @@ def test_push_uploads_only_outputs_and_passes_the_token(tiny_sd, fill_data, tmp_
     runner = tmp_path / "runner.py"
     runner.write_text(f"CALLS = {str(calls_file)!r}\n" + RUNNER)
     out = tmp_path / "my-controlnet"
-    argv = [str(ROOT / "train_controlnet.py"), *base_args(
-        tiny_sd, fill_data["imagefolder"], out, max_train_steps=2, checkpointing_steps=1, push_to_hub=True,
-        hub_token="hf_secret_token_123", validation_prompt=["red circle with blue background"],
-        validation_image=[fill_data["validation"] / "control_0.png"], num_validation_images=1)]
+    argv = [
+        str(ROOT / "train_controlnet.py"),
+        *base_args(
+            tiny_sd,
+            fill_data["imagefolder"],
+            out,
+            max_train_steps=2,
+            checkpointing_steps=1,
+            push_to_hub=True,
+            hub_token="hf_secret_token_123",
+            validation_prompt=["red circle with blue background"],
+            validation_image=[fill_data["validation"] / "control_0.png"],
+            num_validation_images=1,
+        ),
+    ]
     run_script(str(runner), argv)
 
     calls = json.loads(calls_file.read_text())
@@ -48,8 +59,13 @@ def test_push_uploads_only_outputs_and_passes_the_token(tiny_sd, fill_data, tmp_
     assert calls[0]["repo_id"] == "my-controlnet"
     assert all(c["token"] == "hf_secret_token_123" for c in calls)
     assert calls[1]["repo_id"] == "someone/my-controlnet"
-    assert sorted(calls[1]["uploaded"]) == ["README.md", "config.json", "diffusion_pytorch_model.safetensors",
-                                            "image_control_0.png", "images_0.png"]
+    assert sorted(calls[1]["uploaded"]) == [
+        "README.md",
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "image_control_0.png",
+        "images_0.png",
+    ]
     assert (out / "checkpoint-2" / "optimizer.bin").exists()  # checkpoints exist locally but were not uploaded
     card = (out / "README.md").read_text()
     assert "someone/my-controlnet" in card and "controlnet" in card and "images_0.png" in card
@@ -63,8 +79,18 @@ def test_tracker_config_never_holds_the_token():
     from controlnet_training.arguments import build_parser
     from controlnet_training.logs import tracker_config
 
-    args = build_parser("t").parse_args(["--pretrained_model_name_or_path", "m", "--hub_token", "hf_zz_secret",
-                                         "--validation_prompt", "a", "--validation_image", "b.png"])
+    args = build_parser("t").parse_args(
+        [
+            "--pretrained_model_name_or_path",
+            "m",
+            "--hub_token",
+            "hf_zz_secret",
+            "--validation_prompt",
+            "a",
+            "--validation_image",
+            "b.png",
+        ]
+    )
     config = tracker_config(args)
     assert "hub_token" not in config and "hf_zz_secret" not in json.dumps(config, default=str)
     assert "validation_prompt" not in config and config["learning_rate"] == 5e-6

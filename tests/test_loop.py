@@ -10,7 +10,7 @@ from conftest import base_args, load_weights, read_scalars, run_script
 
 # Runs train_controlnet.py with the loss of the steps in $NAN_STEPS (first-last) multiplied by NaN, as a
 # diverging run or a corrupt batch would make it.
-INJECT = '''
+INJECT = """
 import os, sys
 from controlnet_training.torch_training.step import TrainStep
 first, last = map(int, os.environ["NAN_STEPS"].split("-"))
@@ -24,7 +24,7 @@ TrainStep.loss = loss
 sys.argv = ["train_controlnet.py", *sys.argv[1:]]
 import train_controlnet
 train_controlnet.main(sys.argv[1:])
-'''
+"""
 
 
 def inject(tmp_path, steps: str, argv: list[str], check: bool = True):
@@ -35,8 +35,11 @@ def inject(tmp_path, steps: str, argv: list[str], check: bool = True):
 
 def test_a_nonfinite_step_is_reported_and_never_reaches_the_weights(tiny_sd, fill_data, tmp_path):
     out = tmp_path / "out"
-    result = inject(tmp_path, "3-3", base_args(tiny_sd, fill_data["imagefolder"], out, max_train_steps=5,
-                                               logging_steps=5, validation_split=0))
+    result = inject(
+        tmp_path,
+        "3-3",
+        base_args(tiny_sd, fill_data["imagefolder"], out, max_train_steps=5, logging_steps=5, validation_split=0),
+    )
     warnings = [line for line in result.stderr.splitlines() if "not finite" in line]
     assert len(warnings) == 1 and "step 3:" in warnings[0], result.stderr[-2000:]
     weights = load_weights(out)
@@ -57,7 +60,9 @@ def test_consecutive_nonfinite_steps_stop_the_run_and_keep_the_checkpoint(tiny_s
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert not (out / "diffusion_pytorch_model.safetensors").exists()
     # Without the fault the run resumes from the newest checkpoint and finishes.
-    resumed = run_script("train_controlnet.py", base_args(tiny_sd, fill_data["imagefolder"], out,
-                                                          resume_from_checkpoint="latest", **common))
+    resumed = run_script(
+        "train_controlnet.py",
+        base_args(tiny_sd, fill_data["imagefolder"], out, resume_from_checkpoint="latest", **common),
+    )
     assert "checkpoint-4 (step 4)" in " ".join(resumed.stderr.split())
     assert all(torch.isfinite(value).all() for value in load_weights(out).values())

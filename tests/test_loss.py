@@ -11,8 +11,9 @@ from controlnet_training.torch_training.loss import diffusion_loss, min_snr_weig
 
 
 def scheduler(prediction_type: str, **kwargs) -> DDPMScheduler:
-    return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                         prediction_type=prediction_type, **kwargs)
+    return DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type, **kwargs
+    )
 
 
 def reference_weights(alphas_cumprod: np.ndarray, timesteps: np.ndarray, gamma: float, kind: str) -> np.ndarray:

@@ -16,16 +16,23 @@ from conftest import ROOT, THREADS, base_args, free_port, load_weights, read_ima
 pytestmark = pytest.mark.xdist_group("processes")
 
 
-
-def torchrun(argv: list[str], cpu_flag: bool = True,
-             script: str = "train_controlnet.py") -> subprocess.CompletedProcess:
+def torchrun(
+    argv: list[str], cpu_flag: bool = True, script: str = "train_controlnet.py"
+) -> subprocess.CompletedProcess:
     env = {**os.environ, **THREADS, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     if cpu_flag:
         env["ACCELERATE_USE_CPU"] = "true"
     else:
         env.pop("ACCELERATE_USE_CPU", None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               str(ROOT / script), *argv]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        str(ROOT / script),
+        *argv,
+    ]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
 
 
@@ -44,20 +51,31 @@ def assert_close_weights(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[key], b[key], rtol=TOPOLOGY_RTOL, atol=TOPOLOGY_ATOL)
 
 
-@pytest.mark.parametrize("script,model", [("train_controlnet.py", "tiny_sd"), ("train_controlnet_sdxl.py",
-                                                                                 "tiny_sdxl")], ids=["sd", "sdxl"])
+@pytest.mark.parametrize(
+    "script,model", [("train_controlnet.py", "tiny_sd"), ("train_controlnet_sdxl.py", "tiny_sdxl")], ids=["sd", "sdxl"]
+)
 def test_one_and_two_processes_end_alike_and_resume_across_the_change(script, model, fill_data, tmp_path, request):
     """Same global batch: 1 process × 2 rows == 2 processes × 1 row; a checkpoint of either resumes on the other."""
     base = request.getfixturevalue(model)
-    common = dict(validation_split=0, max_train_steps=4, checkpointing_steps=2, learning_rate=1e-3,
-                  adam_epsilon=1e-3, cache_dir=tmp_path / "cache")
+    common = dict(
+        validation_split=0,
+        max_train_steps=4,
+        checkpointing_steps=2,
+        learning_rate=1e-3,
+        adam_epsilon=1e-3,
+        cache_dir=tmp_path / "cache",
+    )
     one, two = tmp_path / "one", tmp_path / "two"
     run_script(script, base_args(base, fill_data["imagefolder"], one, train_batch_size=2, **common))
     # The 2-process run also validates (at the end only: after training, so its weights are unaffected).
-    validation = dict(validation_prompt=["red circle with blue background"], num_validation_images=1,
-                      validation_image=[fill_data["validation"] / "control_0.png"])
-    both = torchrun(base_args(base, fill_data["imagefolder"], two, train_batch_size=1, **common, **validation),
-                    script=script)
+    validation = dict(
+        validation_prompt=["red circle with blue background"],
+        num_validation_images=1,
+        validation_image=[fill_data["validation"] / "control_0.png"],
+    )
+    both = torchrun(
+        base_args(base, fill_data["imagefolder"], two, train_batch_size=1, **common, **validation), script=script
+    )
     assert both.returncode == 0, both.stderr[-3000:]
     a, b = load_weights(one), load_weights(two)
     assert a["controlnet_mid_block.weight"].abs().max() > 1e-5
@@ -70,7 +88,9 @@ def test_one_and_two_processes_end_alike_and_resume_across_the_change(script, mo
     assert len([tag for tag, *_ in read_image_summaries(two / "logs")]) == 1
     assert sorted(p.name for p in two.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert sorted(p.name for p in (two / "checkpoint-4").glob("random_states_*")) == [
-        "random_states_0.pkl", "random_states_1.pkl"]
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
     losses_one, losses_two = read_scalars(one / "logs", "loss"), read_scalars(two / "logs", "loss")
     assert sorted(losses_one) == sorted(losses_two) == [1, 2, 3, 4]
     assert [losses_one[s] for s in range(1, 5)] == pytest.approx([losses_two[s] for s in range(1, 5)], rel=1e-4)
@@ -81,8 +101,14 @@ def test_one_and_two_processes_end_alike_and_resume_across_the_change(script, mo
     for source, target, processes in ((one, tmp_path / "one-then-two", 2), (two, tmp_path / "two-then-one", 1)):
         target.mkdir()
         shutil.copytree(source / "checkpoint-2", target / "checkpoint-2")
-        argv = base_args(base, fill_data["imagefolder"], target, train_batch_size=2 // processes,
-                         resume_from_checkpoint="latest", **common)
+        argv = base_args(
+            base,
+            fill_data["imagefolder"],
+            target,
+            train_batch_size=2 // processes,
+            resume_from_checkpoint="latest",
+            **common,
+        )
         resumed = torchrun(argv, script=script) if processes == 2 else run_script(script, argv)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert_close_weights(load_weights(target), a)
@@ -90,8 +116,11 @@ def test_one_and_two_processes_end_alike_and_resume_across_the_change(script, mo
         assert [losses[s] for s in (3, 4)] == pytest.approx([losses_one[s] for s in (3, 4)], rel=1e-4)
 
     # Another global batch would train other rows at every step: refused before any model loads.
-    refused = run_script(script, base_args(base, fill_data["imagefolder"], two, train_batch_size=1,
-                                           resume_from_checkpoint="latest", **common), check=False)
+    refused = run_script(
+        script,
+        base_args(base, fill_data["imagefolder"], two, train_batch_size=1, resume_from_checkpoint="latest", **common),
+        check=False,
+    )
     errors = [line for line in refused.stderr.splitlines() if ": error: " in line]
     assert refused.returncode == 2 and len(errors) == 1, refused.stderr[-2000:]
     assert "was trained with an effective batch of 2 and this run has 1" in errors[0]
@@ -104,12 +133,21 @@ def test_two_processes_train_and_resume_exactly(tiny_sd, fill_data, tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     summary = " ".join(first.stderr.split())
     assert "processes : 2" in summary and "effective batch : 2" in summary
-    assert torchrun(base_args(tiny_sd, fill_data["imagefolder"], split, max_train_steps=2, checkpointing_steps=2,
-                              **common)).returncode == 0
+    assert (
+        torchrun(
+            base_args(tiny_sd, fill_data["imagefolder"], split, max_train_steps=2, checkpointing_steps=2, **common)
+        ).returncode
+        == 0
+    )
     assert sorted(p.name for p in (split / "checkpoint-2").glob("random_states_*")) == [
-        "random_states_0.pkl", "random_states_1.pkl"]
-    resumed = torchrun(base_args(tiny_sd, fill_data["imagefolder"], split, max_train_steps=4,
-                                 resume_from_checkpoint="latest", **common))
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
+    resumed = torchrun(
+        base_args(
+            tiny_sd, fill_data["imagefolder"], split, max_train_steps=4, resume_from_checkpoint="latest", **common
+        )
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = load_weights(straight), load_weights(split)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -118,8 +156,7 @@ def test_two_processes_train_and_resume_exactly(tiny_sd, fill_data, tmp_path):
 
 
 def test_plain_torchrun_without_distributed_set_up_is_refused(tiny_sd, fill_data, tmp_path):
-    result = torchrun(base_args(tiny_sd, fill_data["imagefolder"], tmp_path / "out", max_train_steps=1),
-                      cpu_flag=False)
+    result = torchrun(base_args(tiny_sd, fill_data["imagefolder"], tmp_path / "out", max_train_steps=1), cpu_flag=False)
     assert result.returncode != 0
     assert "WORLD_SIZE > 1 but accelerate sees one process" in result.stderr
     assert not (tmp_path / "out").exists()

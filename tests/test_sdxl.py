@@ -17,21 +17,29 @@ from controlnet_training.torch_training.validation import decode_checked
 
 
 def sdxl_args(path, **kwargs):
-    defaults = dict(pretrained_model_name_or_path=str(path), revision=None, variant=None, tokenizer_name=None,
-                    pretrained_vae_model_name_or_path=None)
+    defaults = dict(
+        pretrained_model_name_or_path=str(path),
+        revision=None,
+        variant=None,
+        tokenizer_name=None,
+        pretrained_vae_model_name_or_path=None,
+    )
     return SimpleNamespace(**{**defaults, **kwargs})
 
 
 def test_time_ids_use_the_real_original_size_and_crop():
     wide = Image.new("RGB", (96, 64))  # W × H; resolution 64 keeps the height and crops 16 px off the left
     tall = Image.new("RGB", (50, 130))  # resized to 64 × 166, cropped 51 px off the top
-    rows = [{"image": wide, "conditioning_image": wide, "text": "a"},
-            {"image": tall, "conditioning_image": tall, "text": "b"}]
+    rows = [
+        {"image": wide, "conditioning_image": wide, "text": "a"},
+        {"image": tall, "conditioning_image": tall, "text": "b"},
+    ]
     dataset = ControlNetDataset(rows, Columns("image", "conditioning_image", "text"), PairedTransform(64), seed=0)
     batch = Collator([])([dataset[0], dataset[1]])
     ids = time_ids(batch["original_sizes"], batch["crops_top_left"], 64)
-    expected = torch.tensor([[64, 96, 0, 16, 64, 64], [130, 50, int(round((166 - 64) / 2)), 0, 64, 64]],
-                            dtype=torch.float32)
+    expected = torch.tensor(
+        [[64, 96, 0, 16, 64, 64], [130, 50, int(round((166 - 64) / 2)), 0, 64, 64]], dtype=torch.float32
+    )
     assert torch.equal(ids, expected)
     assert batch["captions"] == ["a", "b"]
 
@@ -39,10 +47,13 @@ def test_time_ids_use_the_real_original_size_and_crop():
 def test_cached_embeddings_equal_a_fresh_encode(tiny_sdxl, tmp_path):
     models = load_sdxl_models(sdxl_args(tiny_sdxl))
     captions = ["red circle with blue background", "", "a cat", "red circle with blue background"]
-    parts = {"encoders": [model_identity(e) for e in models.text_encoders],
-             "tokenizers": [tokenizer_identity(t) for t in models.tokenizers]}
-    cache = build_or_load(tmp_path, parts, captions, lambda c: encode_prompts(c, models.tokenizers,
-                                                                              models.text_encoders))
+    parts = {
+        "encoders": [model_identity(e) for e in models.text_encoders],
+        "tokenizers": [tokenizer_identity(t) for t in models.tokenizers],
+    }
+    cache = build_or_load(
+        tmp_path, parts, captions, lambda c: encode_prompts(c, models.tokenizers, models.text_encoders)
+    )
     assert cache.keys == ["", "a cat", "red circle with blue background"]
     fresh = encode_prompts(["a cat", "red circle with blue background"], models.tokenizers, models.text_encoders)
     found = cache.lookup(["a cat", "red circle with blue background"])
@@ -53,8 +64,12 @@ def test_cached_embeddings_equal_a_fresh_encode(tiny_sdxl, tmp_path):
     # Same inputs: the same file. Another tokenizer (or encoder): another file.
     again = build_or_load(tmp_path, parts, captions, lambda c: pytest.fail("recomputed"))
     assert again.path == cache.path
-    other = build_or_load(tmp_path, {**parts, "tokenizers": ["other"]}, captions,
-                          lambda c: encode_prompts(c, models.tokenizers, models.text_encoders))
+    other = build_or_load(
+        tmp_path,
+        {**parts, "tokenizers": ["other"]},
+        captions,
+        lambda c: encode_prompts(c, models.tokenizers, models.text_encoders),
+    )
     assert other.path != cache.path
 
     drop_encoders(None, models.text_encoders)

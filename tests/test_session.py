@@ -33,8 +33,9 @@ def test_deepspeed_partitions_resume_only_on_as_many_processes_under_deepspeed(t
     folder = checkpoint(tmp_path, processes=2, effective_batch=4, deepspeed=True)
     check_resume_topology(ARGS, folder, processes=2, deepspeed=True)
     with pytest.raises(InputError, match="ZeRO optimizer partitions of 2 processes and this run has 1"):
-        check_resume_topology(SimpleNamespace(train_batch_size=2, gradient_accumulation_steps=2), folder,
-                              processes=1, deepspeed=True)
+        check_resume_topology(
+            SimpleNamespace(train_batch_size=2, gradient_accumulation_steps=2), folder, processes=1, deepspeed=True
+        )
     with pytest.raises(InputError, match="was written under DeepSpeed and this run is without it"):
         check_resume_topology(ARGS, folder, processes=2)
 

@@ -18,33 +18,59 @@ from conftest import ROOT, THREADS
 pytestmark = pytest.mark.xdist_group("processes")
 
 
-
 @pytest.fixture(scope="module")
 def jax_cache(tmp_path_factory) -> Path:
     """JAX's persistent compilation cache, kept in pytest's temporary root between sessions (entries are keyed by
     the program, JAX version and flags): a cold one costs the Flax soak about a minute of compilation."""
-    folder = Path(os.environ.get("JAX_COMPILATION_CACHE_DIR") or
-                  tmp_path_factory.getbasetemp().parent / "jax-compilation-cache-soak")
+    folder = Path(
+        os.environ.get("JAX_COMPILATION_CACHE_DIR")
+        or tmp_path_factory.getbasetemp().parent / "jax-compilation-cache-soak"
+    )
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
-def soak(trainer: str, work: Path, model: Path, data: Path, *flags: str, env: dict | None = None
-         ) -> tuple[subprocess.CompletedProcess, dict]:
+def soak(
+    trainer: str, work: Path, model: Path, data: Path, *flags: str, env: dict | None = None
+) -> tuple[subprocess.CompletedProcess, dict]:
     report = work / "soak.json"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--trainer", trainer, "--kills", "3", "--seed", "1",
-         "--work", str(work / "work"), "--model", str(model), "--data", str(data), "--json", str(report), *flags],
-        capture_output=True, text=True, env={**os.environ, **THREADS, "HF_HUB_OFFLINE": "1", **(env or {})},
-        timeout=1200, cwd=ROOT)
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "soak.py"),
+            "--trainer",
+            trainer,
+            "--kills",
+            "3",
+            "--seed",
+            "1",
+            "--work",
+            str(work / "work"),
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--json",
+            str(report),
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **THREADS, "HF_HUB_OFFLINE": "1", **(env or {})},
+        timeout=1200,
+        cwd=ROOT,
+    )
     assert report.exists(), result.stdout[-3000:] + result.stderr[-3000:]
     return result, json.loads(report.read_text())
 
 
-@pytest.mark.parametrize("trainer,flags", [
-    ("sd", ()),
-    ("flax", ("--max_train_steps", "6", "--checkpointing_steps", "2")),  # an orbax save takes ~2 s here
-])
+@pytest.mark.parametrize(
+    "trainer,flags",
+    [
+        ("sd", ()),
+        ("flax", ("--max_train_steps", "6", "--checkpointing_steps", "2")),  # an orbax save takes ~2 s here
+    ],
+)
 def test_killed_runs_resume_to_the_uninterrupted_weights(tiny_sd, fill_data, tmp_path, jax_cache, trainer, flags):
     env = {"JAX_COMPILATION_CACHE_DIR": str(jax_cache)} if trainer == "flax" else None
     result, figures = soak(trainer, tmp_path, tiny_sd, fill_data["imagefolder"], *flags, env=env)

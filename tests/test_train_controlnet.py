@@ -18,18 +18,35 @@ def checkpoint_names(output_dir: Path) -> set[str]:
 
 
 def test_checkpoint_limit_keeps_newest(tiny_sd, fill_data, tmp_path):
-    run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path, max_train_steps=6,
-                                 checkpointing_steps=2, checkpoints_total_limit=2))
+    run_script(
+        SCRIPT,
+        base_args(
+            tiny_sd,
+            fill_data["imagefolder"],
+            tmp_path,
+            max_train_steps=6,
+            checkpointing_steps=2,
+            checkpoints_total_limit=2,
+        ),
+    )
     assert checkpoint_names(tmp_path) == {"checkpoint-4", "checkpoint-6"}
 
 
 def test_resume_latest_prunes_several(tiny_sd, fill_data, tmp_path):
-    run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path, max_train_steps=6,
-                                 checkpointing_steps=2))
+    run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path, max_train_steps=6, checkpointing_steps=2))
     assert checkpoint_names(tmp_path) == {"checkpoint-2", "checkpoint-4", "checkpoint-6"}
-    result = run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path, max_train_steps=8,
-                                          checkpointing_steps=2, resume_from_checkpoint="latest",
-                                          checkpoints_total_limit=2))
+    result = run_script(
+        SCRIPT,
+        base_args(
+            tiny_sd,
+            fill_data["imagefolder"],
+            tmp_path,
+            max_train_steps=8,
+            checkpointing_steps=2,
+            resume_from_checkpoint="latest",
+            checkpoints_total_limit=2,
+        ),
+    )
     assert checkpoint_names(tmp_path) == {"checkpoint-6", "checkpoint-8"}
     assert "checkpoint-6 (step 6)" in result.stderr
 
@@ -37,15 +54,25 @@ def test_resume_latest_prunes_several(tiny_sd, fill_data, tmp_path):
 def test_stray_checkpoint_names_are_left_alone(tiny_sd, fill_data, tmp_path):
     (tmp_path / "checkpoint_old").mkdir()
     (tmp_path / "checkpoint-best").mkdir()
-    result = run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path, max_train_steps=4,
-                                          checkpointing_steps=2, checkpoints_total_limit=1,
-                                          resume_from_checkpoint="latest"))
+    result = run_script(
+        SCRIPT,
+        base_args(
+            tiny_sd,
+            fill_data["imagefolder"],
+            tmp_path,
+            max_train_steps=4,
+            checkpointing_steps=2,
+            checkpoints_total_limit=1,
+            resume_from_checkpoint="latest",
+        ),
+    )
     assert checkpoint_names(tmp_path) == {"checkpoint_old", "checkpoint-best", "checkpoint-4"}
     assert "ignoring checkpoint_old" in result.stderr
 
 
-@pytest.mark.parametrize("accumulation,eight_bit", [(1, False), (2, False), (1, True)],
-                         ids=["cached", "accumulation", "8-bit-adam"])
+@pytest.mark.parametrize(
+    "accumulation,eight_bit", [(1, False), (2, False), (1, True)], ids=["cached", "accumulation", "8-bit-adam"]
+)
 def test_resume_is_exact(tiny_sd, fill_data, tmp_path, accumulation, eight_bit):
     """8 steps straight == 4 steps, then resume to 8: bit-identical weights and identical losses for steps 5-8.
 
@@ -55,14 +82,31 @@ def test_resume_is_exact(tiny_sd, fill_data, tmp_path, accumulation, eight_bit):
     """
     batch = 2 // accumulation
     # One case with the encodings cached, one encoding at every step (auto would cache only the 8-step runs).
-    common = dict(train_batch_size=batch, gradient_accumulation_steps=accumulation, proportion_empty_prompts=0.3,
-                  snr_gamma=5.0, cache_encodings="always" if accumulation == 1 else "never", use_8bit_adam=eight_bit)
+    common = dict(
+        train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        proportion_empty_prompts=0.3,
+        snr_gamma=5.0,
+        cache_encodings="always" if accumulation == 1 else "never",
+        use_8bit_adam=eight_bit,
+    )
     straight, split = tmp_path / "straight", tmp_path / "split"
     run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], straight, max_train_steps=8, **common))
-    run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], split, max_train_steps=4,
-                                 checkpointing_steps=4, **common))
-    run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], split, max_train_steps=8,
-                                 resume_from_checkpoint="latest", seed=None, **common))
+    run_script(
+        SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], split, max_train_steps=4, checkpointing_steps=4, **common)
+    )
+    run_script(
+        SCRIPT,
+        base_args(
+            tiny_sd,
+            fill_data["imagefolder"],
+            split,
+            max_train_steps=8,
+            resume_from_checkpoint="latest",
+            seed=None,
+            **common,
+        ),
+    )
 
     a, b = load_weights(straight), load_weights(split)
     assert a.keys() == b.keys()
@@ -75,8 +119,12 @@ def test_resume_is_exact(tiny_sd, fill_data, tmp_path, accumulation, eight_bit):
     assert a["controlnet_mid_block.weight"].abs().sum() > 0
     # bitsandbytes keeps 8-bit moments for tensors of 4096+ values (the rest in fp32), under a key of its own.
     optimizer_state = torch.load(split / "checkpoint-4" / "optimizer.bin", weights_only=False)["state"]
-    moments = {value.dtype for state in optimizer_state.values()
-               for value in state.get("__bnb_optimizer_quant_state__", state).values() if torch.is_tensor(value)}
+    moments = {
+        value.dtype
+        for state in optimizer_state.values()
+        for value in state.get("__bnb_optimizer_quant_state__", state).values()
+        if torch.is_tensor(value)
+    }
     assert (torch.uint8 in moments) == eight_bit, moments
 
 
@@ -86,8 +134,12 @@ def test_accumulation_matches_larger_batch(tiny_sd, fill_data, tmp_path):
     # turn into full-size steps of different sign: the updates are then directly comparable.
     common = dict(max_train_steps=3, max_grad_norm=1e9, adam_epsilon=1e-3, learning_rate=1e-3)
     run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], big, train_batch_size=2, **common))
-    run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], accumulated, train_batch_size=1,
-                                 gradient_accumulation_steps=2, **common))
+    run_script(
+        SCRIPT,
+        base_args(
+            tiny_sd, fill_data["imagefolder"], accumulated, train_batch_size=1, gradient_accumulation_steps=2, **common
+        ),
+    )
     a, b = load_weights(big), load_weights(accumulated)
     assert a["controlnet_mid_block.weight"].abs().max() > 1e-5  # the zero-initialised layer did move
     for key in a:
@@ -100,31 +152,56 @@ def test_accumulation_matches_larger_batch(tiny_sd, fill_data, tmp_path):
 @pytest.mark.parametrize("batch,accumulation", [(2, 1), (3, 2)])
 def test_cached_and_uncached_runs_end_with_the_same_weights(tiny_sd, fill_data, tmp_path, batch, accumulation):
     """Bit for bit: the cache is a pure speed switch (rows encoded one at a time on both paths, contiguous inputs)."""
-    common = dict(max_train_steps=10, train_batch_size=batch, gradient_accumulation_steps=accumulation,
-                  max_grad_norm=1e9, adam_epsilon=1e-3, learning_rate=1e-3, snr_gamma=5.0,
-                  proportion_empty_prompts=0.5, cache_dir=tmp_path / "cache")
-    uncached = run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path / "plain",
-                                            cache_encodings="never", **common))
-    cached = run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path / "cached",
-                                          cache_encodings="always", **common))
+    common = dict(
+        max_train_steps=10,
+        train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        max_grad_norm=1e9,
+        adam_epsilon=1e-3,
+        learning_rate=1e-3,
+        snr_gamma=5.0,
+        proportion_empty_prompts=0.5,
+        cache_dir=tmp_path / "cache",
+    )
+    uncached = run_script(
+        SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path / "plain", cache_encodings="never", **common)
+    )
+    cached = run_script(
+        SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path / "cached", cache_encodings="always", **common)
+    )
     assert "caching" not in uncached.stderr
     assert "caching VAE posteriors: cached" in cached.stderr and "caching text embeddings: cached" in cached.stderr
     a, b = load_weights(tmp_path / "plain"), load_weights(tmp_path / "cached")
     assert a["controlnet_mid_block.weight"].abs().max() > 1e-5
     assert a.keys() == b.keys()
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
-    losses_a, losses_b = read_scalars(tmp_path / "plain" / "logs", "loss"), read_scalars(
-        tmp_path / "cached" / "logs", "loss")
+    losses_a, losses_b = (
+        read_scalars(tmp_path / "plain" / "logs", "loss"),
+        read_scalars(tmp_path / "cached" / "logs", "loss"),
+    )
     assert losses_a == losses_b and len(losses_a) == 10
     if batch != 2:
         return
 
     # A second run reuses both caches; another resolution re-encodes the images (not the captions).
-    again = run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path / "again", max_train_steps=6,
-                                         cache_dir=tmp_path / "cache"))
+    again = run_script(
+        SCRIPT,
+        base_args(
+            tiny_sd, fill_data["imagefolder"], tmp_path / "again", max_train_steps=6, cache_dir=tmp_path / "cache"
+        ),
+    )
     assert "caching VAE posteriors: reusing" in again.stderr and "caching text embeddings: reusing" in again.stderr
-    other = run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path / "other", max_train_steps=6,
-                                         resolution=32, cache_dir=tmp_path / "cache"))
+    other = run_script(
+        SCRIPT,
+        base_args(
+            tiny_sd,
+            fill_data["imagefolder"],
+            tmp_path / "other",
+            max_train_steps=6,
+            resolution=32,
+            cache_dir=tmp_path / "cache",
+        ),
+    )
     assert "caching VAE posteriors: cached" in other.stderr and "caching text embeddings: reusing" in other.stderr
 
 
@@ -136,31 +213,45 @@ def test_output_loads_in_diffusers_pipeline_and_finetunes(tiny_sd, fill_data, tm
     run_script(SCRIPT, base_args(tiny_sd, fill_data["parquet"], first, max_train_steps=2))
     assert json.loads((first / "config.json").read_text())["_class_name"] == "ControlNetModel"
     controlnet = ControlNetModel.from_pretrained(first)
-    pipeline = StableDiffusionControlNetPipeline.from_pretrained(tiny_sd, controlnet=controlnet,
-                                                                 safety_checker=None)
+    pipeline = StableDiffusionControlNetPipeline.from_pretrained(tiny_sd, controlnet=controlnet, safety_checker=None)
     control = Image.open(fill_data["validation"] / "control_0.png")
-    image = pipeline("red circle with blue background", control, num_inference_steps=2,
-                     generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipeline(
+        "red circle with blue background", control, num_inference_steps=2, generator=torch.Generator().manual_seed(0)
+    ).images[0]
     assert image.size == (64, 64)
 
     second = tmp_path / "second"
-    run_script(SCRIPT, base_args(tiny_sd, fill_data["disk"], second, max_train_steps=2,
-                                 controlnet_model_name_or_path=first))
+    run_script(
+        SCRIPT, base_args(tiny_sd, fill_data["disk"], second, max_train_steps=2, controlnet_model_name_or_path=first)
+    )
     before, after = load_weights(first), load_weights(second)
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before), "fine-tuning did not change the weights"
 
 
-@pytest.mark.parametrize("prompts,images,pairs", [
-    (["red circle with blue background", "green circle with pink background"], 2, 2),  # 1:1
-    (["red circle with blue background"], 2, 2),  # one prompt, N images
-    (["red circle with blue background", "green circle with pink background", "cyan circle"], 1, 3),  # N:1
-])
+@pytest.mark.parametrize(
+    "prompts,images,pairs",
+    [
+        (["red circle with blue background", "green circle with pink background"], 2, 2),  # 1:1
+        (["red circle with blue background"], 2, 2),  # one prompt, N images
+        (["red circle with blue background", "green circle with pink background", "cyan circle"], 1, 3),  # N:1
+    ],
+)
 def test_validation_pairings_log_images(tiny_sd, fill_data, tmp_path, prompts, images, pairs):
     paths = [fill_data["validation"] / f"control_{i}.png" for i in range(images)]
-    run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path, max_train_steps=2,
-                                 validation_steps=1, validation_prompt=prompts, validation_image=paths,
-                                 num_validation_images=2))
+    run_script(
+        SCRIPT,
+        base_args(
+            tiny_sd,
+            fill_data["imagefolder"],
+            tmp_path,
+            max_train_steps=2,
+            validation_steps=1,
+            validation_prompt=prompts,
+            validation_image=paths,
+            num_validation_images=2,
+        ),
+    )
     summaries = read_image_summaries(tmp_path / "logs")
     # validation at step 1, then the final one at step 2: one grid (control + 2 images) per pair each time
     assert sorted({step for _, step, _, _ in summaries}) == [1, 2]
@@ -182,19 +273,40 @@ def test_validation_images_of_any_mode_and_size(tiny_sd, fill_data, tmp_path):
     grey = tmp_path / "grey.png"
     source.convert("L").resize((61, 99)).save(grey)
     out = tmp_path / "out"
-    run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], out, max_train_steps=1,
-                                 validation_prompt=["a circle"], validation_image=[rgba, grey],
-                                 num_validation_images=1))
+    run_script(
+        SCRIPT,
+        base_args(
+            tiny_sd,
+            fill_data["imagefolder"],
+            out,
+            max_train_steps=1,
+            validation_prompt=["a circle"],
+            validation_image=[rgba, grey],
+            num_validation_images=1,
+        ),
+    )
     summaries = read_image_summaries(out / "logs")
     assert len(summaries) == 2 and all((w, h) == (128, 64) for _, _, w, h in summaries)
 
 
 def test_bf16_gradient_checkpointing_and_logged_metrics(tiny_sd, fill_data, tmp_path):
-    result = run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path, max_train_steps=3,
-                                 mixed_precision="bf16", gradient_checkpointing=True, gradient_accumulation_steps=2,
-                                 lr_scheduler="linear", lr_warmup_steps=1,
-                                 validation_prompt=["a circle"], num_validation_images=1,
-                                 validation_image=[fill_data["validation"] / "control_0.png"]))
+    result = run_script(
+        SCRIPT,
+        base_args(
+            tiny_sd,
+            fill_data["imagefolder"],
+            tmp_path,
+            max_train_steps=3,
+            mixed_precision="bf16",
+            gradient_checkpointing=True,
+            gradient_accumulation_steps=2,
+            lr_scheduler="linear",
+            lr_warmup_steps=1,
+            validation_prompt=["a circle"],
+            num_validation_images=1,
+            validation_image=[fill_data["validation"] / "control_0.png"],
+        ),
+    )
     # no deprecation or dtype warnings caused by how we call the libraries
     for noise in ("FutureWarning", "torch_dtype", "should be kept in float32", "autocast"):
         assert noise not in result.stderr, noise
@@ -212,8 +324,9 @@ def test_resuming_a_finished_run_trains_no_further(tiny_sd, fill_data, tmp_path)
     common = dict(max_train_steps=2, checkpointing_steps=2, validation_split=3, validation_steps=1)
     run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path, **common))
     before = load_weights(tmp_path)
-    run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path, resume_from_checkpoint="latest",
-                                 **common))
+    run_script(
+        SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path, resume_from_checkpoint="latest", **common)
+    )
     after = load_weights(tmp_path)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert checkpoint_names(tmp_path) == {"checkpoint-2"}
@@ -225,11 +338,14 @@ def test_resuming_a_finished_run_trains_no_further(tiny_sd, fill_data, tmp_path)
 def test_resume_from_a_checkpoint_folder_with_another_name(tiny_sd, fill_data, tmp_path):
     import shutil
 
-    run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path / "a", max_train_steps=2,
-                                 checkpointing_steps=2))
+    run_script(
+        SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path / "a", max_train_steps=2, checkpointing_steps=2)
+    )
     saved = tmp_path / "kept-for-later"
     shutil.copytree(tmp_path / "a" / "checkpoint-2", saved)
-    result = run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], tmp_path / "b", max_train_steps=3,
-                                          resume_from_checkpoint=saved))
+    result = run_script(
+        SCRIPT,
+        base_args(tiny_sd, fill_data["imagefolder"], tmp_path / "b", max_train_steps=3, resume_from_checkpoint=saved),
+    )
     assert "(step 2)" in result.stderr
     assert sorted(read_scalars(tmp_path / "b" / "logs", "loss")) == [3]

@@ -29,8 +29,7 @@ PROMPT = "red circle with blue background"
 def flax_args(tiny_sd: Path, data: Path, out: Path, **overrides) -> list[str]:
     """The tiny run: batch 1 per device (a global batch of 4: 3 steps per 12-row epoch), lr 1e-3 so that the zero
     convolutions move enough for the export comparison to mean something."""
-    flags = dict(train_batch_size=1, logging_steps=1, learning_rate=1e-3, proportion_empty_prompts=0.3,
-                 snr_gamma=5.0)
+    flags = dict(train_batch_size=1, logging_steps=1, learning_rate=1e-3, proportion_empty_prompts=0.3, snr_gamma=5.0)
     return base_args(tiny_sd, data, out, **{**flags, **overrides})
 
 
@@ -69,9 +68,21 @@ def straight(tiny_sd, fill_data, tmp_path_factory, flax_env) -> tuple[Path, subp
     """6 steps (two epochs) with checkpoints every 2 (keep 2), validation at step 3 and at the end, a log every
     2 steps, Min-SNR and caption dropout."""
     out = tmp_path_factory.mktemp("flax") / "straight"
-    result = run(flax_args(tiny_sd, fill_data["imagefolder"], out, max_train_steps=6, checkpointing_steps=2,
-                           checkpoints_total_limit=2, logging_steps=2, validation_steps=3, validation_prompt=[PROMPT],
-                           validation_image=[fill_data["validation"] / "control_0.png"]), flax_env)
+    result = run(
+        flax_args(
+            tiny_sd,
+            fill_data["imagefolder"],
+            out,
+            max_train_steps=6,
+            checkpointing_steps=2,
+            checkpoints_total_limit=2,
+            logging_steps=2,
+            validation_steps=3,
+            validation_prompt=[PROMPT],
+            validation_image=[fill_data["validation"] / "control_0.png"],
+        ),
+        flax_env,
+    )
     return out, result
 
 
@@ -86,8 +97,14 @@ def test_end_to_end_on_four_devices(straight, tiny_sd):
     # checkpoints: pruned to the newest two; the full train state and the data position
     assert checkpoint_names(out) == {"checkpoint-4", "checkpoint-6"}
     info = json.loads((out / "checkpoint-6" / "training_state.json").read_text())
-    assert info == {"global_step": 6, "seed": 7, "epoch": 2, "micro_batches_done": 0, "global_batch": 4,
-                    "trainer": "flax"}
+    assert info == {
+        "global_step": 6,
+        "seed": 7,
+        "epoch": 2,
+        "micro_batches_done": 0,
+        "global_batch": 4,
+        "trainer": "flax",
+    }
     state = restore_train_state(out / "checkpoint-6")
     assert int(state["step"]) == 6 and "opt_state" in state
     assert same(weights(out), weights(out / "checkpoint-6" / "controlnet"))
@@ -125,9 +142,13 @@ def test_export_loads_in_pytorch_and_matches_flax(straight):
     control = rng.random((2, 3, 64, 64)).astype(np.float32)
     down, mid = jax.jit(flax_model.apply)(params, sample, timesteps, hidden, control)
     with torch.no_grad():
-        torch_down, torch_mid = torch_model(torch.from_numpy(sample), torch.from_numpy(timesteps),
-                                            encoder_hidden_states=torch.from_numpy(hidden),
-                                            controlnet_cond=torch.from_numpy(control), return_dict=False)
+        torch_down, torch_mid = torch_model(
+            torch.from_numpy(sample),
+            torch.from_numpy(timesteps),
+            encoder_hidden_states=torch.from_numpy(hidden),
+            controlnet_cond=torch.from_numpy(control),
+            return_dict=False,
+        )
     pairs = [*zip(down, torch_down, strict=True), (mid, torch_mid)]
     for flax_out, torch_out in pairs:
         expected = torch_out.numpy()
@@ -144,11 +165,25 @@ def test_resume_is_exact_and_the_same_seed_repeats_the_run(straight, tiny_sd, fi
     out, _ = straight
     split = tmp_path / "split"
     common = dict(logging_steps=2)
-    run(flax_args(tiny_sd, fill_data["imagefolder"], split, max_train_steps=4, checkpointing_steps=4, **common),
-        flax_env)
+    run(
+        flax_args(tiny_sd, fill_data["imagefolder"], split, max_train_steps=4, checkpointing_steps=4, **common),
+        flax_env,
+    )
     assert same(weights(split / "checkpoint-4" / "controlnet"), weights(out / "checkpoint-4" / "controlnet"))
-    result = run(flax_args(tiny_sd, fill_data["imagefolder"], split, max_train_steps=6, checkpointing_steps=6,
-                           resume_from_checkpoint="latest", seed=None, dataloader_num_workers=1, **common), flax_env)
+    result = run(
+        flax_args(
+            tiny_sd,
+            fill_data["imagefolder"],
+            split,
+            max_train_steps=6,
+            checkpointing_steps=6,
+            resume_from_checkpoint="latest",
+            seed=None,
+            dataloader_num_workers=1,
+            **common,
+        ),
+        flax_env,
+    )
     assert "checkpoint-4 (step 4)" in result.stderr and "seed                   : 7" in result.stderr
     assert same(weights(split), weights(out))
     a, b = restore_train_state(out / "checkpoint-6"), restore_train_state(split / "checkpoint-6")
@@ -184,8 +219,20 @@ def test_cached_and_uncached_runs_end_with_the_same_weights(straight, tiny_sd, f
 def test_seed_changes_the_run(straight, tiny_sd, fill_data, tmp_path, flax_env):
     out, _ = straight
     other = tmp_path / "seed8"
-    run(flax_args(tiny_sd, fill_data["imagefolder"], other, max_train_steps=4, checkpointing_steps=4, seed=8,
-                  logging_steps=2, profile_steps=1, profile_memory=True), flax_env)
+    run(
+        flax_args(
+            tiny_sd,
+            fill_data["imagefolder"],
+            other,
+            max_train_steps=4,
+            checkpointing_steps=4,
+            seed=8,
+            logging_steps=2,
+            profile_steps=1,
+            profile_memory=True,
+        ),
+        flax_env,
+    )
     a, b = weights(other / "checkpoint-4" / "controlnet"), weights(out / "checkpoint-4" / "controlnet")
     assert not np.array_equal(a["controlnet_mid_block.weight"], b["controlnet_mid_block.weight"])
     # the new conditioning encoder is initialised from the seed; the copied UNet encoder is not
@@ -203,8 +250,14 @@ def test_accumulation_matches_larger_batch(straight, tiny_sd, fill_data, tmp_pat
     full-size steps of different sign. Both continue from the straight run's ControlNet, and read a save_to_disk
     folder with --load_from_disk."""
     start, _ = straight
-    common = dict(max_train_steps=2, max_grad_norm=1e9, adam_epsilon=1e-3, snr_gamma=None, load_from_disk=True,
-                  controlnet_model_name_or_path=start)
+    common = dict(
+        max_train_steps=2,
+        max_grad_norm=1e9,
+        adam_epsilon=1e-3,
+        snr_gamma=None,
+        load_from_disk=True,
+        controlnet_model_name_or_path=start,
+    )
     big, accumulated = tmp_path / "big", tmp_path / "accumulated"
     run(flax_args(tiny_sd, fill_data["disk"], big, train_batch_size=2, **common), flax_env)
     run(flax_args(tiny_sd, fill_data["disk"], accumulated, gradient_accumulation_steps=2, **common), flax_env)
@@ -225,13 +278,20 @@ def test_streaming_bf16_remat_schedule_and_exact_resume(tiny_sd, fill_data, tmp_
     in another folder ends with the straight run's weights and losses."""
     import shutil
 
-    common = dict(streaming=True, max_train_samples=12, mixed_precision="bf16", gradient_checkpointing=True,
-                  lr_scheduler="linear", lr_warmup_steps=1, learning_rate=1e-4, max_train_steps=4)
+    common = dict(
+        streaming=True,
+        max_train_samples=12,
+        mixed_precision="bf16",
+        gradient_checkpointing=True,
+        lr_scheduler="linear",
+        lr_warmup_steps=1,
+        learning_rate=1e-4,
+        max_train_steps=4,
+    )
     straight_out, resumed = tmp_path / "straight", tmp_path / "resumed"
     run(flax_args(tiny_sd, fill_data["parquet"], straight_out, checkpointing_steps=2, **common), flax_env)
     shutil.copytree(straight_out / "checkpoint-2", tmp_path / "kept")
-    run(flax_args(tiny_sd, fill_data["parquet"], resumed, resume_from_checkpoint=tmp_path / "kept", **common),
-        flax_env)
+    run(flax_args(tiny_sd, fill_data["parquet"], resumed, resume_from_checkpoint=tmp_path / "kept", **common), flax_env)
     a = weights(straight_out)
     assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in a.values())
     assert same(a, weights(resumed))
@@ -253,16 +313,31 @@ def test_two_hosts_train_as_one(straight, tiny_sd, fill_data, tmp_path, flax_env
     multi = tmp_path / "multi"
 
     def two_hosts(**overrides) -> list[str]:
-        argv = flax_args(tiny_sd, fill_data["imagefolder"], multi, logging_steps=2, cache_encodings="always",
-                         **overrides)
-        env = {**os.environ, **THREADS, **flax_env, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
-               "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {XLA_THREADS}",
-               "JAX_COORDINATOR_ADDRESS": f"localhost:{free_port()}", "JAX_NUM_PROCESSES": "2",
-               "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
-        processes = [subprocess.Popen([sys.executable, str(ROOT / SCRIPT), *argv], cwd=ROOT, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      env={**env, "JAX_PROCESS_ID": str(i), "HF_HOME": str(tmp_path / f"hf{i}")})
-                     for i in range(2)]
+        argv = flax_args(
+            tiny_sd, fill_data["imagefolder"], multi, logging_steps=2, cache_encodings="always", **overrides
+        )
+        env = {
+            **os.environ,
+            **THREADS,
+            **flax_env,
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": str(ROOT),
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {XLA_THREADS}",
+            "JAX_COORDINATOR_ADDRESS": f"localhost:{free_port()}",
+            "JAX_NUM_PROCESSES": "2",
+            "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
+        }
+        processes = [
+            subprocess.Popen(
+                [sys.executable, str(ROOT / SCRIPT), *argv],
+                cwd=ROOT,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env={**env, "JAX_PROCESS_ID": str(i), "HF_HOME": str(tmp_path / f"hf{i}")},
+            )
+            for i in range(2)
+        ]
         outputs = [p.communicate(timeout=900)[0] for p in processes]
         assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
         return outputs
@@ -284,27 +359,100 @@ def test_two_hosts_train_as_one(straight, tiny_sd, fill_data, tmp_path, flax_env
 
 # ------------------------------------------------------------------------------------------------ pieces
 REFERENCE_FLAX_FLAGS = {
-    "pretrained_model_name_or_path", "controlnet_model_name_or_path", "revision", "tokenizer_name", "from_pt",
-    "controlnet_revision", "controlnet_from_pt", "profile_steps", "profile_validation", "profile_memory", "ccache",
-    "output_dir", "cache_dir", "seed", "resolution", "train_batch_size", "num_train_epochs", "max_train_steps",
-    "checkpointing_steps", "gradient_accumulation_steps", "learning_rate", "scale_lr", "lr_scheduler", "snr_gamma",
-    "dataloader_num_workers", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm",
-    "push_to_hub", "hub_token", "hub_model_id", "logging_steps", "report_to", "mixed_precision", "dataset_name",
-    "streaming", "dataset_config_name", "train_data_dir", "load_from_disk", "image_column",
-    "conditioning_image_column", "caption_column", "max_train_samples", "proportion_empty_prompts",
-    "validation_prompt", "validation_image", "validation_steps", "tracker_project_name", "wandb_entity", "local_rank",
+    "pretrained_model_name_or_path",
+    "controlnet_model_name_or_path",
+    "revision",
+    "tokenizer_name",
+    "from_pt",
+    "controlnet_revision",
+    "controlnet_from_pt",
+    "profile_steps",
+    "profile_validation",
+    "profile_memory",
+    "ccache",
+    "output_dir",
+    "cache_dir",
+    "seed",
+    "resolution",
+    "train_batch_size",
+    "num_train_epochs",
+    "max_train_steps",
+    "checkpointing_steps",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "scale_lr",
+    "lr_scheduler",
+    "snr_gamma",
+    "dataloader_num_workers",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_weight_decay",
+    "adam_epsilon",
+    "max_grad_norm",
+    "push_to_hub",
+    "hub_token",
+    "hub_model_id",
+    "logging_steps",
+    "report_to",
+    "mixed_precision",
+    "dataset_name",
+    "streaming",
+    "dataset_config_name",
+    "train_data_dir",
+    "load_from_disk",
+    "image_column",
+    "conditioning_image_column",
+    "caption_column",
+    "max_train_samples",
+    "proportion_empty_prompts",
+    "validation_prompt",
+    "validation_image",
+    "validation_steps",
+    "tracker_project_name",
+    "wandb_entity",
+    "local_rank",
 }
-ADDED_FLAGS = {"resume_from_checkpoint", "checkpoints_total_limit", "gradient_checkpointing", "lr_warmup_steps",
-               "lr_num_cycles", "lr_power", "logging_dir", "num_validation_images", "multi_host", "cache_encodings",
-               "max_consecutive_nonfinite_steps"}
+ADDED_FLAGS = {
+    "resume_from_checkpoint",
+    "checkpoints_total_limit",
+    "gradient_checkpointing",
+    "lr_warmup_steps",
+    "lr_num_cycles",
+    "lr_power",
+    "logging_dir",
+    "num_validation_images",
+    "multi_host",
+    "cache_encodings",
+    "max_consecutive_nonfinite_steps",
+}
 REFERENCE_FLAX_DEFAULTS = {
-    "output_dir": "runs/{timestamp}", "resolution": 512, "train_batch_size": 1, "num_train_epochs": 100,
-    "max_train_steps": None, "checkpointing_steps": 5000, "gradient_accumulation_steps": 1, "learning_rate": 1e-4,
-    "scale_lr": False, "lr_scheduler": "constant", "snr_gamma": None, "dataloader_num_workers": 0,
-    "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_weight_decay": 1e-2, "adam_epsilon": 1e-8, "max_grad_norm": 1.0,
-    "logging_steps": 100, "mixed_precision": "no", "validation_steps": 100,
-    "tracker_project_name": "train_controlnet_flax", "profile_steps": 0, "local_rank": -1, "image_column": "image",
-    "conditioning_image_column": "conditioning_image", "caption_column": "text", "proportion_empty_prompts": 0,
+    "output_dir": "runs/{timestamp}",
+    "resolution": 512,
+    "train_batch_size": 1,
+    "num_train_epochs": 100,
+    "max_train_steps": None,
+    "checkpointing_steps": 5000,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 1e-4,
+    "scale_lr": False,
+    "lr_scheduler": "constant",
+    "snr_gamma": None,
+    "dataloader_num_workers": 0,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "adam_weight_decay": 1e-2,
+    "adam_epsilon": 1e-8,
+    "max_grad_norm": 1.0,
+    "logging_steps": 100,
+    "mixed_precision": "no",
+    "validation_steps": 100,
+    "tracker_project_name": "train_controlnet_flax",
+    "profile_steps": 0,
+    "local_rank": -1,
+    "image_column": "image",
+    "conditioning_image_column": "conditioning_image",
+    "caption_column": "text",
+    "proportion_empty_prompts": 0,
 }
 
 
@@ -321,8 +469,9 @@ def test_every_reference_flax_flag_with_its_default():
     assert args.report_to == "tensorboard"  # the reference's wandb default refused every --hub_token
 
 
-@pytest.mark.parametrize("name", ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
-                                  "polynomial"])
+@pytest.mark.parametrize(
+    "name", ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+)
 def test_lr_schedules_match_diffusers(name):
     from diffusers.optimization import get_scheduler
 
@@ -330,8 +479,9 @@ def test_lr_schedules_match_diffusers(name):
 
     lr, warmup, total = 1e-3, 3, 20
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
-    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total, num_cycles=3,
-                              power=2.0)
+    scheduler = get_scheduler(
+        name, optimizer, num_warmup_steps=warmup, num_training_steps=total, num_cycles=3, power=2.0
+    )
     schedule = lr_schedule(name, lr, warmup, total, num_cycles=3, power=2.0)
     for step in range(total + 3):
         assert float(schedule(step)) == pytest.approx(scheduler.get_last_lr()[0], rel=1e-5, abs=1e-10), step
@@ -414,19 +564,28 @@ def bad_input_cases() -> dict[str, tuple[dict, str]]:
     pytorch_only = {"xformers", "fp16 on the CPU"}  # flags (or a precision) only the PyTorch trainers refuse
     cases = {k: v for k, v in CASES.items() if k not in pytorch_only}
     cases["tracker not installed"] = (dict(report_to="comet_ml"), "--report_to comet_ml: the Flax trainer supports")
-    cases.update({
-        "streaming without max_train_samples": (dict(streaming=True), "--streaming needs --max_train_samples"),
-        "load_from_disk without a folder": (dict(train_data_dir=None, dataset_name="x/y", load_from_disk=True),
-                                            "--load_from_disk needs --train_data_dir"),
-        "load_from_disk on an imagefolder": (dict(load_from_disk=True), "--load_from_disk: "),
-        "batch larger than the data": (dict(train_batch_size=13), "12 training rows are fewer than one global batch"),
-        "pytorch-only flag": (dict(use_8bit_adam=True), "unrecognized arguments: --use_8bit_adam"),
-        "negative profile steps": (dict(profile_steps=-1), "--profile_steps must be >= 0"),
-        "resolution the UNet cannot halve": (dict(resolution=72), "--resolution must be a multiple of 16"),
-        "zero logging steps": (dict(logging_steps=0), "--logging_steps must be > 0"),
-        "caching a stream": (dict(streaming=True, max_train_samples=12, cache_encodings="always"),
-                             "--cache_encodings always cannot cache a stream"),
-    })
+    cases.update(
+        {
+            "streaming without max_train_samples": (dict(streaming=True), "--streaming needs --max_train_samples"),
+            "load_from_disk without a folder": (
+                dict(train_data_dir=None, dataset_name="x/y", load_from_disk=True),
+                "--load_from_disk needs --train_data_dir",
+            ),
+            "load_from_disk on an imagefolder": (dict(load_from_disk=True), "--load_from_disk: "),
+            "batch larger than the data": (
+                dict(train_batch_size=13),
+                "12 training rows are fewer than one global batch",
+            ),
+            "pytorch-only flag": (dict(use_8bit_adam=True), "unrecognized arguments: --use_8bit_adam"),
+            "negative profile steps": (dict(profile_steps=-1), "--profile_steps must be >= 0"),
+            "resolution the UNet cannot halve": (dict(resolution=72), "--resolution must be a multiple of 16"),
+            "zero logging steps": (dict(logging_steps=0), "--logging_steps must be > 0"),
+            "caching a stream": (
+                dict(streaming=True, max_train_samples=12, cache_encodings="always"),
+                "--cache_encodings always cannot cache a stream",
+            ),
+        }
+    )
     return cases
 
 
@@ -449,8 +608,9 @@ def test_bad_input_fails_early_with_one_line(case, tiny_sd, fill_data, tmp_path,
     (out / "checkpoint-2").mkdir(parents=True)
     (out / "checkpoint-2" / "training_state.json").write_text('{"global_step": 2, "seed": 1}')
     (out / "keep.txt").write_text("user data")
-    expect_one_line_error(train_controlnet_flax.main, overrides, expected, tiny_sd, fill_data, tmp_path, out, capsys,
-                          request)
+    expect_one_line_error(
+        train_controlnet_flax.main, overrides, expected, tiny_sd, fill_data, tmp_path, out, capsys, request
+    )
 
 
 def test_a_nonfinite_step_is_skipped_on_the_device_and_stops_after_the_limit(tmp_path):
@@ -466,8 +626,12 @@ def test_a_nonfinite_step_is_skipped_on_the_device_and_stops_after_the_limit(tmp
 
     replicated = NamedSharding(Mesh(np.array(jax.devices()[:1]), ("data",)), PartitionSpec())
     tx = optax.adamw(1e-1)
-    step = make_train_step(lambda params, frozen, micro, epoch, seed: jnp.sum(params["w"] * micro["x"]) ** 2, tx,
-                           optax.constant_schedule(1e-1), replicated)
+    step = make_train_step(
+        lambda params, frozen, micro, epoch, seed: jnp.sum(params["w"] * micro["x"]) ** 2,
+        tx,
+        optax.constant_schedule(1e-1),
+        replicated,
+    )
     params = {"w": jnp.ones(3)}
     state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
     good, bad = {"x": np.ones((1, 1, 3), np.float32)}, {"x": np.full((1, 1, 3), np.nan, np.float32)}

@@ -19,12 +19,25 @@ def test_bf16_run_with_validation_checkpoints_and_cache_reuse(tiny_sdxl, fill_da
     from PIL import Image
 
     out, cache = tmp_path / "out", tmp_path / "cache"
-    first = run_script(SCRIPT, xl_args(
-        tiny_sdxl, fill_data, out, cache, max_train_steps=6, checkpointing_steps=2, checkpoints_total_limit=2,
-        mixed_precision="bf16", gradient_checkpointing=True, validation_steps=3, num_validation_images=1,
-        validation_split=3,
-        validation_prompt=["red circle with blue background"],
-        validation_image=[fill_data["validation"] / "control_0.png"]))
+    first = run_script(
+        SCRIPT,
+        xl_args(
+            tiny_sdxl,
+            fill_data,
+            out,
+            cache,
+            max_train_steps=6,
+            checkpointing_steps=2,
+            checkpoints_total_limit=2,
+            mixed_precision="bf16",
+            gradient_checkpointing=True,
+            validation_steps=3,
+            num_validation_images=1,
+            validation_split=3,
+            validation_prompt=["red circle with blue background"],
+            validation_image=[fill_data["validation"] / "control_0.png"],
+        ),
+    )
     assert (out / "diffusion_pytorch_model.safetensors").exists()
     assert {p.name for p in out.glob("checkpoint*")} == {"checkpoint-4", "checkpoint-6"}
     assert "caching text embeddings: cached" in first.stderr
@@ -43,8 +56,18 @@ def test_bf16_run_with_validation_checkpoints_and_cache_reuse(tiny_sdxl, fill_da
     assert len(list(cache.glob("encodings/*/index.json"))) == 3
     # Another run with other unrelated flags reuses the cached embeddings instead of encoding again; it reads
     # only 2 of the 9 rows, so --cache_encodings auto does not encode every image.
-    second = run_script(SCRIPT, xl_args(tiny_sdxl, fill_data, tmp_path / "again", cache, max_train_steps=1,
-                                        learning_rate=3e-4, mixed_precision="bf16"))
+    second = run_script(
+        SCRIPT,
+        xl_args(
+            tiny_sdxl,
+            fill_data,
+            tmp_path / "again",
+            cache,
+            max_train_steps=1,
+            learning_rate=3e-4,
+            mixed_precision="bf16",
+        ),
+    )
     assert "caching text embeddings: reusing" in second.stderr
     assert "caching text embeddings: cached" not in second.stderr
     assert "caching VAE posteriors" not in second.stderr
@@ -56,19 +79,33 @@ def test_bf16_run_with_validation_checkpoints_and_cache_reuse(tiny_sdxl, fill_da
     controlnet = ControlNetModel.from_pretrained(out)
     assert controlnet.config.addition_embed_type == "text_time"
     pipeline = StableDiffusionXLControlNetPipeline.from_pretrained(tiny_sdxl, controlnet=controlnet)
-    image = pipeline("red circle", image=Image.open(fill_data["validation"] / "control_0.png"),
-                     num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipeline(
+        "red circle",
+        image=Image.open(fill_data["validation"] / "control_0.png"),
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
     assert image.size == (64, 64)
 
 
 @pytest.mark.parametrize("batch,accumulation", [(2, 1), (3, 2)])
 def test_cached_and_uncached_runs_end_with_the_same_weights(tiny_sdxl, fill_data, tmp_path, batch, accumulation):
-    common = dict(max_train_steps=10, train_batch_size=batch, gradient_accumulation_steps=accumulation,
-                  max_grad_norm=1e9, adam_epsilon=1e-3, learning_rate=1e-3, snr_gamma=5.0)
-    uncached = run_script(SCRIPT, xl_args(tiny_sdxl, fill_data, tmp_path / "plain", tmp_path / "cache",
-                                          cache_encodings="never", **common))
-    cached = run_script(SCRIPT, xl_args(tiny_sdxl, fill_data, tmp_path / "cached", tmp_path / "cache",
-                                        cache_encodings="always", **common))
+    common = dict(
+        max_train_steps=10,
+        train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        max_grad_norm=1e9,
+        adam_epsilon=1e-3,
+        learning_rate=1e-3,
+        snr_gamma=5.0,
+    )
+    uncached = run_script(
+        SCRIPT, xl_args(tiny_sdxl, fill_data, tmp_path / "plain", tmp_path / "cache", cache_encodings="never", **common)
+    )
+    cached = run_script(
+        SCRIPT,
+        xl_args(tiny_sdxl, fill_data, tmp_path / "cached", tmp_path / "cache", cache_encodings="always", **common),
+    )
     assert "caching VAE posteriors" not in uncached.stderr and "caching VAE posteriors: cached" in cached.stderr
     a, b = load_weights(tmp_path / "plain"), load_weights(tmp_path / "cached")
     assert a["controlnet_mid_block.weight"].abs().max() > 1e-5
@@ -79,16 +116,21 @@ def test_cached_and_uncached_runs_end_with_the_same_weights(tiny_sdxl, fill_data
 
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_resume_is_exact(tiny_sdxl, fill_data, tmp_path, accumulation):
-    common = dict(train_batch_size=2 // accumulation, gradient_accumulation_steps=accumulation,
-                  proportion_empty_prompts=0.3, snr_gamma=5.0,
-                  cache_encodings="always" if accumulation == 1 else "never")
+    common = dict(
+        train_batch_size=2 // accumulation,
+        gradient_accumulation_steps=accumulation,
+        proportion_empty_prompts=0.3,
+        snr_gamma=5.0,
+        cache_encodings="always" if accumulation == 1 else "never",
+    )
     cache = tmp_path / "cache"
     straight, split = tmp_path / "straight", tmp_path / "split"
     run_script(SCRIPT, xl_args(tiny_sdxl, fill_data, straight, cache, max_train_steps=8, **common))
-    run_script(SCRIPT, xl_args(tiny_sdxl, fill_data, split, cache, max_train_steps=4, checkpointing_steps=4,
-                               **common))
-    run_script(SCRIPT, xl_args(tiny_sdxl, fill_data, split, cache, max_train_steps=8,
-                               resume_from_checkpoint="checkpoint-4", **common))
+    run_script(SCRIPT, xl_args(tiny_sdxl, fill_data, split, cache, max_train_steps=4, checkpointing_steps=4, **common))
+    run_script(
+        SCRIPT,
+        xl_args(tiny_sdxl, fill_data, split, cache, max_train_steps=8, resume_from_checkpoint="checkpoint-4", **common),
+    )
     a, b = load_weights(straight), load_weights(split)
     assert all(torch.equal(a[k], b[k]) for k in a)
     la, lb = read_scalars(straight / "logs", "loss"), read_scalars(split / "logs", "loss")
@@ -96,10 +138,14 @@ def test_resume_is_exact(tiny_sdxl, fill_data, tmp_path, accumulation):
 
 
 SDXL_BAD_INPUTS = {
-    "SD pipeline": (dict(pretrained_model_name_or_path="{sd}"),
-                    "--pretrained_model_name_or_path {sd} is an SD 1.x/2.x pipeline; use train_controlnet.py"),
-    "SD ControlNet": (dict(controlnet_model_name_or_path="{sd_controlnet}"),
-                      "--controlnet_model_name_or_path {sd_controlnet} does not fit the UNet of"),
+    "SD pipeline": (
+        dict(pretrained_model_name_or_path="{sd}"),
+        "--pretrained_model_name_or_path {sd} is an SD 1.x/2.x pipeline; use train_controlnet.py",
+    ),
+    "SD ControlNet": (
+        dict(controlnet_model_name_or_path="{sd_controlnet}"),
+        "--controlnet_model_name_or_path {sd_controlnet} does not fit the UNet of",
+    ),
     "fp16 on the CPU": (dict(mixed_precision="fp16"), "--mixed_precision fp16 (from the flag or the accelerate"),
     "nan learning rate": (dict(learning_rate="nan"), "--learning_rate must be a finite number, got nan"),
     "caption None in a row": (dict(train_data_dir="{captions_none}"), "row 5 has None instead of a caption"),
@@ -125,5 +171,14 @@ def test_bad_inputs_specific_to_sdxl(case, tiny_sdxl, fill_data, tmp_path, monke
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     overrides, expected = SDXL_BAD_INPUTS[case]
-    expect_one_line_error(train_controlnet_sdxl.main, {"cache_dir": tmp_path / "cache", **overrides}, expected,
-                          tiny_sdxl, fill_data, tmp_path, out, capsys, request)
+    expect_one_line_error(
+        train_controlnet_sdxl.main,
+        {"cache_dir": tmp_path / "cache", **overrides},
+        expected,
+        tiny_sdxl,
+        fill_data,
+        tmp_path,
+        out,
+        capsys,
+        request,
+    )

@@ -63,8 +63,9 @@ class CLIPEncoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + CLIPAttention(self.config, self.dtype, name="self_attn")(_layer_norm(self.config, self.dtype,
-                                                                                      "layer_norm1")(x))
+        x = x + CLIPAttention(self.config, self.dtype, name="self_attn")(
+            _layer_norm(self.config, self.dtype, "layer_norm1")(x)
+        )
         return x + CLIPMLP(self.config, self.dtype, name="mlp")(_layer_norm(self.config, self.dtype, "layer_norm2")(x))
 
 
@@ -87,8 +88,9 @@ class CLIPTextEmbeddings(nn.Module):
     def __call__(self, input_ids: jax.Array) -> jax.Array:
         dim = self.config["hidden_size"]
         tokens = nn.Embed(self.config["vocab_size"], dim, dtype=self.dtype, name="token_embedding")(input_ids)
-        positions = nn.Embed(self.config.get("max_position_embeddings", 77), dim, dtype=self.dtype,
-                             name="position_embedding")(jnp.arange(input_ids.shape[-1]))
+        positions = nn.Embed(
+            self.config.get("max_position_embeddings", 77), dim, dtype=self.dtype, name="position_embedding"
+        )(jnp.arange(input_ids.shape[-1]))
         return tokens + positions[None]
 
 
@@ -106,8 +108,11 @@ class CLIPTextTransformer(nn.Module):
 def normalize_state(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A CLIPTextModel state dict with `text_model.` keys: transformers 5 saves them without the prefix, older
     checkpoints (SD 1.x/2.x) with it; the `position_ids` buffer of older checkpoints is dropped."""
-    return {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()
-            if not k.endswith("position_ids")}
+    return {
+        k if k.startswith("text_model.") else f"text_model.{k}": v
+        for k, v in state.items()
+        if not k.endswith("position_ids")
+    }
 
 
 class CLIPTextModel(nn.Module):

@@ -15,17 +15,40 @@ from .unet import UNET_DEFAULTS, Layout, check_sample_size, encoder_forward
 # diffusers' ControlNetModel defaults, and the keys ControlNetModel.from_unet copies from the UNet's config.
 CONTROLNET_DEFAULTS: dict[str, Any] = {
     **{k: v for k, v in UNET_DEFAULTS.items() if k not in ("out_channels", "up_block_types", "dropout")},
-    "conditioning_channels": 3, "controlnet_conditioning_channel_order": "rgb",
-    "conditioning_embedding_out_channels": (16, 32, 96, 256), "global_pool_conditions": False,
+    "conditioning_channels": 3,
+    "controlnet_conditioning_channel_order": "rgb",
+    "conditioning_embedding_out_channels": (16, 32, 96, 256),
+    "global_pool_conditions": False,
     "addition_embed_type_num_heads": 64,
 }
 FROM_UNET = (
-    "encoder_hid_dim", "encoder_hid_dim_type", "addition_embed_type", "addition_time_embed_dim",
-    "transformer_layers_per_block", "in_channels", "flip_sin_to_cos", "freq_shift", "down_block_types",
-    "only_cross_attention", "block_out_channels", "layers_per_block", "downsample_padding", "mid_block_scale_factor",
-    "act_fn", "norm_num_groups", "norm_eps", "cross_attention_dim", "attention_head_dim", "num_attention_heads",
-    "use_linear_projection", "class_embed_type", "num_class_embeds", "upcast_attention", "resnet_time_scale_shift",
-    "projection_class_embeddings_input_dim", "mid_block_type",
+    "encoder_hid_dim",
+    "encoder_hid_dim_type",
+    "addition_embed_type",
+    "addition_time_embed_dim",
+    "transformer_layers_per_block",
+    "in_channels",
+    "flip_sin_to_cos",
+    "freq_shift",
+    "down_block_types",
+    "only_cross_attention",
+    "block_out_channels",
+    "layers_per_block",
+    "downsample_padding",
+    "mid_block_scale_factor",
+    "act_fn",
+    "norm_num_groups",
+    "norm_eps",
+    "cross_attention_dim",
+    "attention_head_dim",
+    "num_attention_heads",
+    "use_linear_projection",
+    "class_embed_type",
+    "num_class_embeds",
+    "upcast_attention",
+    "resnet_time_scale_shift",
+    "projection_class_embeddings_input_dim",
+    "mid_block_type",
 )
 # Top-level subtrees that ControlNetModel.from_unet copies from the UNet (plus every down_blocks_i).
 SHARED_WITH_UNET = ("conv_in", "time_embedding", "mid_block")
@@ -33,13 +56,20 @@ SHARED_WITH_UNET = ("conv_in", "time_embedding", "mid_block")
 zeros = nn.initializers.zeros
 
 
-def controlnet_config_from_unet(unet_config: dict, conditioning_channels: int = 3,
-                                conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)) -> dict:
+def controlnet_config_from_unet(
+    unet_config: dict,
+    conditioning_channels: int = 3,
+    conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256),
+) -> dict:
     """The config diffusers' `ControlNetModel.from_unet(unet, ...)` gives (with `_class_name`)."""
     unet_config = {**UNET_DEFAULTS, **unet_config}
-    return {"_class_name": "ControlNetModel", **CONTROLNET_DEFAULTS, **{k: unet_config[k] for k in FROM_UNET},
-            "conditioning_channels": conditioning_channels,
-            "conditioning_embedding_out_channels": tuple(conditioning_embedding_out_channels)}
+    return {
+        "_class_name": "ControlNetModel",
+        **CONTROLNET_DEFAULTS,
+        **{k: unet_config[k] for k in FROM_UNET},
+        "conditioning_channels": conditioning_channels,
+        "conditioning_embedding_out_channels": tuple(conditioning_embedding_out_channels),
+    }
 
 
 def controlnet_params_from_unet(unet_params: Mapping, controlnet_params: Mapping) -> dict:
@@ -88,15 +118,23 @@ class ControlNetModel(nn.Module):
         config = {**CONTROLNET_DEFAULTS, **self.config}
         side = 2 ** (len(config["block_out_channels"]) - 1)
         scale = 2 ** (len(config["conditioning_embedding_out_channels"]) - 1)
-        return (jax.ShapeDtypeStruct((1, config["in_channels"], side, side), jnp.float32),
-                jax.ShapeDtypeStruct((1,), jnp.float32),
-                jax.ShapeDtypeStruct((1, 1, config["cross_attention_dim"]), jnp.float32),
-                jax.ShapeDtypeStruct((1, config["conditioning_channels"], side * scale, side * scale), jnp.float32))
+        return (
+            jax.ShapeDtypeStruct((1, config["in_channels"], side, side), jnp.float32),
+            jax.ShapeDtypeStruct((1,), jnp.float32),
+            jax.ShapeDtypeStruct((1, 1, config["cross_attention_dim"]), jnp.float32),
+            jax.ShapeDtypeStruct((1, config["conditioning_channels"], side * scale, side * scale), jnp.float32),
+        )
 
     @nn.compact
-    def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
-                 controlnet_cond: jax.Array, conditioning_scale: float = 1.0, train: bool = False
-                 ) -> tuple[tuple[jax.Array, ...], jax.Array]:
+    def __call__(
+        self,
+        sample: jax.Array,
+        timesteps: jax.Array,
+        encoder_hidden_states: jax.Array,
+        controlnet_cond: jax.Array,
+        conditioning_scale: float = 1.0,
+        train: bool = False,
+    ) -> tuple[tuple[jax.Array, ...], jax.Array]:
         """sample NCHW latents, timesteps (B,) or scalar, encoder_hidden_states (B,T,D), controlnet_cond NCHW in
         [0, 1] at 2**(len(conditioning_embedding_out_channels)-1) (normally 8) times the latent size.
 
@@ -106,10 +144,20 @@ class ControlNetModel(nn.Module):
         layout = Layout.from_config(config)
         check_sample_size(sample, layout)
         condition = ControlNetConditioningEmbedding(
-            layout.channels[0], tuple(config["conditioning_embedding_out_channels"]), self.dtype,
-            name="controlnet_cond_embedding")(jnp.transpose(controlnet_cond, (0, 2, 3, 1)).astype(self.dtype))
-        x, _, skips = encoder_forward(self, layout, jnp.transpose(sample, (0, 2, 3, 1)).astype(self.dtype),
-                                      timesteps, encoder_hidden_states.astype(self.dtype), not train, condition)
+            layout.channels[0],
+            tuple(config["conditioning_embedding_out_channels"]),
+            self.dtype,
+            name="controlnet_cond_embedding",
+        )(jnp.transpose(controlnet_cond, (0, 2, 3, 1)).astype(self.dtype))
+        x, _, skips = encoder_forward(
+            self,
+            layout,
+            jnp.transpose(sample, (0, 2, 3, 1)).astype(self.dtype),
+            timesteps,
+            encoder_hidden_states.astype(self.dtype),
+            not train,
+            condition,
+        )
 
         def zero_conv(h: jax.Array, name: str) -> jax.Array:
             return conv(h.shape[-1], 1, padding=0, dtype=self.dtype, kernel_init=zeros, name=name)(h)

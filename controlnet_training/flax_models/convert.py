@@ -26,12 +26,28 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 # Module names whose children are numbered (`down_blocks_0` <-> `down_blocks.0`); others keep `_N` (`linear_1`).
-LIST_MODULES = frozenset({
-    "down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks", "downsamplers", "upsamplers",
-    "controlnet_down_blocks", "blocks", "layers", "to_out", "net",
-})
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin",
-                "pytorch_model.bin")
+LIST_MODULES = frozenset(
+    {
+        "down_blocks",
+        "up_blocks",
+        "resnets",
+        "attentions",
+        "transformer_blocks",
+        "downsamplers",
+        "upsamplers",
+        "controlnet_down_blocks",
+        "blocks",
+        "layers",
+        "to_out",
+        "net",
+    }
+)
+WEIGHT_FILES = (
+    "diffusion_pytorch_model.safetensors",
+    "model.safetensors",
+    "diffusion_pytorch_model.bin",
+    "pytorch_model.bin",
+)
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
@@ -57,8 +73,10 @@ def load_pytorch_weights(folder: str | os.PathLike) -> dict[str, np.ndarray]:
         try:
             import torch
         except ImportError:
-            raise ImportError(f"{path}: reading .bin weights needs torch, which is not installed; convert the "
-                              "folder to safetensors (save_pretrained(..., safe_serialization=True))") from None
+            raise ImportError(
+                f"{path}: reading .bin weights needs torch, which is not installed; convert the "
+                "folder to safetensors (save_pretrained(..., safe_serialization=True))"
+            ) from None
         loaded = torch.load(path, map_location="cpu", weights_only=True)
         state = {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in loaded.items()}
     return {k: v.astype(np.float32) if v.dtype.name in ("float16", "bfloat16") else v for k, v in state.items()}
@@ -126,8 +144,10 @@ def flax_to_pytorch(params: Mapping) -> dict[str, np.ndarray]:
     state = {}
     for path, value in flatten_dict(params).items():
         *parent, leaf = path
-        names = [f"{m[1]}.{m[2]}" if (m := re.fullmatch(r"(\w+)_(\d+)", name)) and m[1] in LIST_MODULES else name
-                 for name in parent]
+        names = [
+            f"{m[1]}.{m[2]}" if (m := re.fullmatch(r"(\w+)_(\d+)", name)) and m[1] in LIST_MODULES else name
+            for name in parent
+        ]
         array = np.asarray(value)
         if leaf == "kernel":
             array = array.transpose(3, 2, 0, 1) if array.ndim == 4 else array.T
@@ -164,8 +184,9 @@ def save_diffusers_model(folder: str | os.PathLike, params: Mapping, config: dic
     return folder
 
 
-def load_model(module_cls: type, folder: str | os.PathLike, dtype: Any = jnp.float32, ignore: Iterable[str] = (),
-               **fields: Any) -> tuple[Any, dict]:
+def load_model(
+    module_cls: type, folder: str | os.PathLike, dtype: Any = jnp.float32, ignore: Iterable[str] = (), **fields: Any
+) -> tuple[Any, dict]:
     """Build `module_cls(config=<folder>/config.json, dtype=dtype, **fields)` and its params from the folder's
     PyTorch weights. Params are fp32 whatever `dtype` (the compute dtype) is."""
     module = module_cls(config=load_config(folder), dtype=dtype, **fields)

@@ -13,11 +13,25 @@ import jax.numpy as jnp
 Dtype = Any
 
 
-def conv(features: int, kernel: int = 3, stride: int = 1, padding: int = 1, dtype: Dtype = jnp.float32,
-         name: str | None = None, **kwargs: Any) -> nn.Conv:
+def conv(
+    features: int,
+    kernel: int = 3,
+    stride: int = 1,
+    padding: int = 1,
+    dtype: Dtype = jnp.float32,
+    name: str | None = None,
+    **kwargs: Any,
+) -> nn.Conv:
     """A PyTorch-style Conv2d (symmetric integer padding) on NHWC input."""
-    return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((padding, padding),) * 2, dtype=dtype,
-                   name=name, **kwargs)
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        (stride, stride),
+        padding=((padding, padding),) * 2,
+        dtype=dtype,
+        name=name,
+        **kwargs,
+    )
 
 
 def group_norm(groups: int, eps: float, dtype: Dtype, name: str) -> nn.GroupNorm:
@@ -77,8 +91,9 @@ class Upsample2D(nn.Module):
         return conv(self.out_channels, dtype=self.dtype, name="conv")(x)
 
 
-def get_timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0,
-                           max_period: float = 10000) -> jax.Array:
+def get_timestep_embedding(
+    timesteps: jax.Array, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0, max_period: float = 10000
+) -> jax.Array:
     """Sinusoidal embedding (B,) -> (B, dim) in fp32, operation for operation like diffusers'."""
     half = dim // 2
     exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
@@ -195,7 +210,8 @@ class Transformer2DModel(nn.Module):
         h = project(inner, "proj_in")(group_norm(self.groups, 1e-6, self.dtype, "norm")(x))
         h = h.reshape(batch, height * width, inner)
         for i in range(self.depth):
-            h = BasicTransformerBlock(self.heads, self.head_dim, self.upcast, self.dtype,
-                                      name=f"transformer_blocks_{i}")(h, context)
+            h = BasicTransformerBlock(
+                self.heads, self.head_dim, self.upcast, self.dtype, name=f"transformer_blocks_{i}"
+            )(h, context)
         h = project(channels, "proj_out")(h.reshape(batch, height, width, inner))
         return h + x

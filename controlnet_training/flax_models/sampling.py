@@ -44,8 +44,9 @@ def ddim_prev_timesteps(timesteps: np.ndarray, num_train_timesteps: int) -> np.n
     return timesteps - num_train_timesteps // len(timesteps)
 
 
-def ddim_step(schedule: NoiseSchedule, model_output: jax.Array, t: jax.Array, t_prev: jax.Array,
-              sample: jax.Array) -> jax.Array:
+def ddim_step(
+    schedule: NoiseSchedule, model_output: jax.Array, t: jax.Array, t_prev: jax.Array, sample: jax.Array
+) -> jax.Array:
     """One deterministic DDIM step (eta 0) from x_t to x_{t_prev}; t_prev < 0 uses schedule.final_alpha_cumprod."""
     alpha = schedule.alphas_cumprod[t]
     alpha_prev = jnp.where(t_prev >= 0, schedule.alphas_cumprod[jnp.maximum(t_prev, 0)], schedule.final_alpha_cumprod)
@@ -80,30 +81,60 @@ class _Static:
 
 
 @functools.partial(jax.jit, static_argnames=("unet", "controlnet", "vae"))
-def _sample(unet, controlnet, vae, unet_params, controlnet_params, vae_params, schedule, timesteps, prev_timesteps,
-            latents, embeds, control, guidance_scale, conditioning_scale):
+def _sample(
+    unet,
+    controlnet,
+    vae,
+    unet_params,
+    controlnet_params,
+    vae_params,
+    schedule,
+    timesteps,
+    prev_timesteps,
+    latents,
+    embeds,
+    control,
+    guidance_scale,
+    conditioning_scale,
+):
     def step(i, latents):
         latents_in = jnp.concatenate([latents, latents])
         t = jnp.full((latents_in.shape[0],), timesteps[i])
-        down, mid = controlnet.module.apply(controlnet_params, latents_in, t, embeds, control,
-                                            conditioning_scale=conditioning_scale)
-        noise_pred = unet.module.apply(unet_params, latents_in, t, embeds, down_block_additional_residuals=down,
-                                       mid_block_additional_residual=mid)
+        down, mid = controlnet.module.apply(
+            controlnet_params, latents_in, t, embeds, control, conditioning_scale=conditioning_scale
+        )
+        noise_pred = unet.module.apply(
+            unet_params, latents_in, t, embeds, down_block_additional_residuals=down, mid_block_additional_residual=mid
+        )
         uncond, text = jnp.split(noise_pred, 2)
         return ddim_step(schedule, guide(uncond, text, guidance_scale), timesteps[i], prev_timesteps[i], latents)
 
     latents = jax.lax.fori_loop(0, timesteps.shape[0], step, latents)
-    images = vae.module.apply(vae_params, latents / vae.module.config.get("scaling_factor", 0.18215),
-                              method=type(vae.module).decode)
+    images = vae.module.apply(
+        vae_params, latents / vae.module.config.get("scaling_factor", 0.18215), method=type(vae.module).decode
+    )
     return jnp.clip(images / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
 
 
-def sample_controlnet(unet: UNet2DConditionModel, unet_params: dict, controlnet: ControlNetModel,
-                      controlnet_params: dict, vae: AutoencoderKL, vae_params: dict, prompt_embeds: jax.Array,
-                      negative_embeds: jax.Array, control: jax.Array, rng: jax.Array, num_steps: int = 20,
-                      guidance_scale: float = 7.5, latent_shape: tuple[int, ...] | None = None, *,
-                      scheduler_config: dict, conditioning_scale: float = 1.0,
-                      latents: jax.Array | None = None) -> jax.Array:
+def sample_controlnet(
+    unet: UNet2DConditionModel,
+    unet_params: dict,
+    controlnet: ControlNetModel,
+    controlnet_params: dict,
+    vae: AutoencoderKL,
+    vae_params: dict,
+    prompt_embeds: jax.Array,
+    negative_embeds: jax.Array,
+    control: jax.Array,
+    rng: jax.Array,
+    num_steps: int = 20,
+    guidance_scale: float = 7.5,
+    latent_shape: tuple[int, ...] | None = None,
+    *,
+    scheduler_config: dict,
+    conditioning_scale: float = 1.0,
+    latents: jax.Array | None = None,
+) -> jax.Array:
     """Sample images with DDIM (eta 0) and classifier-free guidance (always on: the unconditional and text halves run
     as one batch of 2B, as in diffusers' StableDiffusionControlNetPipeline).
 
@@ -118,11 +149,27 @@ def sample_controlnet(unet: UNet2DConditionModel, unet_params: dict, controlnet:
     if latents is None:
         if latent_shape is None:
             scale = 2 ** (len(vae.config["block_out_channels"]) - 1)
-            latent_shape = (control.shape[0], unet.config.get("in_channels", 4), control.shape[2] // scale,
-                            control.shape[3] // scale)
+            latent_shape = (
+                control.shape[0],
+                unet.config.get("in_channels", 4),
+                control.shape[2] // scale,
+                control.shape[3] // scale,
+            )
         latents = jax.random.normal(rng, latent_shape, jnp.float32)  # DDIM's init_noise_sigma is 1
     embeds = jnp.concatenate([negative_embeds, prompt_embeds])
-    return _sample(_Static(unet), _Static(controlnet), _Static(vae), unet_params, controlnet_params, vae_params,
-                   schedule, jnp.asarray(timesteps), jnp.asarray(prev_timesteps), jnp.asarray(latents, jnp.float32),
-                   embeds,
-                   jnp.concatenate([control, control]), jnp.float32(guidance_scale), jnp.float32(conditioning_scale))
+    return _sample(
+        _Static(unet),
+        _Static(controlnet),
+        _Static(vae),
+        unet_params,
+        controlnet_params,
+        vae_params,
+        schedule,
+        jnp.asarray(timesteps),
+        jnp.asarray(prev_timesteps),
+        jnp.asarray(latents, jnp.float32),
+        embeds,
+        jnp.concatenate([control, control]),
+        jnp.float32(guidance_scale),
+        jnp.float32(conditioning_scale),
+    )

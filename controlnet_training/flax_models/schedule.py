@@ -27,6 +27,7 @@ def _betas(config: dict) -> np.ndarray:
     elif schedule == "scaled_linear":
         betas = np.linspace(start**0.5, end**0.5, n, dtype=np.float32) ** 2
     elif schedule == "squaredcos_cap_v2":
+
         def alpha_bar(t: float) -> float:
             return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
@@ -68,11 +69,14 @@ class NoiseSchedule:
         """From a diffusers scheduler_config.json dict (missing keys take diffusers' defaults)."""
         alphas_cumprod = np.cumprod(1 - _betas(scheduler_config), dtype=np.float32)
         final = 1.0 if scheduler_config.get("set_alpha_to_one", True) else alphas_cumprod[0]
-        return cls(alphas_cumprod=jnp.asarray(alphas_cumprod), final_alpha_cumprod=jnp.asarray(final, jnp.float32),
-                   num_train_timesteps=len(alphas_cumprod),
-                   prediction_type=scheduler_config.get("prediction_type", "epsilon"),
-                   clip_sample=bool(scheduler_config.get("clip_sample", True)),
-                   clip_sample_range=float(scheduler_config.get("clip_sample_range", 1.0)))
+        return cls(
+            alphas_cumprod=jnp.asarray(alphas_cumprod),
+            final_alpha_cumprod=jnp.asarray(final, jnp.float32),
+            num_train_timesteps=len(alphas_cumprod),
+            prediction_type=scheduler_config.get("prediction_type", "epsilon"),
+            clip_sample=bool(scheduler_config.get("clip_sample", True)),
+            clip_sample_range=float(scheduler_config.get("clip_sample_range", 1.0)),
+        )
 
 
 def _per_sample(values: jax.Array, like: jax.Array) -> jax.Array:

@@ -44,8 +44,17 @@ class MidBlock(nn.Module):
         x = ResnetBlock2D(**resnet, name="resnets_0")(x)
         if self.add_attention:
             # upcast: diffusers computes the VAE attention softmax in fp32 (upcast_softmax=True)
-            x = Attention(heads=1, head_dim=self.channels, use_bias=True, upcast=True, norm_groups=self.groups,
-                          norm_eps=EPS, residual=True, dtype=self.dtype, name="attentions_0")(x)
+            x = Attention(
+                heads=1,
+                head_dim=self.channels,
+                use_bias=True,
+                upcast=True,
+                norm_groups=self.groups,
+                norm_eps=EPS,
+                residual=True,
+                dtype=self.dtype,
+                name="attentions_0",
+            )(x)
         return ResnetBlock2D(**resnet, name="resnets_1")(x)
 
 
@@ -59,8 +68,9 @@ class DownEncoderBlock2D(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for j in range(self.num_layers):
-            x = ResnetBlock2D(self.channels, self.groups, EPS, use_time_emb=False, dtype=self.dtype,
-                              name=f"resnets_{j}")(x)
+            x = ResnetBlock2D(
+                self.channels, self.groups, EPS, use_time_emb=False, dtype=self.dtype, name=f"resnets_{j}"
+            )(x)
         if self.add_downsample:
             x = Downsample2D(self.channels, asymmetric_padding=True, dtype=self.dtype, name="downsamplers_0")(x)
         return x
@@ -76,8 +86,9 @@ class UpDecoderBlock2D(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for j in range(self.num_layers):
-            x = ResnetBlock2D(self.channels, self.groups, EPS, use_time_emb=False, dtype=self.dtype,
-                              name=f"resnets_{j}")(x)
+            x = ResnetBlock2D(
+                self.channels, self.groups, EPS, use_time_emb=False, dtype=self.dtype, name=f"resnets_{j}"
+            )(x)
         if self.add_upsample:
             x = Upsample2D(self.channels, dtype=self.dtype, name="upsamplers_0")(x)
         return x
@@ -92,10 +103,17 @@ class Encoder(nn.Module):
         channels, groups = self.config.get("block_out_channels", (64,)), self.config.get("norm_num_groups", 32)
         x = conv(channels[0], dtype=self.dtype, name="conv_in")(x)
         for i, out in enumerate(channels):
-            x = DownEncoderBlock2D(out, self.config.get("layers_per_block", 1), groups, i < len(channels) - 1,
-                                   self.dtype, name=f"down_blocks_{i}")(x)
-        x = MidBlock(channels[-1], groups, self.config.get("mid_block_add_attention", True), self.dtype,
-                     name="mid_block")(x)
+            x = DownEncoderBlock2D(
+                out,
+                self.config.get("layers_per_block", 1),
+                groups,
+                i < len(channels) - 1,
+                self.dtype,
+                name=f"down_blocks_{i}",
+            )(x)
+        x = MidBlock(
+            channels[-1], groups, self.config.get("mid_block_add_attention", True), self.dtype, name="mid_block"
+        )(x)
         x = nn.silu(group_norm(groups, EPS, self.dtype, "conv_norm_out")(x))
         return conv(2 * self.config.get("latent_channels", 4), dtype=self.dtype, name="conv_out")(x)
 
@@ -108,11 +126,18 @@ class Decoder(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         channels, groups = self.config.get("block_out_channels", (64,)), self.config.get("norm_num_groups", 32)
         x = conv(channels[-1], dtype=self.dtype, name="conv_in")(x)
-        x = MidBlock(channels[-1], groups, self.config.get("mid_block_add_attention", True), self.dtype,
-                     name="mid_block")(x)
+        x = MidBlock(
+            channels[-1], groups, self.config.get("mid_block_add_attention", True), self.dtype, name="mid_block"
+        )(x)
         for i, out in enumerate(reversed(channels)):
-            x = UpDecoderBlock2D(out, self.config.get("layers_per_block", 1) + 1, groups, i < len(channels) - 1,
-                                 self.dtype, name=f"up_blocks_{i}")(x)
+            x = UpDecoderBlock2D(
+                out,
+                self.config.get("layers_per_block", 1) + 1,
+                groups,
+                i < len(channels) - 1,
+                self.dtype,
+                name=f"up_blocks_{i}",
+            )(x)
         x = nn.silu(group_norm(groups, EPS, self.dtype, "conv_norm_out")(x))
         return conv(self.config.get("out_channels", 3), dtype=self.dtype, name="conv_out")(x)
 
@@ -139,10 +164,12 @@ class AutoencoderKL(nn.Module):
         self.encoder = Encoder(self.config, self.dtype)
         self.decoder = Decoder(self.config, self.dtype)
         latent = self.config.get("latent_channels", 4)
-        self.quant_conv = conv(2 * latent, 1, padding=0, dtype=self.dtype) if self.config.get(
-            "use_quant_conv", True) else None
-        self.post_quant_conv = conv(latent, 1, padding=0, dtype=self.dtype) if self.config.get(
-            "use_post_quant_conv", True) else None
+        self.quant_conv = (
+            conv(2 * latent, 1, padding=0, dtype=self.dtype) if self.config.get("use_quant_conv", True) else None
+        )
+        self.post_quant_conv = (
+            conv(latent, 1, padding=0, dtype=self.dtype) if self.config.get("use_post_quant_conv", True) else None
+        )
 
     def init_inputs(self) -> tuple[jax.ShapeDtypeStruct]:
         """Arguments for `init` (convert.load_model builds the parameter template from them)."""

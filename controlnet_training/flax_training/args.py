@@ -21,34 +21,51 @@ from ..arguments import parse_args as parse_checked  # the shared parse-then-che
 from ..data import is_saved_to_disk
 
 # Shared flags that only make sense with PyTorch/accelerate (or need the PyTorch control signal).
-PYTORCH_ONLY = ("variant", "use_8bit_adam", "allow_tf32", "enable_xformers_memory_efficient_attention",
-                "set_grads_to_none", "validation_split", "torch_compile", "channels_last")
+PYTORCH_ONLY = (
+    "variant",
+    "use_8bit_adam",
+    "allow_tf32",
+    "enable_xformers_memory_efficient_attention",
+    "set_grads_to_none",
+    "validation_split",
+    "torch_compile",
+    "channels_last",
+)
 TRACKERS = ("tensorboard", "wandb", "all", "none")
 
 # The reference Flax script's defaults where they differ from the PyTorch scripts'; see the README for report_to.
-FLAX_DEFAULTS = dict(output_dir="runs/{timestamp}", logging_steps=100, train_batch_size=1, num_train_epochs=100,
-                     checkpointing_steps=5000, learning_rate=1e-4, mixed_precision="no",
-                     tracker_project_name="train_controlnet_flax", num_validation_images=None, seed=None)
+FLAX_DEFAULTS = dict(
+    output_dir="runs/{timestamp}",
+    logging_steps=100,
+    train_batch_size=1,
+    num_train_epochs=100,
+    checkpointing_steps=5000,
+    learning_rate=1e-4,
+    mixed_precision="no",
+    tracker_project_name="train_controlnet_flax",
+    num_validation_images=None,
+    seed=None,
+)
 
 HELP = {
     "seed": "Seed of the JAX PRNG: ControlNet initialisation, data order, caption dropout, VAE posterior sample, "
-            "noise and timesteps, validation latents. Default 0; a resumed run uses its checkpoint's seed.",
+    "noise and timesteps, validation latents. Default 0; a resumed run uses its checkpoint's seed.",
     "train_batch_size": "Batch size per device (the global batch is this × all devices × accumulation).",
     "mixed_precision": "bf16: every model computes in bfloat16, the ControlNet's master weights and the optimizer "
-                       "stay float32. fp16: the frozen models compute in float16, the ControlNet in float32 "
-                       "(no loss scaling in JAX). no: float32.",
+    "stay float32. fp16: the frozen models compute in float16, the ControlNet in float32 "
+    "(no loss scaling in JAX). no: float32.",
     "gradient_checkpointing": "Rematerialise (jax.checkpoint) the ControlNet's and the UNet's blocks in the backward "
-                              "pass: less memory, about a third more compute.",
+    "pass: less memory, about a third more compute.",
     "report_to": "tensorboard (default), wandb, all (both) or none.",
     "num_validation_images": "Images per validation pair (default: one per device, as the reference).",
     "scale_lr": "Multiply the learning rate by the global batch (batch × devices × accumulation).",
     "output_dir": "Output folder; {timestamp} is replaced by the local time (YYYYmmdd_HHMMSS).",
     "cache_encodings": "Encode every training image (VAE posterior) and caption once, before training, into an "
-                       "on-disk cache reused across runs (built by all hosts together); the text encoder and the VAE "
-                       "encoder then leave the devices. auto: when the run reads every row at least once and the "
-                       "dataset is not streamed.",
+    "on-disk cache reused across runs (built by all hosts together); the text encoder and the VAE "
+    "encoder then leave the devices. auto: when the run reads every row at least once and the "
+    "dataset is not streamed.",
     "dataloader_num_workers": "Worker processes that decode images (map-style datasets; a stream is decoded in "
-                              "the main process).",
+    "the main process).",
 }
 
 
@@ -66,33 +83,56 @@ def remove_flags(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> Non
 def build_parser(description: str) -> Parser:
     parser = Parser(description=description)
     models = add_model_args(parser)
-    models.add_argument("--from_pt", action="store_true",
-                        help="Accepted for compatibility: models are always read from diffusers PyTorch folders.")
-    models.add_argument("--controlnet_revision", type=str, default=None,
-                        help="Hub revision of --controlnet_model_name_or_path.")
-    models.add_argument("--controlnet_from_pt", action="store_true",
-                        help="Accepted for compatibility: the ControlNet is always read from PyTorch weights.")
+    models.add_argument(
+        "--from_pt",
+        action="store_true",
+        help="Accepted for compatibility: models are always read from diffusers PyTorch folders.",
+    )
+    models.add_argument(
+        "--controlnet_revision", type=str, default=None, help="Hub revision of --controlnet_model_name_or_path."
+    )
+    models.add_argument(
+        "--controlnet_from_pt",
+        action="store_true",
+        help="Accepted for compatibility: the ControlNet is always read from PyTorch weights.",
+    )
     data = add_data_args(parser)
-    data.add_argument("--streaming", action="store_true",
-                      help="Stream the dataset instead of downloading it (needs --max_train_samples: rows per epoch).")
-    data.add_argument("--load_from_disk", action="store_true",
-                      help="--train_data_dir is a folder written by save_to_disk (also detected automatically).")
+    data.add_argument(
+        "--streaming",
+        action="store_true",
+        help="Stream the dataset instead of downloading it (needs --max_train_samples: rows per epoch).",
+    )
+    data.add_argument(
+        "--load_from_disk",
+        action="store_true",
+        help="--train_data_dir is a folder written by save_to_disk (also detected automatically).",
+    )
     add_training_args(parser)
     add_checkpoint_args(parser)
     add_validation_args(parser)
     logging = add_logging_args(parser)
     logging.add_argument("--wandb_entity", type=str, default=None, help="wandb entity (team).")
-    logging.add_argument("--profile_steps", type=int, default=0,
-                         help="Trace N training steps with the JAX profiler (after the first, compiling step) into "
-                              "output_dir, for TensorBoard's profile plugin.")
+    logging.add_argument(
+        "--profile_steps",
+        type=int,
+        default=0,
+        help="Trace N training steps with the JAX profiler (after the first, compiling step) into "
+        "output_dir, for TensorBoard's profile plugin.",
+    )
     logging.add_argument("--profile_validation", action="store_true", help="Trace the final validation as well.")
-    logging.add_argument("--profile_memory", action="store_true",
-                         help="Write device memory profiles (pprof) before and after training into output_dir.")
+    logging.add_argument(
+        "--profile_memory",
+        action="store_true",
+        help="Write device memory profiles (pprof) before and after training into output_dir.",
+    )
     logging.add_argument("--ccache", type=str, default=None, help="Unused; accepted for compatibility.")
     logging.add_argument("--local_rank", type=int, default=-1, help="Unused; accepted for compatibility.")
-    logging.add_argument("--multi_host", action="store_true",
-                         help="Several hosts (a TPU pod slice, a GPU cluster): call jax.distributed.initialize(). "
-                              "Implied when JAX_COORDINATOR_ADDRESS is set.")
+    logging.add_argument(
+        "--multi_host",
+        action="store_true",
+        help="Several hosts (a TPU pod slice, a GPU cluster): call jax.distributed.initialize(). "
+        "Implied when JAX_COORDINATOR_ADDRESS is set.",
+    )
     remove_flags(parser, PYTORCH_ONLY)
     parser.set_defaults(**FLAX_DEFAULTS)
     for action in parser._actions:
@@ -110,8 +150,10 @@ def check_flax_args(args: argparse.Namespace) -> None:
         if args.train_data_dir is None:
             raise InputError("--load_from_disk needs --train_data_dir (a folder written by save_to_disk)")
         if Path(args.train_data_dir).is_dir() and not is_saved_to_disk(args.train_data_dir):
-            raise InputError(f"--load_from_disk: {args.train_data_dir} is not a save_to_disk folder "
-                             f"(no dataset_dict.json or state.json)")
+            raise InputError(
+                f"--load_from_disk: {args.train_data_dir} is not a save_to_disk folder "
+                f"(no dataset_dict.json or state.json)"
+            )
     if args.streaming and args.cache_encodings == "always":
         raise InputError("--cache_encodings always cannot cache a stream (--streaming): use auto or never")
     if args.report_to not in TRACKERS:

@@ -38,8 +38,9 @@ def _checkpointer():
     return ocp.StandardCheckpointer()
 
 
-def save(output_dir: str | Path, state: TrainState, info: dict, export: Callable[[Path], None], limit: int | None
-         ) -> Path:
+def save(
+    output_dir: str | Path, state: TrainState, info: dict, export: Callable[[Path], None], limit: int | None
+) -> Path:
     """Write checkpoint-<info['global_step']>; `export(folder)` writes the diffusers-layout ControlNet (process 0)."""
     is_main = jax.process_index() == 0
     if is_main:
@@ -64,8 +65,16 @@ def save(output_dir: str | Path, state: TrainState, info: dict, export: Callable
     # A first checkpoint holds about 4× the ControlNet's weights (params and AdamW's two moments, and the export):
     # the space asked for if the disk fills up before any checkpoint exists to measure.
     weight_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state.params))
-    path = save_checkpoint(output_dir, info["global_step"], write, info, is_main_process=is_main,
-                           barrier=lambda: barrier("checkpoint"), limit=limit, expected_bytes=4 * weight_bytes)
+    path = save_checkpoint(
+        output_dir,
+        info["global_step"],
+        write,
+        info,
+        is_main_process=is_main,
+        barrier=lambda: barrier("checkpoint"),
+        limit=limit,
+        expected_bytes=4 * weight_bytes,
+    )
     logger.info("saved state to %s", path)
     return path
 

@@ -21,8 +21,15 @@ from ..data import ControlNetDataset, EpochSampler
 
 logger = logging.getLogger("controlnet_training")
 
-FIELDS = ("pixel_values", "conditioning_pixel_values", "input_ids", "index",
-          "latent_mean", "latent_std", "prompt_embeds")  # the last three: cached encodings
+FIELDS = (
+    "pixel_values",
+    "conditioning_pixel_values",
+    "input_ids",
+    "index",
+    "latent_mean",
+    "latent_std",
+    "prompt_embeds",
+)  # the last three: cached encodings
 
 
 @dataclass(frozen=True)
@@ -52,8 +59,11 @@ def steps_per_epoch(rows: int, layout: BatchLayout) -> int:
 def _shaped(batch: dict, layout: BatchLayout) -> dict[str, np.ndarray]:
     """A collated batch of this host's rows as (accumulation, local, ...) arrays."""
     batch = {**batch, "index": np.asarray(batch["index"], np.int32)}
-    return {key: np.asarray(batch[key]).reshape(layout.accumulation, layout.local, *np.shape(batch[key])[1:])
-            for key in FIELDS if key in batch}
+    return {
+        key: np.asarray(batch[key]).reshape(layout.accumulation, layout.local, *np.shape(batch[key])[1:])
+        for key in FIELDS
+        if key in batch
+    }
 
 
 class MapBatches:
@@ -63,8 +73,9 @@ class MapBatches:
     the whole run, so workers start once.
     """
 
-    def __init__(self, dataset: ControlNetDataset, layout: BatchLayout, collate: Callable, seed: int,
-                 num_workers: int = 0):
+    def __init__(
+        self, dataset: ControlNetDataset, layout: BatchLayout, collate: Callable, seed: int, num_workers: int = 0
+    ):
         self.dataset, self.layout, self.collate, self.num_workers = dataset, layout, collate, num_workers
         self.sampler = EpochSampler(len(dataset), seed)
         self.steps_per_epoch = steps_per_epoch(len(dataset), layout)
@@ -87,8 +98,13 @@ class MapBatches:
             return
         from torch.utils.data import DataLoader
 
-        loader = DataLoader(self.dataset, batch_sampler=keys, collate_fn=self.collate, num_workers=self.num_workers,
-                            multiprocessing_context="spawn")
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=keys,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            multiprocessing_context="spawn",
+        )
         for batch in loader:
             yield _shaped(batch, self.layout)
 
@@ -98,8 +114,14 @@ class StreamBatches:
     to --max_train_samples rows); a row's index is its position in the pass. Every host reads the stream, and
     decodes only its own rows; resuming skips the rows of the steps already done without decoding them."""
 
-    def __init__(self, stream, make_row: Callable[[dict, int, int], dict], layout: BatchLayout,
-                 collate: Callable, rows_per_epoch: int):
+    def __init__(
+        self,
+        stream,
+        make_row: Callable[[dict, int, int], dict],
+        layout: BatchLayout,
+        collate: Callable,
+        rows_per_epoch: int,
+    ):
         self.stream, self.make_row, self.layout, self.collate = stream, make_row, layout, collate
         self.rows_per_epoch = rows_per_epoch
         self.steps_per_epoch = steps_per_epoch(rows_per_epoch, layout)
@@ -126,12 +148,17 @@ class StreamBatches:
                 if position + 1 >= end:
                     break
             else:
-                raise RuntimeError(f"the stream ended after {position + 1} rows in epoch {epoch}, fewer than "
-                                   f"--max_train_samples {self.rows_per_epoch}: lower --max_train_samples")
+                raise RuntimeError(
+                    f"the stream ended after {position + 1} rows in epoch {epoch}, fewer than "
+                    f"--max_train_samples {self.rows_per_epoch}: lower --max_train_samples"
+                )
 
 
-def to_global(host_batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding, micro: int
-              ) -> dict[str, jax.Array]:
+def to_global(
+    host_batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding, micro: int
+) -> dict[str, jax.Array]:
     """One global array per field, (accumulation, micro, ...), from every host's (accumulation, local, ...) part."""
-    return {key: jax.make_array_from_process_local_data(sharding, value, (value.shape[0], micro, *value.shape[2:]))
-            for key, value in host_batch.items()}
+    return {
+        key: jax.make_array_from_process_local_data(sharding, value, (value.shape[0], micro, *value.shape[2:]))
+        for key, value in host_batch.items()
+    }

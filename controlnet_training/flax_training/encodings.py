@@ -92,10 +92,13 @@ def build_caches(session, encoders: HostEncoders, folders: dict[str, Path]) -> E
     """The VAE posterior of every training row and the embedding of every caption variant and of "", built (split
     across hosts) or reused. `folders`: the model folders of "vae" and "text_encoder"."""
     args, models = session.args, encoders.models
-    latents = latent_cache(session, PairedTransform(args.resolution), flax_identity(models.vae, folders["vae"]),
-                           encoders.posterior)
-    identity = {"encoder": flax_identity(models.text_encoder, folders["text_encoder"]),
-                "tokenizer": tokenizer_identity(encoders.tokenizer)}
+    latents = latent_cache(
+        session, PairedTransform(args.resolution), flax_identity(models.vae, folders["vae"]), encoders.posterior
+    )
+    identity = {
+        "encoder": flax_identity(models.text_encoder, folders["text_encoder"]),
+        "tokenizer": tokenizer_identity(encoders.tokenizer),
+    }
     texts = caption_cache(session, identity, lambda captions: {"prompt_embeds": encoders.embed(captions)})
     return Encodings(latents, texts)
 
@@ -107,8 +110,9 @@ def training_frozen(frozen: dict, cached: bool, validating: bool) -> dict:
         return frozen
     kept = {"unet": frozen["unet"]}
     if validating:
-        kept["vae"] = {"params": {name: frozen["vae"]["params"][name] for name in DECODER
-                                  if name in frozen["vae"]["params"]}}
+        kept["vae"] = {
+            "params": {name: frozen["vae"]["params"][name] for name in DECODER if name in frozen["vae"]["params"]}
+        }
     return kept
 
 

@@ -42,28 +42,39 @@ class Trainer:
 
     def __post_init__(self):
         if self.nonfinite is None:
-            self.nonfinite = NonFiniteGuard(self.args.max_consecutive_nonfinite_steps, self.args.output_dir,
-                                            "the update was skipped (weights and optimizer state as they were)")
+            self.nonfinite = NonFiniteGuard(
+                self.args.max_consecutive_nonfinite_steps,
+                self.args.output_dir,
+                "the update was skipped (weights and optimizer state as they were)",
+            )
 
     def log(self, pending: list[dict], global_step: int, progress: Progress) -> None:
         """The one host sync: mean loss and gradient norm since the last log (over its finite steps), the latest
         learning rate; the non-finite steps go to the guard."""
         values = to_host(pending)
         with stops_on_nonfinite(progress, self.trackers.close):  # every host reads the same replicated flags
-            self.nonfinite.record((global_step - len(values) + 1 + i, not bool(m["finite"]))
-                                  for i, m in enumerate(values))
+            self.nonfinite.record(
+                (global_step - len(values) + 1 + i, not bool(m["finite"])) for i, m in enumerate(values)
+            )
         good = [m for m in values if m["finite"]] or values
-        metrics = {"loss": float(np.mean([m["loss"] for m in good])),
-                   "grad_norm": float(np.mean([m["grad_norm"] for m in good])),
-                   "lr": float(values[-1]["lr"])}
+        metrics = {
+            "loss": float(np.mean([m["loss"] for m in good])),
+            "grad_norm": float(np.mean([m["grad_norm"] for m in good])),
+            "lr": float(values[-1]["lr"]),
+        }
         metrics["samples_per_second"] = progress.log(**metrics)
         self.trackers.log({**metrics, "epoch": global_step / self.plan.updates_per_epoch}, global_step)
 
     def train(self, state: TrainState, global_step: int) -> tuple[TrainState, int]:
         args, plan = self.args, self.plan
         in_flight: collections.deque = collections.deque()
-        progress = Progress(plan.max_train_steps, global_step, self.layout.global_batch, jax.process_index() == 0,
-                            sync=lambda: jax.block_until_ready(list(in_flight)))
+        progress = Progress(
+            plan.max_train_steps,
+            global_step,
+            self.layout.global_batch,
+            jax.process_index() == 0,
+            sync=lambda: jax.block_until_ready(list(in_flight)),
+        )
         pending: list[dict] = []
         tracing, steps_run = False, 0
         for host_batch in self.batches(global_step, plan.max_train_steps):
@@ -86,8 +97,10 @@ class Trainer:
                     jax.profiler.start_trace(args.output_dir)
                 else:
                     jax.profiler.stop_trace()
-                    progress.write(f"profile of {args.profile_steps} step(s) written under "
-                                   f"{Path(args.output_dir) / 'plugins' / 'profile'}")
+                    progress.write(
+                        f"profile of {args.profile_steps} step(s) written under "
+                        f"{Path(args.output_dir) / 'plugins' / 'profile'}"
+                    )
             if global_step % args.logging_steps == 0 or last:
                 self.log(pending, global_step, progress)
                 pending = []

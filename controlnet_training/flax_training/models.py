@@ -53,15 +53,20 @@ def check_configs(args) -> dict:
     config = json.loads((model_folder(base, "scheduler", revision) / "scheduler_config.json").read_text())
     prediction_type = config.get("prediction_type", "epsilon")
     if prediction_type not in PREDICTION_TYPES:
-        raise InputError(f"the noise scheduler's prediction_type '{prediction_type}' is not supported "
-                         f"({' or '.join(PREDICTION_TYPES)})")
+        raise InputError(
+            f"the noise scheduler's prediction_type '{prediction_type}' is not supported "
+            f"({' or '.join(PREDICTION_TYPES)})"
+        )
     unet_config = json.loads((model_folder(base, "unet", revision) / "config.json").read_text())
     vae_config = json.loads((model_folder(base, "vae", revision) / "config.json").read_text())
     factor = 2 ** (len(vae_config.get("block_out_channels", (64,))) - 1) * 2 ** (
-        len(unet_config.get("block_out_channels", (320, 640, 1280, 1280))) - 1)
+        len(unet_config.get("block_out_channels", (320, 640, 1280, 1280))) - 1
+    )
     if args.resolution % factor:
-        raise InputError(f"--resolution must be a multiple of {factor} for this model (the VAE and the UNet's down "
-                         f"blocks halve the image that many times), got {args.resolution}")
+        raise InputError(
+            f"--resolution must be a multiple of {factor} for this model (the VAE and the UNet's down "
+            f"blocks halve the image that many times), got {args.resolution}"
+        )
     return config
 
 
@@ -85,17 +90,23 @@ def load_models(args, scheduler_config: dict, seed: int, resuming: bool) -> Load
     base, revision = args.pretrained_model_name_or_path, args.revision
     text_encoder, text_params = load_text_encoder(model_folder(base, "text_encoder", revision), dtype)
     vae, vae_params = convert.load_model(AutoencoderKL, model_folder(base, "vae", revision), dtype)
-    unet, unet_params = convert.load_model(UNet2DConditionModel, model_folder(base, "unet", revision), dtype,
-                                           gradient_checkpointing=args.gradient_checkpointing)
+    unet, unet_params = convert.load_model(
+        UNet2DConditionModel,
+        model_folder(base, "unet", revision),
+        dtype,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
     if args.controlnet_model_name_or_path:
         folder = model_folder(args.controlnet_model_name_or_path, None, args.controlnet_revision)
-        controlnet, controlnet_params = convert.load_model(ControlNetModel, folder, controlnet_dtype,
-                                                           gradient_checkpointing=args.gradient_checkpointing)
+        controlnet, controlnet_params = convert.load_model(
+            ControlNetModel, folder, controlnet_dtype, gradient_checkpointing=args.gradient_checkpointing
+        )
         controlnet_config = convert.load_config(folder)
     else:
         controlnet_config = controlnet_config_from_unet(unet.config)
-        controlnet = ControlNetModel(config=controlnet_config, dtype=controlnet_dtype,
-                                     gradient_checkpointing=args.gradient_checkpointing)
+        controlnet = ControlNetModel(
+            config=controlnet_config, dtype=controlnet_dtype, gradient_checkpointing=args.gradient_checkpointing
+        )
         controlnet_params = None if resuming else controlnet_from_unet(controlnet, unet_params, seed)
     if resuming:
         controlnet_params = None  # the checkpoint holds them
@@ -104,8 +115,14 @@ def load_models(args, scheduler_config: dict, seed: int, resuming: bool) -> Load
     frozen = {"text_encoder": text_params, "vae": vae_params, "unet": unet_params}
     if dtype != jnp.float32:  # frozen weights are only read: keep them in the compute dtype (half the memory)
         frozen = jax.tree.map(lambda x: x.astype(dtype), frozen)
-    models = Models(text_encoder, vae, unet, controlnet, NoiseSchedule.from_config(scheduler_config),
-                    float(vae.config.get("scaling_factor", 0.18215)))
+    models = Models(
+        text_encoder,
+        vae,
+        unet,
+        controlnet,
+        NoiseSchedule.from_config(scheduler_config),
+        float(vae.config.get("scaling_factor", 0.18215)),
+    )
     return LoadedModels(models, frozen, controlnet_params, controlnet_config, unet.config, scheduler_config)
 
 
@@ -127,8 +144,12 @@ def controlnet_from_unet(controlnet: ControlNetModel, unet_params: dict, seed: i
 
     template = controlnet_shapes(controlnet)["params"]
     path_kernel_shapes = {name: conv["kernel"].shape for name, conv in template[EMBEDDING].items()}
-    params = {name: jax.tree_util.tree_map_with_path(conv_init, tree) if name == EMBEDDING
-              else jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), tree) for name, tree in template.items()}
+    params = {
+        name: jax.tree_util.tree_map_with_path(conv_init, tree)
+        if name == EMBEDDING
+        else jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), tree)
+        for name, tree in template.items()
+    }
     return controlnet_params_from_unet(unet_params, {"params": params})
 
 

@@ -33,8 +33,9 @@ def start_processes(multi_host: bool) -> None:
     if multi_host or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         kwargs = {}
         if os.environ.get("JAX_NUM_PROCESSES"):
-            kwargs = dict(num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                          process_id=int(os.environ["JAX_PROCESS_ID"]))
+            kwargs = dict(
+                num_processes=int(os.environ["JAX_NUM_PROCESSES"]), process_id=int(os.environ["JAX_PROCESS_ID"])
+            )
         jax.distributed.initialize(**kwargs)
 
 

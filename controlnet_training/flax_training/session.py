@@ -54,8 +54,10 @@ class Session:
         slice's VMs) each host builds the whole cache on its disk."""
         if all_hosts_see(cache_root(self.args)):
             return Workers(jax.process_index(), jax.process_count(), lambda: barrier("encodings cache"))
-        logger.info("the encodings cache folder %s is not shared between hosts: each host encodes every row",
-                    cache_root(self.args))
+        logger.info(
+            "the encodings cache folder %s is not shared between hosts: each host encodes every row",
+            cache_root(self.args),
+        )
         return Workers()
 
     @property
@@ -80,9 +82,11 @@ def start_session(args, prog: str) -> Session:
         rows = args.max_train_samples if args.streaming else len(preflight.dataset)
         steps = steps_per_epoch(rows, layout)
         if steps == 0:
-            raise InputError(f"{rows} training rows are fewer than one global batch of {layout.global_batch} "
-                             f"(--train_batch_size {args.train_batch_size} × {devices.count} devices × "
-                             f"--gradient_accumulation_steps {args.gradient_accumulation_steps})")
+            raise InputError(
+                f"{rows} training rows are fewer than one global batch of {layout.global_batch} "
+                f"(--train_batch_size {args.train_batch_size} × {devices.count} devices × "
+                f"--gradient_accumulation_steps {args.gradient_accumulation_steps})"
+            )
     except InputError as error:
         exit_on_input_error(prog, error)
     plan = plan_steps(steps * layout.accumulation, layout.accumulation, args.max_train_steps, args.num_train_epochs)
@@ -102,8 +106,14 @@ def make_batches(session: Session, tokenizer, encodings: Encodings | None) -> Ma
     """This host's rows of every global batch as numpy: tokenised, or with their cached encodings (the target
     image is then never read)."""
     args, preflight = session.args, session.preflight
-    rows = ControlNetDataset(preflight.dataset, preflight.columns, PairedTransform(args.resolution), preflight.seed,
-                             args.proportion_empty_prompts, with_target=encodings is None)
+    rows = ControlNetDataset(
+        preflight.dataset,
+        preflight.columns,
+        PairedTransform(args.resolution),
+        preflight.seed,
+        args.proportion_empty_prompts,
+        with_target=encodings is None,
+    )
     collate = Collator([tokenizer], as_torch=False) if encodings is None else CachedCollator(encodings)
     if args.streaming:
         return StreamBatches(preflight.dataset, rows.make_row, session.layout, collate, args.max_train_samples)
@@ -119,9 +129,12 @@ def initial_state(session: Session, loaded: LoadedModels, tx) -> tuple[TrainStat
     target = abstract_state(controlnet_shapes(loaded.models.controlnet), tx, replicated)
     state, info = checkpoints.restore(resume_from, target)
     if info.get("global_batch", session.layout.global_batch) != session.layout.global_batch:
-        logger.warning("the checkpoint was trained with a global batch of %d, this run uses %d: the data order "
-                       "after resuming differs from an uninterrupted run", info["global_batch"],
-                       session.layout.global_batch)
+        logger.warning(
+            "the checkpoint was trained with a global batch of %d, this run uses %d: the data order "
+            "after resuming differs from an uninterrupted run",
+            info["global_batch"],
+            session.layout.global_batch,
+        )
     return state, info["global_step"]
 
 
@@ -131,12 +144,21 @@ def checkpointer(session: Session, loaded: LoadedModels) -> Callable[[TrainState
 
     def checkpoint(state: TrainState, step: int) -> None:
         epoch, micro_batches_done = session.plan.position(step)
-        info = {"global_step": step, "seed": session.preflight.seed, "epoch": epoch,
-                "micro_batches_done": micro_batches_done, "global_batch": session.layout.global_batch,
-                "trainer": "flax"}
-        checkpoints.save(args.output_dir, state, info,
-                         lambda folder: export_controlnet(folder, state.params, loaded.controlnet_config),
-                         args.checkpoints_total_limit)
+        info = {
+            "global_step": step,
+            "seed": session.preflight.seed,
+            "epoch": epoch,
+            "micro_batches_done": micro_batches_done,
+            "global_batch": session.layout.global_batch,
+            "trainer": "flax",
+        }
+        checkpoints.save(
+            args.output_dir,
+            state,
+            info,
+            lambda folder: export_controlnet(folder, state.params, loaded.controlnet_config),
+            args.checkpoints_total_limit,
+        )
 
     return checkpoint
 
@@ -146,24 +168,34 @@ def log_summary(session: Session, global_step: int, encodings: Encodings | None)
         return
     args, layout, plan = session.args, session.layout, session.plan
     rows = f"{args.max_train_samples} per pass (streamed)" if args.streaming else len(session.preflight.dataset)
-    logger.info("***** Running training *****\n%s", run_summary([
-        ("examples", rows),
-        ("devices", f"{session.devices.count} ({jax.process_count()} process(es), {jax.devices()[0].platform})"),
-        ("batch per device", args.train_batch_size),
-        ("gradient accumulation", args.gradient_accumulation_steps),
-        ("global batch", layout.global_batch),
-        ("steps per epoch", plan.updates_per_epoch),
-        ("epochs", plan.num_epochs),
-        ("optimizer steps", plan.max_train_steps),
-        ("learning rate", f"{args.learning_rate:g} ({args.lr_scheduler}, warmup {args.lr_warmup_steps})"),
-        ("mixed precision", args.mixed_precision),
-        ("gradient checkpointing", args.gradient_checkpointing),
-        ("min-SNR gamma", args.snr_gamma),
-        ("cached encodings", encodings.latents.path.parent if encodings else "no (encoded at every step)"),
-        ("seed", session.preflight.seed),
-        ("resuming from", f"{session.preflight.resume_from} (step {global_step})"
-         if session.preflight.resume_from else "no"),
-    ]))
+    logger.info(
+        "***** Running training *****\n%s",
+        run_summary(
+            [
+                ("examples", rows),
+                (
+                    "devices",
+                    f"{session.devices.count} ({jax.process_count()} process(es), {jax.devices()[0].platform})",
+                ),
+                ("batch per device", args.train_batch_size),
+                ("gradient accumulation", args.gradient_accumulation_steps),
+                ("global batch", layout.global_batch),
+                ("steps per epoch", plan.updates_per_epoch),
+                ("epochs", plan.num_epochs),
+                ("optimizer steps", plan.max_train_steps),
+                ("learning rate", f"{args.learning_rate:g} ({args.lr_scheduler}, warmup {args.lr_warmup_steps})"),
+                ("mixed precision", args.mixed_precision),
+                ("gradient checkpointing", args.gradient_checkpointing),
+                ("min-SNR gamma", args.snr_gamma),
+                ("cached encodings", encodings.latents.path.parent if encodings else "no (encoded at every step)"),
+                ("seed", session.preflight.seed),
+                (
+                    "resuming from",
+                    f"{session.preflight.resume_from} (step {global_step})" if session.preflight.resume_from else "no",
+                ),
+            ]
+        ),
+    )
 
 
 def memory_profile(output_dir: str, name: str) -> None:
@@ -182,15 +214,26 @@ def peak_device_memory() -> str | None:
     return None if peak is None else f"{peak:.2f} GiB on {jax.local_devices()[0].device_kind} (device 0)"
 
 
-def finish_session(session: Session, state: TrainState, global_step: int, loaded: LoadedModels, validator,
-                   trackers: Trackers, tags: list[str], license: str) -> None:
+def finish_session(
+    session: Session,
+    state: TrainState,
+    global_step: int,
+    loaded: LoadedModels,
+    validator,
+    trackers: Trackers,
+    tags: list[str],
+    license: str,
+) -> None:
     """The trained ControlNet in diffusers layout in output_dir, the final validation, images, model card,
     upload, and where everything went. Files are written by process 0."""
     args = session.args
     barrier("finish")
     if session.is_main_process:  # through a hidden folder; a full disk ends the run with one line
-        save_final(args.output_dir, lambda folder: export_controlnet(folder, state.params, loaded.controlnet_config),
-                   expected_bytes=sum(leaf.nbytes for leaf in jax.tree.leaves(state.params)))
+        save_final(
+            args.output_dir,
+            lambda folder: export_controlnet(folder, state.params, loaded.controlnet_config),
+            expected_bytes=sum(leaf.nbytes for leaf in jax.tree.leaves(state.params)),
+        )
     logs = []
     if validator is not None:
         if args.profile_validation:
@@ -203,15 +246,31 @@ def finish_session(session: Session, state: TrainState, global_step: int, loaded
         memory_profile(args.output_dir, "memory_final")
     if session.is_main_process:
         save_images(logs, args.output_dir)
-        details = hub.training_details({
-            "optimizer steps": global_step, "global batch": session.layout.global_batch,
-            "devices": session.devices.count, "learning rate": f"{args.learning_rate:g} ({args.lr_scheduler})",
-            "resolution": args.resolution, "mixed precision": args.mixed_precision, "min-SNR gamma": args.snr_gamma,
-            "seed": session.preflight.seed, "trainer": "JAX/Flax (train_controlnet_flax.py)"})
-        hub.write_model_card(args.output_dir, session.repo_id or hub.repo_name(args.hub_model_id, args.output_dir),
-                             args.pretrained_model_name_or_path, logs, tags, license,
-                             dataset=args.dataset_name or args.train_data_dir, token=args.hub_token,
-                             from_hub=session.repo_id is not None, extra=details)
+        details = hub.training_details(
+            {
+                "optimizer steps": global_step,
+                "global batch": session.layout.global_batch,
+                "devices": session.devices.count,
+                "learning rate": f"{args.learning_rate:g} ({args.lr_scheduler})",
+                "resolution": args.resolution,
+                "mixed precision": args.mixed_precision,
+                "min-SNR gamma": args.snr_gamma,
+                "seed": session.preflight.seed,
+                "trainer": "JAX/Flax (train_controlnet_flax.py)",
+            }
+        )
+        hub.write_model_card(
+            args.output_dir,
+            session.repo_id or hub.repo_name(args.hub_model_id, args.output_dir),
+            args.pretrained_model_name_or_path,
+            logs,
+            tags,
+            license,
+            dataset=args.dataset_name or args.train_data_dir,
+            token=args.hub_token,
+            from_hub=session.repo_id is not None,
+            extra=details,
+        )
         if session.repo_id is not None:
             hub.upload_outputs(args.output_dir, session.repo_id, args.hub_token)
         report = report_outputs(args.output_dir, trackers.logging_dir)

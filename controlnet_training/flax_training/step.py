@@ -77,12 +77,12 @@ def vae_clip_encode(models: Models) -> Encode:
 
 def cached_encode(frozen: dict, micro: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Encodings read from the cache (flax_training/encodings.py), in the dtypes the encoders gave them."""
-    return (micro["latent_mean"].astype(jnp.float32), micro["latent_std"].astype(jnp.float32),
-            micro["prompt_embeds"])
+    return (micro["latent_mean"].astype(jnp.float32), micro["latent_std"].astype(jnp.float32), micro["prompt_embeds"])
 
 
-def lr_schedule(name: str, learning_rate: float, warmup_steps: int, total_steps: int, num_cycles: int = 1,
-                power: float = 1.0) -> optax.Schedule:
+def lr_schedule(
+    name: str, learning_rate: float, warmup_steps: int, total_steps: int, num_cycles: int = 1, power: float = 1.0
+) -> optax.Schedule:
     """diffusers' get_scheduler shapes (the same names and formulas) as an optax schedule of the update count."""
     warmup, total = float(warmup_steps), float(total_steps)
 
@@ -114,29 +114,38 @@ def make_optimizer(args, schedule: optax.Schedule) -> optax.GradientTransformati
     """Global-norm clipping, then AdamW with decoupled weight decay (torch.optim.AdamW's update)."""
     return optax.chain(
         optax.clip_by_global_norm(args.max_grad_norm),
-        optax.adamw(schedule, b1=args.adam_beta1, b2=args.adam_beta2, eps=args.adam_epsilon,
-                    weight_decay=args.adam_weight_decay))
+        optax.adamw(
+            schedule, b1=args.adam_beta1, b2=args.adam_beta2, eps=args.adam_epsilon, weight_decay=args.adam_weight_decay
+        ),
+    )
 
 
-def row_draws(key: jax.Array, epoch: jax.Array, rows: jax.Array, latent_shape: tuple[int, ...],
-              num_train_timesteps: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def row_draws(
+    key: jax.Array, epoch: jax.Array, rows: jax.Array, latent_shape: tuple[int, ...], num_train_timesteps: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(posterior noise, diffusion noise, timestep) of each row, from the row's own key."""
 
     def draw(row):
-        posterior_key, noise_key, timestep_key = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, epoch),
-                                                                                      row), 3)
-        return (jax.random.normal(posterior_key, latent_shape), jax.random.normal(noise_key, latent_shape),
-                jax.random.randint(timestep_key, (), 0, num_train_timesteps))
+        posterior_key, noise_key, timestep_key = jax.random.split(
+            jax.random.fold_in(jax.random.fold_in(key, epoch), row), 3
+        )
+        return (
+            jax.random.normal(posterior_key, latent_shape),
+            jax.random.normal(noise_key, latent_shape),
+            jax.random.randint(timestep_key, (), 0, num_train_timesteps),
+        )
 
     return jax.vmap(draw)(rows)
 
 
-def diffusion_loss(pred: jax.Array, target: jax.Array, timesteps: jax.Array, schedule: NoiseSchedule,
-                   snr_gamma: float | None) -> jax.Array:
+def diffusion_loss(
+    pred: jax.Array, target: jax.Array, timesteps: jax.Array, schedule: NoiseSchedule, snr_gamma: float | None
+) -> jax.Array:
     """Mean squared error in float32; with `snr_gamma`, each sample's C,H,W-mean error is weighted by its Min-SNR
     weight before the batch mean (the reference broadcast the weights along the latent width instead)."""
-    per_sample = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)),
-                          axis=tuple(range(1, pred.ndim)))
+    per_sample = jnp.mean(
+        jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)), axis=tuple(range(1, pred.ndim))
+    )
     if snr_gamma is None:
         return jnp.mean(per_sample)
     weights = min_snr_weights(snr(schedule, timesteps), snr_gamma, schedule.prediction_type)
@@ -149,29 +158,41 @@ def make_loss(models: Models, encode: Encode, snr_gamma: float | None) -> Callab
     def loss_fn(params: dict, frozen: dict, micro: dict, epoch: jax.Array, seed: jax.Array) -> jax.Array:
         key = jax.random.fold_in(jax.random.key(seed), TRAIN_STREAM)
         mean, std, hidden = encode(frozen, micro)
-        posterior_noise, noise, timesteps = row_draws(key, epoch, micro["index"], mean.shape[1:],
-                                                      schedule.num_train_timesteps)
+        posterior_noise, noise, timesteps = row_draws(
+            key, epoch, micro["index"], mean.shape[1:], schedule.num_train_timesteps
+        )
         latents = mean + std * posterior_noise  # a sample of the VAE posterior, as the reference
         noisy = add_noise(schedule, latents, noise, timesteps)
         down, mid = models.controlnet.apply(params, noisy, timesteps, hidden, micro["conditioning_pixel_values"])
         dtype = models.unet.dtype
-        pred = models.unet.apply(frozen["unet"], noisy, timesteps, hidden,
-                                 down_block_additional_residuals=tuple(r.astype(dtype) for r in down),
-                                 mid_block_additional_residual=mid.astype(dtype))
-        return diffusion_loss(pred, prediction_target(schedule, latents, noise, timesteps), timesteps, schedule,
-                              snr_gamma)
+        pred = models.unet.apply(
+            frozen["unet"],
+            noisy,
+            timesteps,
+            hidden,
+            down_block_additional_residuals=tuple(r.astype(dtype) for r in down),
+            mid_block_additional_residual=mid.astype(dtype),
+        )
+        return diffusion_loss(
+            pred, prediction_target(schedule, latents, noise, timesteps), timesteps, schedule, snr_gamma
+        )
 
     return loss_fn
 
 
-def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    replicated: jax.sharding.NamedSharding) -> Callable:
+def make_train_step(
+    loss_fn: Callable,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    replicated: jax.sharding.NamedSharding,
+) -> Callable:
     """step(state, frozen, batch, epoch, seed) -> (state, metrics); batch fields are (accumulation, micro, ...) arrays
     split over the devices along axis 1. Gradients are summed over the micro-batches in a scan and divided by
     their number, so accumulation 2 × batch b is the update of batch 2b. XLA inserts the cross-device mean."""
 
-    def step(state: TrainState, frozen: dict, batch: dict, epoch: jax.Array, seed: jax.Array
-             ) -> tuple[TrainState, dict]:
+    def step(
+        state: TrainState, frozen: dict, batch: dict, epoch: jax.Array, seed: jax.Array
+    ) -> tuple[TrainState, dict]:
         grad_fn = jax.value_and_grad(loss_fn)
 
         def micro_step(carry, micro):
@@ -192,22 +213,25 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
         # step and its schedule still advance); the loop reports it when it reads the metrics.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-        new_state = TrainState(state.step + 1, keep(optax.apply_updates(state.params, updates), state.params),
-                               keep(opt_state, state.opt_state))
+        new_state = TrainState(
+            state.step + 1,
+            keep(optax.apply_updates(state.params, updates), state.params),
+            keep(opt_state, state.opt_state),
+        )
         # lr: the rate of the next update, as the PyTorch trainers log it
         return new_state, {"loss": loss, "grad_norm": grad_norm, "lr": schedule(new_state.step), "finite": finite}
 
     return jax.jit(step, donate_argnums=(0,), out_shardings=replicated)
 
 
-def create_state(params: dict, tx: optax.GradientTransformation, replicated: jax.sharding.NamedSharding
-                 ) -> TrainState:
+def create_state(params: dict, tx: optax.GradientTransformation, replicated: jax.sharding.NamedSharding) -> TrainState:
     """A fresh, replicated train state (params must already be replicated global arrays)."""
     return jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)), out_shardings=replicated)(params)
 
 
-def abstract_state(params_shapes: Any, tx: optax.GradientTransformation, replicated: jax.sharding.NamedSharding
-                   ) -> TrainState:
+def abstract_state(
+    params_shapes: Any, tx: optax.GradientTransformation, replicated: jax.sharding.NamedSharding
+) -> TrainState:
     """Shapes, dtypes and shardings of the train state, for restoring a checkpoint into."""
     shapes = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)), params_shapes)
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)

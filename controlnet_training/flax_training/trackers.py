@@ -44,8 +44,11 @@ class EventWriter:
         from tensorboard.compat.proto.types_pb2 import DT_STRING
 
         metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="text"))
-        tensor = TensorProto(dtype=DT_STRING, string_val=[text.encode()],
-                             tensor_shape=TensorShapeProto(dim=[TensorShapeProto.Dim(size=1)]))
+        tensor = TensorProto(
+            dtype=DT_STRING,
+            string_val=[text.encode()],
+            tensor_shape=TensorShapeProto(dim=[TensorShapeProto.Dim(size=1)]),
+        )
         self._write(Summary.Value(tag=f"{tag}/text_summary", metadata=metadata, tensor=tensor), step)
 
     def add_images(self, tag: str, images: np.ndarray, step: int, dataformats: str = "NHWC") -> None:
@@ -57,8 +60,12 @@ class EventWriter:
         strip = np.concatenate(list(images), axis=1)
         buffer = io.BytesIO()
         Image.fromarray(strip).save(buffer, format="PNG")
-        image = Summary.Image(height=strip.shape[0], width=strip.shape[1], colorspace=strip.shape[2],
-                              encoded_image_string=buffer.getvalue())
+        image = Summary.Image(
+            height=strip.shape[0],
+            width=strip.shape[1],
+            colorspace=strip.shape[2],
+            encoded_image_string=buffer.getvalue(),
+        )
         self._write(Summary.Value(tag=tag, image=image), step)
 
     def close(self) -> None:
@@ -86,8 +93,9 @@ class WandB:
     def __init__(self, args, config: dict):
         import wandb
 
-        self.run = wandb.init(entity=args.wandb_entity, project=args.tracker_project_name, job_type="train",
-                              config=config)
+        self.run = wandb.init(
+            entity=args.wandb_entity, project=args.tracker_project_name, job_type="train", config=config
+        )
 
     def log(self, values: dict, step: int) -> None:
         self.run.log(values, step=step)

@@ -30,16 +30,28 @@ GUIDANCE_SCALE = 7.5
 
 def local_view(tree: Any, sharding: NamedSharding) -> Any:
     """Replicated global arrays as arrays over this host's devices only (the same buffers, no copy)."""
-    return jax.tree.map(lambda x: jax.make_array_from_single_device_arrays(
-        x.shape, sharding, [shard.data for shard in x.addressable_shards]), tree)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_single_device_arrays(
+            x.shape, sharding, [shard.data for shard in x.addressable_shards]
+        ),
+        tree,
+    )
 
 
 class Validator:
     """`frozen` needs the UNet and the VAE (its decoder); the prompts are embedded up front by `embed(prompts)` (the
     text encoder need not stay on the devices)."""
 
-    def __init__(self, args, models: Models, frozen: dict, embed: Callable[[list[str]], np.ndarray],
-                 scheduler_config: dict, num_devices: int, seed: int):
+    def __init__(
+        self,
+        args,
+        models: Models,
+        frozen: dict,
+        embed: Callable[[list[str]], np.ndarray],
+        scheduler_config: dict,
+        num_devices: int,
+        seed: int,
+    ):
         self.models, self.frozen, self.scheduler_config = models, frozen, scheduler_config
         self.pairs = validation_pairs(args.validation_prompt, args.validation_image)
         self.transform = PairedTransform(args.resolution)
@@ -72,10 +84,22 @@ class Validator:
             latent_size = self.transform.resolution // 2 ** (len(self.models.vae.config["block_out_channels"]) - 1)
             shape = (self.count, self.models.unet.config.get("in_channels", 4), latent_size, latent_size)
             latents = jax.device_put(jax.random.normal(jax.random.fold_in(self.key, i), shape), self.batch)
-            images = sample_controlnet(self.models.unet, frozen["unet"], self.models.controlnet, controlnet_params,
-                                       self.models.vae, frozen["vae"], self.embed(prompt), negative, control,
-                                       None, num_steps=NUM_INFERENCE_STEPS, guidance_scale=GUIDANCE_SCALE,
-                                       scheduler_config=self.scheduler_config, latents=latents)
+            images = sample_controlnet(
+                self.models.unet,
+                frozen["unet"],
+                self.models.controlnet,
+                controlnet_params,
+                self.models.vae,
+                frozen["vae"],
+                self.embed(prompt),
+                negative,
+                control,
+                None,
+                num_steps=NUM_INFERENCE_STEPS,
+                guidance_scale=GUIDANCE_SCALE,
+                scheduler_config=self.scheduler_config,
+                latents=latents,
+            )
             pixels = np.asarray(images * 255.0).round().clip(0, 255).astype(np.uint8)
             logs.append(ValidationLog(prompt, control_image, [Image.fromarray(p) for p in pixels]))
         logger.info("validation at step %d: %d image(s) for %d pair(s)", step, self.count * len(logs), len(logs))

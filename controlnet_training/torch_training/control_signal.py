@@ -67,19 +67,30 @@ class ControlSignal:
         swapped_sum = {t: 0.0 for t in self.timesteps}
         rows = 0
         with autocast or contextlib.nullcontext():
-            for batch, swapped, (latents, hidden, added) in zip(self.batches, self.swapped_controls, self.encoded,
-                                                                 strict=True):
+            for batch, swapped, (latents, hidden, added) in zip(
+                self.batches, self.swapped_controls, self.encoded, strict=True
+            ):
                 for t in self.timesteps:
                     noise = torch.stack([self._noise(latents.shape[1:], r, t, device) for r in batch["index"]])
                     timesteps = torch.full((latents.shape[0],), t, device=device, dtype=torch.long)
                     noisy = self.noise_scheduler.add_noise(latents, noise, timesteps).to(self.weight_dtype)
                     target = prediction_target(self.noise_scheduler, latents, noise, timesteps).float()
                     for control, sums in ((batch["conditioning_pixel_values"], own_sum), (swapped, swapped_sum)):
-                        pred = controlled_prediction(controlnet, self.unet, noisy, timesteps, hidden,
-                                                     control.to(device), added, self.weight_dtype)
+                        pred = controlled_prediction(
+                            controlnet,
+                            self.unet,
+                            noisy,
+                            timesteps,
+                            hidden,
+                            control.to(device),
+                            added,
+                            self.weight_dtype,
+                        )
                         sums[t] += F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3)).sum().item()
                 rows += latents.shape[0]
         controlnet.train(was_training)
         log_ratios = [math.log(swapped_sum[t] / own_sum[t]) for t in self.timesteps]
-        return {"heldout_loss": sum(own_sum.values()) / (rows * len(self.timesteps)),
-                "control_gain": math.exp(sum(log_ratios) / len(log_ratios))}
+        return {
+            "heldout_loss": sum(own_sum.values()) / (rows * len(self.timesteps)),
+            "control_gain": math.exp(sum(log_ratios) / len(log_ratios)),
+        }

@@ -48,8 +48,9 @@ def posterior(batch: dict, vae, per_row: bool = True) -> tuple[torch.Tensor, tor
 
 def vae_latent_cache(session, transform: PairedTransform, vae, vae_folder: str | None) -> TensorCache:
     """latent_cache filled by a diffusers AutoencoderKL (its weights in `vae_folder`)."""
-    return latent_cache(session, transform, model_identity(vae, vae_folder),
-                        lambda pixels: posterior({"pixel_values": pixels}, vae))
+    return latent_cache(
+        session, transform, model_identity(vae, vae_folder), lambda pixels: posterior({"pixel_values": pixels}, vae)
+    )
 
 
 def drop_encoders(vae, text_encoders: list) -> None:

@@ -31,8 +31,15 @@ class LoopSettings:
 
     @classmethod
     def from_args(cls, args, effective_batch: int) -> LoopSettings:
-        return cls(args.output_dir, effective_batch, args.logging_steps, args.checkpointing_steps,
-                   args.checkpoints_total_limit, args.validation_steps, args.max_consecutive_nonfinite_steps)
+        return cls(
+            args.output_dir,
+            effective_batch,
+            args.logging_steps,
+            args.checkpointing_steps,
+            args.checkpoints_total_limit,
+            args.validation_steps,
+            args.max_consecutive_nonfinite_steps,
+        )
 
 
 class DeviceMean:
@@ -66,8 +73,11 @@ class TrainLoop:
 
     def __post_init__(self):
         self.since_validation = DeviceMean()  # optimizer-step losses since the previous validation
-        self.guard = NonFiniteGuard(self.settings.max_consecutive_nonfinite_steps, self.settings.output_dir,
-                                    "the update was made with a zero gradient (the weights stay finite)")
+        self.guard = NonFiniteGuard(
+            self.settings.max_consecutive_nonfinite_steps,
+            self.settings.output_dir,
+            "the update was made with a zero gradient (the weights stay finite)",
+        )
 
     def train_loss_since_validation(self) -> float | None:
         """Mean training loss over the processes and the optimizer steps since the previous validation (for the
@@ -79,16 +89,28 @@ class TrainLoop:
         if accelerator.is_main_process:
             prune_checkpoints(settings.output_dir, settings.checkpoints_total_limit)
         epoch, micro_batches_done = self.plan.position(global_step)
-        state = {"global_step": global_step, "seed": self.step.seed, "epoch": epoch,
-                 "micro_batches_done": micro_batches_done, "processes": accelerator.num_processes,
-                 "deepspeed": accelerator.distributed_type == "DEEPSPEED",
-                 "effective_batch": settings.effective_batch}
+        state = {
+            "global_step": global_step,
+            "seed": self.step.seed,
+            "epoch": epoch,
+            "micro_batches_done": micro_batches_done,
+            "processes": accelerator.num_processes,
+            "deepspeed": accelerator.distributed_type == "DEEPSPEED",
+            "effective_batch": settings.effective_batch,
+        }
         # A first checkpoint holds about 3× the trainable weights (fp32 weights + AdamW's two moments): the space
         # asked for if the disk fills up before any checkpoint exists to measure.
         weight_bytes = sum(p.numel() * p.element_size() for p in self.step.params)
-        path = save_checkpoint(settings.output_dir, global_step, accelerator.save_state, state,
-                               is_main_process=accelerator.is_main_process, barrier=accelerator.wait_for_everyone,
-                               limit=settings.checkpoints_total_limit, expected_bytes=3 * weight_bytes)
+        path = save_checkpoint(
+            settings.output_dir,
+            global_step,
+            accelerator.save_state,
+            state,
+            is_main_process=accelerator.is_main_process,
+            barrier=accelerator.wait_for_everyone,
+            limit=settings.checkpoints_total_limit,
+            expected_bytes=3 * weight_bytes,
+        )
         logger.info("saved state to %s", path)
         return path
 
@@ -106,8 +128,13 @@ class TrainLoop:
 
     def train(self, global_step: int) -> int:
         """Train to plan.max_train_steps (the scripts turn running out of device memory into the next preset)."""
-        progress = Progress(self.plan.max_train_steps, global_step, self.settings.effective_batch,
-                            self.accelerator.is_local_main_process, sync=self.sync_device)
+        progress = Progress(
+            self.plan.max_train_steps,
+            global_step,
+            self.settings.effective_batch,
+            self.accelerator.is_local_main_process,
+            sync=self.sync_device,
+        )
         try:
             with stops_on_nonfinite(progress, self.accelerator.end_training):
                 return self._train(global_step, progress)
@@ -156,13 +183,16 @@ class TrainLoop:
                 last = global_step >= plan.max_train_steps
                 log_now = global_step % settings.logging_steps == 0 or last
                 checkpoint_now = global_step % settings.checkpointing_steps == 0
-                validate_now = self.validate is not None and global_step % settings.validation_steps == 0 \
-                    and not last  # the last step gets the final validation
+                validate_now = (
+                    self.validate is not None and global_step % settings.validation_steps == 0 and not last
+                )  # the last step gets the final validation
                 if log_now or checkpoint_now or validate_now:  # (a checkpoint is never of a bad run)
                     self.check_finite(nonfinite)
                 if log_now:
-                    metrics = {"loss": since_log.take(lambda mean: accelerator.reduce(mean, reduction="mean")),
-                               "lr": self.step.lr_scheduler.get_last_lr()[0]}
+                    metrics = {
+                        "loss": since_log.take(lambda mean: accelerator.reduce(mean, reduction="mean")),
+                        "lr": self.step.lr_scheduler.get_last_lr()[0],
+                    }
                     if norms.count:
                         metrics["grad_norm"] = norms.take()
                     metrics["samples_per_second"] = progress.log(**metrics)
@@ -174,8 +204,10 @@ class TrainLoop:
                     if validate_now:
                         signal = self.validate(global_step, False, self.train_loss_since_validation())
                         if signal:
-                            progress.latest_validation = {"held_out": signal["heldout_loss"],
-                                                          "gain": signal["control_gain"]}
+                            progress.latest_validation = {
+                                "held_out": signal["heldout_loss"],
+                                "gain": signal["control_gain"],
+                            }
                         self.step.controlnet.train()
                     progress.pause_ended()
                 if last:

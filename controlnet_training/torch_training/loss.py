@@ -19,8 +19,14 @@ def stream_seed(*keys: int) -> int:
     return value
 
 
-def sample_draws(seed: int, epoch: int, indices: Sequence[int], latent_shape: Sequence[int], num_train_timesteps: int,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sample_draws(
+    seed: int,
+    epoch: int,
+    indices: Sequence[int],
+    latent_shape: Sequence[int],
+    num_train_timesteps: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(posterior noise, diffusion noise, timesteps) for each row, each drawn from its own (seed, epoch, row) stream.
 
     Keying the draws by row rather than by step makes them independent of batch size, gradient accumulation,
@@ -42,8 +48,9 @@ def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, tim
         return noise
     if prediction_type == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)
-    raise InputError(f"the noise scheduler's prediction_type '{prediction_type}' is not supported "
-                     f"(epsilon or v_prediction)")
+    raise InputError(
+        f"the noise scheduler's prediction_type '{prediction_type}' is not supported (epsilon or v_prediction)"
+    )
 
 
 def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
@@ -60,8 +67,9 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> to
     return snr.clamp(max=gamma)
 
 
-def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, scheduler,
-                   snr_gamma: float | None) -> torch.Tensor:
+def diffusion_loss(
+    model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, scheduler, snr_gamma: float | None
+) -> torch.Tensor:
     """Mean squared error in fp32; with `snr_gamma` each sample's C,H,W-mean error is weighted before the batch mean."""
     if snr_gamma is None:
         return F.mse_loss(model_pred.float(), target.float(), reduction="mean")

@@ -39,8 +39,7 @@ def load_sd_models(args) -> SimpleNamespace:
     models = SimpleNamespace(
         tokenizer=load_tokenizer(args),
         noise_scheduler=DDPMScheduler.from_pretrained(base, subfolder="scheduler"),
-        text_encoder=text_encoder_class(base, args.revision).from_pretrained(base, subfolder="text_encoder",
-                                                                             **weights),
+        text_encoder=text_encoder_class(base, args.revision).from_pretrained(base, subfolder="text_encoder", **weights),
         vae=AutoencoderKL.from_pretrained(base, subfolder="vae", **weights),
         unet=UNet2DConditionModel.from_pretrained(base, subfolder="unet", **weights),
     )
@@ -113,17 +112,35 @@ def compile_models(*modules, cpu: bool = False) -> None:
         module.compile()
 
 
-def controlled_prediction(controlnet, unet, noisy_latents, timesteps, encoder_hidden_states, control,
-                          added_cond_kwargs, weight_dtype: torch.dtype) -> torch.Tensor:
+def controlled_prediction(
+    controlnet,
+    unet,
+    noisy_latents,
+    timesteps,
+    encoder_hidden_states,
+    control,
+    added_cond_kwargs,
+    weight_dtype: torch.dtype,
+) -> torch.Tensor:
     """The UNet's prediction steered by the ControlNet: its residuals, cast to the UNet's dtype, are added to the
     UNet's skip connections and mid block."""
     down_residuals, mid_residual = controlnet(
-        noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
-        controlnet_cond=control.to(weight_dtype), added_cond_kwargs=added_cond_kwargs, return_dict=False)
+        noisy_latents,
+        timesteps,
+        encoder_hidden_states=encoder_hidden_states,
+        controlnet_cond=control.to(weight_dtype),
+        added_cond_kwargs=added_cond_kwargs,
+        return_dict=False,
+    )
     return unet(
-        noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
+        noisy_latents,
+        timesteps,
+        encoder_hidden_states=encoder_hidden_states,
+        added_cond_kwargs=added_cond_kwargs,
         down_block_additional_residuals=[r.to(weight_dtype) for r in down_residuals],
-        mid_block_additional_residual=mid_residual.to(weight_dtype), return_dict=False)[0]
+        mid_block_additional_residual=mid_residual.to(weight_dtype),
+        return_dict=False,
+    )[0]
 
 
 def use_fused_adamw(args, device: torch.device | str | None = None) -> bool:
@@ -147,8 +164,12 @@ def use_fused_adamw(args, device: torch.device | str | None = None) -> bool:
 
 def make_optimizer(args, params, device: torch.device | str | None = None, fused: bool | None = None):
     """AdamW (bitsandbytes' 8-bit one with --use_8bit_adam); `fused`: None decides with use_fused_adamw."""
-    kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    kwargs = dict(
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 

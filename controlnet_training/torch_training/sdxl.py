@@ -11,25 +11,44 @@ from ..arguments import InputError
 from ..data import load_tokenizer, token_ids
 from .models import text_encoder_class
 
-SDXL_MODEL_FILES = ("unet/config.json", "text_encoder/config.json", "text_encoder_2/config.json", "tokenizer",
-                    "tokenizer_2", "scheduler/scheduler_config.json")
+SDXL_MODEL_FILES = (
+    "unet/config.json",
+    "text_encoder/config.json",
+    "text_encoder_2/config.json",
+    "tokenizer",
+    "tokenizer_2",
+    "scheduler/scheduler_config.json",
+)
 INTERPOLATION_MODES = ["bicubic", "bilinear", "box", "hamming", "lanczos", "nearest", "nearest_exact"]
 
 
 def add_sdxl_args(parser) -> None:
     group = parser.add_argument_group("SDXL")
-    group.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
-                       help="Another VAE (loaded without subfolder, revision or variant), e.g. "
-                            "madebyollin/sdxl-vae-fp16-fix, which runs in the weight dtype. The base VAE runs in "
-                            "fp32 because it overflows in fp16.")
-    group.add_argument("--crops_coords_top_left_h", type=int, default=0,
-                       help="Crop top given to the validation pipeline's time_ids (training uses each image's "
-                            "real crop).")
-    group.add_argument("--crops_coords_top_left_w", type=int, default=0,
-                       help="Crop left given to the validation pipeline's time_ids.")
+    group.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        type=str,
+        default=None,
+        help="Another VAE (loaded without subfolder, revision or variant), e.g. "
+        "madebyollin/sdxl-vae-fp16-fix, which runs in the weight dtype. The base VAE runs in "
+        "fp32 because it overflows in fp16.",
+    )
+    group.add_argument(
+        "--crops_coords_top_left_h",
+        type=int,
+        default=0,
+        help="Crop top given to the validation pipeline's time_ids (training uses each image's real crop).",
+    )
+    group.add_argument(
+        "--crops_coords_top_left_w", type=int, default=0, help="Crop left given to the validation pipeline's time_ids."
+    )
     group.add_argument("--enable_npu_flash_attention", action="store_true", help="Ascend NPU flash attention.")
-    group.add_argument("--image_interpolation_mode", type=str, default="lanczos", choices=INTERPOLATION_MODES,
-                       help="Resize filter for training and validation images.")
+    group.add_argument(
+        "--image_interpolation_mode",
+        type=str,
+        default="lanczos",
+        choices=INTERPOLATION_MODES,
+        help="Resize filter for training and validation images.",
+    )
     parser.set_defaults(tracker_project_name="sd_xl_train_controlnet")
 
 
@@ -38,8 +57,7 @@ def check_sdxl_args(args) -> None:
 
     from ..preflight import check_model_folder
 
-    check_model_folder("pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path,
-                       ("config.json",))
+    check_model_folder("pretrained_vae_model_name_or_path", args.pretrained_vae_model_name_or_path, ("config.json",))
     if args.enable_npu_flash_attention and importlib.util.find_spec("torch_npu") is None:
         raise InputError("--enable_npu_flash_attention needs torch_npu (Ascend NPUs only); drop the flag elsewhere")
     if args.mixed_precision == "bf16" and torch.backends.mps.is_available():
@@ -63,7 +81,8 @@ def load_sdxl_models(args) -> SimpleNamespace:
         tokenizers=[load_tokenizer(args), load_tokenizer(args, "tokenizer_2", allow_override=False)],
         text_encoders=[
             text_encoder_class(base, args.revision, sub).from_pretrained(base, subfolder=sub, **weights)
-            for sub in ("text_encoder", "text_encoder_2")],
+            for sub in ("text_encoder", "text_encoder_2")
+        ],
         noise_scheduler=DDPMScheduler.from_pretrained(base, subfolder="scheduler"),
         vae=vae,
         unet=UNet2DConditionModel.from_pretrained(base, subfolder="unet", **weights),

@@ -59,17 +59,22 @@ def make_accelerator(args):
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                            logging_dir=str(Path(args.output_dir, args.logging_dir))),
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=str(Path(args.output_dir, args.logging_dir))
+        ),
         # Batches (pinned by the DataLoader on CUDA) are copied to the device without waiting for it.
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and accelerator.num_processes == 1:
-        raise InputError("WORLD_SIZE > 1 but accelerate sees one process: every rank would write the same "
-                         "output_dir. Launch with `accelerate launch` (on CPU set ACCELERATE_USE_CPU=true)")
+        raise InputError(
+            "WORLD_SIZE > 1 but accelerate sees one process: every rank would write the same "
+            "output_dir. Launch with `accelerate launch` (on CPU set ACCELERATE_USE_CPU=true)"
+        )
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise InputError("--mixed_precision fp16 (from the flag or the accelerate config) needs a CUDA GPU: fp16 "
-                         "autocast and loss scaling do not run on the CPU; use --mixed_precision bf16 or no")
+        raise InputError(
+            "--mixed_precision fp16 (from the flag or the accelerate config) needs a CUDA GPU: fp16 "
+            "autocast and loss scaling do not run on the CPU; use --mixed_precision bf16 or no"
+        )
     check_config_agrees(args, accelerator)
     if torch.backends.mps.is_available():
         accelerator.native_amp = False
@@ -86,15 +91,19 @@ def check_config_agrees(args, accelerator) -> None:
     if plugin is not None and isinstance(plugin.get_value("gradient_accumulation_steps"), int):
         steps = plugin.get_value("gradient_accumulation_steps")
     if steps != args.gradient_accumulation_steps:
-        raise InputError(f"--gradient_accumulation_steps {args.gradient_accumulation_steps} disagrees with the "
-                         f"accelerate config's gradient_accumulation_steps {steps} (accelerate would silently use "
-                         f"{steps}): pass --gradient_accumulation_steps {steps}, or change the config")
+        raise InputError(
+            f"--gradient_accumulation_steps {args.gradient_accumulation_steps} disagrees with the "
+            f"accelerate config's gradient_accumulation_steps {steps} (accelerate would silently use "
+            f"{steps}): pass --gradient_accumulation_steps {steps}, or change the config"
+        )
     clipping = plugin.get_value("gradient_clipping") if plugin is not None else None
     clipping = 1.0 if clipping == "auto" else clipping
     if isinstance(clipping, (int, float)) and float(clipping) != args.max_grad_norm:
-        raise InputError(f"--max_grad_norm {args.max_grad_norm:g} disagrees with the DeepSpeed config's "
-                         f"gradient_clipping {clipping:g} (DeepSpeed clips, not the trainer): pass --max_grad_norm "
-                         f"{clipping:g}, or change the config")
+        raise InputError(
+            f"--max_grad_norm {args.max_grad_norm:g} disagrees with the DeepSpeed config's "
+            f"gradient_clipping {clipping:g} (DeepSpeed clips, not the trainer): pass --max_grad_norm "
+            f"{clipping:g}, or change the config"
+        )
 
 
 def weight_dtype_of(accelerator) -> torch.dtype:
@@ -106,19 +115,30 @@ def make_dataloader(dataset, args, collate: Callable, seed: int):
 
     from ..data import EpochSampler
 
-    return DataLoader(dataset, batch_size=args.train_batch_size, sampler=EpochSampler(len(dataset), seed),
-                      collate_fn=collate, num_workers=args.dataloader_num_workers,
-                      persistent_workers=args.dataloader_num_workers > 0, pin_memory=torch.cuda.is_available(),
-                      prefetch_factor=4 if args.dataloader_num_workers > 0 else None)
+    return DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        sampler=EpochSampler(len(dataset), seed),
+        collate_fn=collate,
+        num_workers=args.dataloader_num_workers,
+        persistent_workers=args.dataloader_num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=4 if args.dataloader_num_workers > 0 else None,
+    )
 
 
 def make_lr_scheduler(args, optimizer, num_processes: int, max_train_steps: int):
     """diffusers' schedules; steps × processes because accelerate steps the scheduler once per process."""
     from diffusers.optimization import get_scheduler
 
-    return get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * num_processes,
-                         num_training_steps=max_train_steps * num_processes, num_cycles=args.lr_num_cycles,
-                         power=args.lr_power)
+    return get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * num_processes,
+        num_training_steps=max_train_steps * num_processes,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
+    )
 
 
 @dataclass
@@ -174,16 +194,21 @@ def accelerate_processes() -> Processes:
     return Processes(state.is_main_process, state.main_process_first, lambda value: broadcast_object_list([value])[0])
 
 
-def start_session(args, prog: str, model_files: tuple[str, ...], extra_checks: Callable[[Any], None] = lambda a: None
-                  ) -> Session:
+def start_session(
+    args, prog: str, model_files: tuple[str, ...], extra_checks: Callable[[Any], None] = lambda a: None
+) -> Session:
     """Check everything that can be checked without models, then create the accelerator and the output folder."""
     setup_logging(int(os.environ.get("LOCAL_RANK", "0")) == 0)  # before the checks, so their notes are shown
     try:
         extra_checks(args)
         preflight = run_preflight(args, model_files, accelerate_processes)
         accelerator = make_accelerator(args)
-        check_resume_topology(args, preflight.resume_from, accelerator.num_processes,
-                              deepspeed=accelerator.distributed_type == "DEEPSPEED")
+        check_resume_topology(
+            args,
+            preflight.resume_from,
+            accelerator.num_processes,
+            deepspeed=accelerator.distributed_type == "DEEPSPEED",
+        )
     except InputError as error:
         exit_on_input_error(prog, error)
     from accelerate.utils import set_seed
@@ -207,21 +232,27 @@ def check_resume_topology(args, resume_from: Path | None, processes: int, deepsp
     state = read_state(resume_from)
     saved_deepspeed, saved_processes = state.get("deepspeed"), state.get("processes")
     if saved_deepspeed is not None and saved_deepspeed != deepspeed:
-        raise InputError(f"--resume_from_checkpoint {resume_from.name} was written "
-                         f"{'under' if saved_deepspeed else 'without'} DeepSpeed and this run is "
-                         f"{'under' if deepspeed else 'without'} it: their optimizer states differ; launch it as the "
-                         f"checkpoint was, or start a new output_dir")
+        raise InputError(
+            f"--resume_from_checkpoint {resume_from.name} was written "
+            f"{'under' if saved_deepspeed else 'without'} DeepSpeed and this run is "
+            f"{'under' if deepspeed else 'without'} it: their optimizer states differ; launch it as the "
+            f"checkpoint was, or start a new output_dir"
+        )
     if deepspeed and saved_processes is not None and saved_processes != processes:
-        raise InputError(f"--resume_from_checkpoint {resume_from.name} holds DeepSpeed ZeRO optimizer partitions of "
-                         f"{saved_processes} processes and this run has {processes}: launch with --num_processes "
-                         f"{saved_processes} (ZeRO cannot re-partition them)")
+        raise InputError(
+            f"--resume_from_checkpoint {resume_from.name} holds DeepSpeed ZeRO optimizer partitions of "
+            f"{saved_processes} processes and this run has {processes}: launch with --num_processes "
+            f"{saved_processes} (ZeRO cannot re-partition them)"
+        )
     saved = state.get("effective_batch")
     batch = effective_batch(args.train_batch_size, processes, args.gradient_accumulation_steps)
     if saved is not None and saved != batch:
-        raise InputError(f"--resume_from_checkpoint {resume_from.name} was trained with an effective batch of {saved} "
-                         f"and this run has {batch} ({args.train_batch_size} per device x {processes} processes x "
-                         f"{args.gradient_accumulation_steps} accumulation): set --train_batch_size / "
-                         f"--gradient_accumulation_steps so that the product is {saved}, or start a new output_dir")
+        raise InputError(
+            f"--resume_from_checkpoint {resume_from.name} was trained with an effective batch of {saved} "
+            f"and this run has {batch} ({args.train_batch_size} per device x {processes} processes x "
+            f"{args.gradient_accumulation_steps} accumulation): set --train_batch_size / "
+            f"--gradient_accumulation_steps so that the product is {saved}, or start a new output_dir"
+        )
 
 
 @dataclass
@@ -234,8 +265,9 @@ class Training:
     global_step: int
 
 
-def prepare_training(session: Session, controlnet, dataset, tokenizers, summary: list[tuple[str, object]] = (),
-                     latents=None, texts=None) -> Training:
+def prepare_training(
+    session: Session, controlnet, dataset, tokenizers, summary: list[tuple[str, object]] = (), latents=None, texts=None
+) -> Training:
     """Optimizer, schedule and data loader through accelerate; resume; trackers; the start-of-run summary.
 
     `latents` / `texts`: caches the collator reads the batches' posteriors / text embeddings from.
@@ -248,11 +280,16 @@ def prepare_training(session: Session, controlnet, dataset, tokenizers, summary:
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = make_optimizer(args, controlnet.parameters(), device=accelerator.device)
-    plan = plan_steps(math.ceil(len(dataloader) / accelerator.num_processes), args.gradient_accumulation_steps,
-                      args.max_train_steps, args.num_train_epochs)
+    plan = plan_steps(
+        math.ceil(len(dataloader) / accelerator.num_processes),
+        args.gradient_accumulation_steps,
+        args.max_train_steps,
+        args.num_train_epochs,
+    )
     lr_scheduler = make_lr_scheduler(args, optimizer, accelerator.num_processes, plan.max_train_steps)
-    controlnet, optimizer, dataloader, lr_scheduler = accelerator.prepare(controlnet, optimizer, dataloader,
-                                                                          lr_scheduler)
+    controlnet, optimizer, dataloader, lr_scheduler = accelerator.prepare(
+        controlnet, optimizer, dataloader, lr_scheduler
+    )
     args.max_train_steps, args.num_train_epochs = plan.max_train_steps, plan.num_epochs
 
     global_step = 0
@@ -261,46 +298,77 @@ def prepare_training(session: Session, controlnet, dataset, tokenizers, summary:
         global_step = read_state(preflight.resume_from)["global_step"]  # the folder may have any name
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
-    logger.info("***** Running training *****\n%s", run_summary([
-        ("examples", len(dataset)),
-        ("batches per epoch (per process)", plan.batches_per_epoch),
-        ("epochs", plan.num_epochs),
-        ("batch per device", args.train_batch_size),
-        ("processes", accelerator.num_processes),
-        ("gradient accumulation", args.gradient_accumulation_steps),
-        ("effective batch", session.effective_batch),
-        ("optimizer steps", plan.max_train_steps),
-        ("learning rate", f"{args.learning_rate:g} ({args.lr_scheduler}, warmup {args.lr_warmup_steps})"),
-        ("mixed precision", f"{accelerator.mixed_precision} (frozen models in {session.weight_dtype})"),
-        ("gradient checkpointing", args.gradient_checkpointing),
-        ("min-SNR gamma", args.snr_gamma),
-        ("seed", preflight.seed),
-        *summary,
-        ("resuming from", f"{preflight.resume_from} (step {global_step})" if preflight.resume_from else "no"),
-    ]))
+    logger.info(
+        "***** Running training *****\n%s",
+        run_summary(
+            [
+                ("examples", len(dataset)),
+                ("batches per epoch (per process)", plan.batches_per_epoch),
+                ("epochs", plan.num_epochs),
+                ("batch per device", args.train_batch_size),
+                ("processes", accelerator.num_processes),
+                ("gradient accumulation", args.gradient_accumulation_steps),
+                ("effective batch", session.effective_batch),
+                ("optimizer steps", plan.max_train_steps),
+                ("learning rate", f"{args.learning_rate:g} ({args.lr_scheduler}, warmup {args.lr_warmup_steps})"),
+                ("mixed precision", f"{accelerator.mixed_precision} (frozen models in {session.weight_dtype})"),
+                ("gradient checkpointing", args.gradient_checkpointing),
+                ("min-SNR gamma", args.snr_gamma),
+                ("seed", preflight.seed),
+                *summary,
+                ("resuming from", f"{preflight.resume_from} (step {global_step})" if preflight.resume_from else "no"),
+            ]
+        ),
+    )
     return Training(controlnet, optimizer, dataloader, lr_scheduler, plan, global_step)
 
 
-def make_loop(session: Session, training: Training, unet, noise_scheduler, encode: Encode,
-              validator: Validator | None) -> TrainLoop:
+def make_loop(
+    session: Session, training: Training, unet, noise_scheduler, encode: Encode, validator: Validator | None
+) -> TrainLoop:
     """The step (models, loss, update) and the loop around it, from the prepared training objects."""
     args = session.args
-    step = TrainStep(session.accelerator, training.controlnet, unet, noise_scheduler, training.optimizer,
-                     training.lr_scheduler, encode, session.weight_dtype, session.preflight.seed,
-                     StepSettings.from_args(args))
-    return TrainLoop(session.accelerator, step, training.dataloader, training.plan,
-                     LoopSettings.from_args(args, session.effective_batch), validator)
+    step = TrainStep(
+        session.accelerator,
+        training.controlnet,
+        unet,
+        noise_scheduler,
+        training.optimizer,
+        training.lr_scheduler,
+        encode,
+        session.weight_dtype,
+        session.preflight.seed,
+        StepSettings.from_args(args),
+    )
+    return TrainLoop(
+        session.accelerator,
+        step,
+        training.dataloader,
+        training.plan,
+        LoopSettings.from_args(args, session.effective_batch),
+        validator,
+    )
 
 
-def finish_session(session: Session, training: Training, loop: TrainLoop, global_step: int,
-                   validator: Validator | None, tags: list[str], license: str) -> None:
+def finish_session(
+    session: Session,
+    training: Training,
+    loop: TrainLoop,
+    global_step: int,
+    validator: Validator | None,
+    tags: list[str],
+    license: str,
+) -> None:
     """Final weights, the final validation, model card, upload, and where everything went."""
     args, accelerator = session.args, session.accelerator
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:  # through a hidden folder; a full disk ends the run with one line
         controlnet = accelerator.unwrap_model(training.controlnet)
-        save_final(args.output_dir, controlnet.save_pretrained,
-                   expected_bytes=sum(p.numel() * p.element_size() for p in controlnet.parameters()))
+        save_final(
+            args.output_dir,
+            controlnet.save_pretrained,
+            expected_bytes=sum(p.numel() * p.element_size() for p in controlnet.parameters()),
+        )
     signal = validator(global_step, True, loop.train_loss_since_validation()) if validator is not None else None
     if accelerator.is_main_process:
         logs = validator.logs if validator is not None else []
@@ -308,20 +376,41 @@ def finish_session(session: Session, training: Training, loop: TrainLoop, global
         control_section = ""
         if signal is not None:
             plot = plot_metrics(args.output_dir)
-            control_section = hub.control_section(signal["heldout_loss"], signal["control_gain"],
-                                                  len(session.preflight.heldout), plot.name)
-        details = hub.training_details({
-            "optimizer steps": global_step, "effective batch": session.effective_batch,
-            "learning rate": f"{args.learning_rate:g} ({args.lr_scheduler})", "resolution": args.resolution,
-            "mixed precision": accelerator.mixed_precision, "min-SNR gamma": args.snr_gamma,
-            "seed": session.preflight.seed})
-        hub.write_model_card(args.output_dir, session.repo_id or hub.repo_name(args.hub_model_id, args.output_dir),
-                             args.pretrained_model_name_or_path, logs, tags, license,
-                             dataset=args.dataset_name or args.train_data_dir, token=args.hub_token,
-                             from_hub=session.repo_id is not None, extra=control_section + details)
+            control_section = hub.control_section(
+                signal["heldout_loss"], signal["control_gain"], len(session.preflight.heldout), plot.name
+            )
+        details = hub.training_details(
+            {
+                "optimizer steps": global_step,
+                "effective batch": session.effective_batch,
+                "learning rate": f"{args.learning_rate:g} ({args.lr_scheduler})",
+                "resolution": args.resolution,
+                "mixed precision": accelerator.mixed_precision,
+                "min-SNR gamma": args.snr_gamma,
+                "seed": session.preflight.seed,
+            }
+        )
+        hub.write_model_card(
+            args.output_dir,
+            session.repo_id or hub.repo_name(args.hub_model_id, args.output_dir),
+            args.pretrained_model_name_or_path,
+            logs,
+            tags,
+            license,
+            dataset=args.dataset_name or args.train_data_dir,
+            token=args.hub_token,
+            from_hub=session.repo_id is not None,
+            extra=control_section + details,
+        )
         if session.repo_id is not None:
             hub.upload_outputs(args.output_dir, session.repo_id, args.hub_token)
-        logger.info("done after %d steps. Outputs:\n%s", global_step,
-                    report_outputs(args.output_dir, accelerator.logging_dir,
-                                   torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None))
+        logger.info(
+            "done after %d steps. Outputs:\n%s",
+            global_step,
+            report_outputs(
+                args.output_dir,
+                accelerator.logging_dir,
+                torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+            ),
+        )
     accelerator.end_training()

@@ -54,13 +54,25 @@ class TrainStep:
     def loss(self, batch: dict, epoch: int) -> torch.Tensor:
         mean, std, encoder_hidden_states, added_cond_kwargs = self.encode(batch)
         posterior_noise, noise, timesteps = sample_draws(
-            self.seed, epoch, batch["index"], mean.shape[1:], self.noise_scheduler.config.num_train_timesteps,
-            mean.device)
+            self.seed,
+            epoch,
+            batch["index"],
+            mean.shape[1:],
+            self.noise_scheduler.config.num_train_timesteps,
+            mean.device,
+        )
         latents = mean.float() + std.float() * posterior_noise  # a sample of the VAE posterior, as the reference
         noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps).to(self.weight_dtype)
-        model_pred = controlled_prediction(self.controlnet, self.unet, noisy_latents, timesteps,
-                                           encoder_hidden_states, batch["conditioning_pixel_values"],
-                                           added_cond_kwargs, self.weight_dtype)
+        model_pred = controlled_prediction(
+            self.controlnet,
+            self.unet,
+            noisy_latents,
+            timesteps,
+            encoder_hidden_states,
+            batch["conditioning_pixel_values"],
+            added_cond_kwargs,
+            self.weight_dtype,
+        )
         target = prediction_target(self.noise_scheduler, latents, noise, timesteps)
         return diffusion_loss(model_pred, target, timesteps, self.noise_scheduler, self.settings.snr_gamma)
 
@@ -80,7 +92,7 @@ class TrainStep:
                     skipped = accelerator.mixed_precision == "fp16" and grad_norm == float("inf")
                     grad_norm = None if skipped else torch.tensor(grad_norm, device=accelerator.device)
                 if grad_norm is not None and accelerator.scaler is None:  # (DeepSpeed clips in its engine; fp16's
-                    zero_nonfinite_update(self.params, grad_norm)         # loss scaler skips non-finite steps)
+                    zero_nonfinite_update(self.params, grad_norm)  # loss scaler skips non-finite steps)
             self.optimizer.step()
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=self.settings.set_grads_to_none)

@@ -42,10 +42,17 @@ def decode_checked(pipeline, latents) -> Image.Image:
     return pipeline.image_processor.postprocess(image.float(), output_type="pil")[0]
 
 
-def generate(pipeline, pairs: Sequence[tuple[str, str]], transform: PairedTransform, num_images: int,
-             seed: int | None, autocast: contextlib.AbstractContextManager | None = None,
-             num_inference_steps: int = 20, prompt_inputs: Callable[[str], dict] | None = None,
-             **pipeline_kwargs: Any) -> list[ValidationLog]:
+def generate(
+    pipeline,
+    pairs: Sequence[tuple[str, str]],
+    transform: PairedTransform,
+    num_images: int,
+    seed: int | None,
+    autocast: contextlib.AbstractContextManager | None = None,
+    num_inference_steps: int = 20,
+    prompt_inputs: Callable[[str], dict] | None = None,
+    **pipeline_kwargs: Any,
+) -> list[ValidationLog]:
     """`num_images` images per pair, one generator for the whole call (seeded: identical at every validation).
 
     `prompt_inputs(prompt)` gives the pipeline's prompt arguments (default: the prompt text itself).
@@ -60,9 +67,16 @@ def generate(pipeline, pairs: Sequence[tuple[str, str]], transform: PairedTransf
             log = ValidationLog(prompt, control)
             inputs = prompt_inputs(prompt) if prompt_inputs else {"prompt": prompt}
             for _ in range(num_images):
-                latents = pipeline(image=control, num_inference_steps=num_inference_steps, generator=generator,
-                                   height=transform.resolution, width=transform.resolution, output_type="latent",
-                                   **inputs, **pipeline_kwargs).images
+                latents = pipeline(
+                    image=control,
+                    num_inference_steps=num_inference_steps,
+                    generator=generator,
+                    height=transform.resolution,
+                    width=transform.resolution,
+                    output_type="latent",
+                    **inputs,
+                    **pipeline_kwargs,
+                ).images
                 log.images.append(decode_checked(pipeline, latents))
             logs.append(log)
     return logs
@@ -88,8 +102,16 @@ def outputs_cast_to(module, dtype):
         handle.remove()
 
 
-def run(accelerator, pipeline, args, transform: PairedTransform, seed: int | None, step: int,
-        final: bool, **pipeline_kwargs: Any) -> list[ValidationLog]:
+def run(
+    accelerator,
+    pipeline,
+    args,
+    transform: PairedTransform,
+    seed: int | None,
+    step: int,
+    final: bool,
+    **pipeline_kwargs: Any,
+) -> list[ValidationLog]:
     """One validation on this process: generate for every pair, log to the trackers, return the images."""
     pipeline.controlnet.eval()
     pairs = validation_pairs(args.validation_prompt, args.validation_image)
@@ -97,8 +119,7 @@ def run(accelerator, pipeline, args, transform: PairedTransform, seed: int | Non
     with outputs_cast_to(pipeline.controlnet, pipeline.unet.dtype):
         logs = generate(pipeline, pairs, transform, args.num_validation_images, seed, autocast, **pipeline_kwargs)
     log_to_trackers(accelerator, logs, step, final)
-    logger.info("validation at step %d: %d image(s) for %d pair(s)", step, sum(len(x.images) for x in logs),
-                len(logs))
+    logger.info("validation at step %d: %d image(s) for %d pair(s)", step, sum(len(x.images) for x in logs), len(logs))
     return logs
 
 
@@ -133,8 +154,9 @@ class Validator:
         record = {"step": step, "train_loss": train_loss, **signal}
         append_metrics(self.session.args.output_dir, record)
         accelerator.log(signal, step=step)
-        logger.info("step %d: held-out loss %.5f, control gain %.4f", step, signal["heldout_loss"],
-                    signal["control_gain"])
+        logger.info(
+            "step %d: held-out loss %.5f, control gain %.4f", step, signal["heldout_loss"], signal["control_gain"]
+        )
         return record
 
     def __call__(self, step: int, final: bool, train_loss: float | None = None) -> dict | None:
@@ -147,16 +169,33 @@ class Validator:
             if args.validation_prompt:
                 pipeline = self.build_pipeline(accelerator.unwrap_model(self.controlnet))
                 pipeline.set_progress_bar_config(disable=True)
-                self.logs = run(accelerator, pipeline, args, self.transform, self.session.preflight.seed, step, final,
-                                **self.pipeline_kwargs)
+                self.logs = run(
+                    accelerator,
+                    pipeline,
+                    args,
+                    self.transform,
+                    self.session.preflight.seed,
+                    step,
+                    final,
+                    **self.pipeline_kwargs,
+                )
                 del pipeline
         accelerator.wait_for_everyone()
         return signal
 
 
-def make_validator(session: Session, training: Training, build_pipeline: Callable[[Any], Any],
-                   transform: PairedTransform, encode: Callable, unet, noise_scheduler, tokenizers,
-                   pipeline_kwargs: dict | None = None, texts=None) -> Validator | None:
+def make_validator(
+    session: Session,
+    training: Training,
+    build_pipeline: Callable[[Any], Any],
+    transform: PairedTransform,
+    encode: Callable,
+    unet,
+    noise_scheduler,
+    tokenizers,
+    pipeline_kwargs: dict | None = None,
+    texts=None,
+) -> Validator | None:
     """A Validator when there is something to validate: prompts/images, or held-out rows for the control signal
     (encoded here, with the live VAE, and with the text encoder or the `texts` cache)."""
     heldout, args = session.preflight.heldout, session.args
@@ -164,10 +203,18 @@ def make_validator(session: Session, training: Training, build_pipeline: Callabl
     if heldout is not None:
         rows = ControlNetDataset(heldout, session.preflight.columns, transform, session.preflight.seed)
         collate = Collator(tokenizers, texts=texts)
-        batches = [collate([rows[i] for i in range(start, min(start + 8, len(rows)))])
-                   for start in range(0, len(rows), 8)]
-        control = ControlSignal(batches, encode, unet, noise_scheduler, session.weight_dtype, session.preflight.seed,
-                                session.accelerator.device)
+        batches = [
+            collate([rows[i] for i in range(start, min(start + 8, len(rows)))]) for start in range(0, len(rows), 8)
+        ]
+        control = ControlSignal(
+            batches,
+            encode,
+            unet,
+            noise_scheduler,
+            session.weight_dtype,
+            session.preflight.seed,
+            session.accelerator.device,
+        )
     if control is None and not args.validation_prompt:
         return None
     validator = Validator(session, build_pipeline, training.controlnet, transform, control, pipeline_kwargs or {})

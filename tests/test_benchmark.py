@@ -13,6 +13,8 @@ import pytest
 
 from conftest import ROOT, THREADS
 
+pytestmark = pytest.mark.e2e  # every test here runs a trainer or tool in its own process(es)
+
 
 def benchmark(*flags: str, json_path) -> tuple[subprocess.CompletedProcess, dict]:
     env = {**os.environ, **THREADS, "PYTHONPATH": str(ROOT), "TORCHINDUCTOR_COMPILE_THREADS": "1"}

@@ -8,7 +8,11 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, THREADS
+
+pytestmark = pytest.mark.e2e  # every test here runs a trainer or tool in its own process(es)
 
 XLA_FLAGS = "--xla_force_host_platform_device_count=2 --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 

@@ -142,6 +142,7 @@ def test_heldout_split():
     assert split_heldout(table, 4, seed=1)[1]["x"] == held["x"]  # seeded: the same rows every time
 
 
+@pytest.mark.e2e
 def test_short_run_writes_log_plot_and_card(tiny_sd, fill_data, tmp_path):
     run_script(
         "train_controlnet.py",

@@ -187,6 +187,7 @@ def zero2_offload(tiny_sd, fill_data, tmp_path_factory, op_errors) -> Path:
     return out
 
 
+@pytest.mark.e2e
 def test_zero2_offload_checkpoints_every_rank_prunes_and_resumes(zero2_offload, tiny_sd, fill_data, tmp_path):
     checkpoints = sorted(p.name for p in zero2_offload.glob("checkpoint-*"))
     assert checkpoints == ["checkpoint-3", "checkpoint-4"]  # 1 and 2 pruned by --checkpoints_total_limit 2
@@ -232,6 +233,7 @@ def test_zero2_offload_checkpoints_every_rank_prunes_and_resumes(zero2_offload, 
     assert max_difference(load_weights(resumed), final) < 1e-6
 
 
+@pytest.mark.e2e
 def test_zero2_offload_matches_ddp_and_loads_in_the_pipeline(zero2_offload, ddp_reference, tiny_sd):
     ds_loss, ddp_loss = read_scalars(zero2_offload / "logs", "loss"), read_scalars(ddp_reference / "logs", "loss")
     assert sorted(ds_loss) == sorted(ddp_loss) == [1, 2, 3, 4]
@@ -264,6 +266,7 @@ def test_zero2_offload_matches_ddp_and_loads_in_the_pipeline(zero2_offload, ddp_
     assert image.shape == (RESOLUTION, RESOLUTION, 3) and bool(torch.isfinite(torch.from_numpy(image)).all())
 
 
+@pytest.mark.e2e
 def test_sdxl_zero2_without_offload_trains_checkpoints_and_resumes_exactly(tiny_sdxl, fill_data, tmp_path, op_errors):
     """SDXL, and ZeRO-2 without optimizer offload: torch's AdamW steps the ZeRO partitions, so the resume is exact."""
     needs(op_errors, "ShareMemCommBuilder")

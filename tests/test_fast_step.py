@@ -239,6 +239,7 @@ def test_exit_on_oom_ends_the_run_with_the_message(caplog):
         raise ValueError("not memory")
 
 
+@pytest.mark.e2e
 def test_trainer_out_of_memory_prints_the_next_preset(tiny_sd, fill_data, tmp_path):
     """The real script, its training step raising CUDA's out-of-memory error (simulated on the CPU)."""
     argv = base_args(tiny_sd, fill_data["imagefolder"], tmp_path / "out", max_train_steps=2, validation_split=0)
@@ -263,6 +264,7 @@ def test_trainer_out_of_memory_prints_the_next_preset(tiny_sd, fill_data, tmp_pa
 
 
 # ------------------------------------------------------------------------------------------- logging steps
+@pytest.mark.e2e
 def test_loss_is_read_only_at_logging_steps(tiny_sd, fill_data, tmp_path):
     """Logging every 3 steps logs steps 3, 6 and the last (7); the loss logged is the mean over the steps since
     the previous log, and logging does not change the training."""
@@ -302,6 +304,7 @@ def inductor_problem() -> str | None:
     return f"inductor cannot compile on this machine: {lines[-1] if lines else f'exit {result.returncode}'}"
 
 
+@pytest.mark.e2e
 def test_torch_compile_trains_checkpoints_and_resumes_exactly(tiny_sd, fill_data, tmp_path):
     problem = inductor_problem()
     if problem:

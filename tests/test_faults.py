@@ -82,6 +82,7 @@ def small_disk(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ end to end
+@pytest.mark.e2e
 def test_full_disk_at_a_checkpoint_then_at_the_final_weights_then_resume(tiny_sd, fill_data, small_disk, tmp_path):
     """16 MiB fit one checkpoint (11.2 MiB) but not two: the run stops at checkpoint-4 with checkpoint-2 intact.
     With 25 MiB checkpoint-4 fits but the final weights (3.7 MiB) do not. With 40 MiB the run finishes."""
@@ -130,6 +131,7 @@ def test_full_disk_at_a_checkpoint_then_at_the_final_weights_then_resume(tiny_sd
     assert hidden(out) == []
 
 
+@pytest.mark.e2e
 def test_full_disk_while_caching_encodings_then_resume(tiny_sd, fill_data, small_disk, tmp_path):
     """64 KiB hold the VAE posteriors (25 KB) but not the text embeddings (118 KB): the run stops naming the
     cache's .partial folder, nothing is left that a later run would read as complete, and with room it finishes."""
@@ -159,6 +161,7 @@ def test_full_disk_while_caching_encodings_then_resume(tiny_sd, fill_data, small
     assert (tmp_path / "out" / "diffusion_pytorch_model.safetensors").exists()
 
 
+@pytest.mark.e2e
 def test_flax_checkpoint_on_a_full_disk(small_disk):
     """The Flax checkpoint (orbax train state + export) on a real full disk, in-process: one line, the previous
     checkpoint intact and restorable, no temporary folder; with room the next save works."""

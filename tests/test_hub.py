@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import ROOT, base_args, run_script
 
 RUNNER = """
@@ -32,6 +34,7 @@ finally:
 """
 
 
+@pytest.mark.e2e
 def test_push_uploads_only_outputs_and_passes_the_token(tiny_sd, fill_data, tmp_path):
     calls_file = tmp_path / "calls.json"
     runner = tmp_path / "runner.py"

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from conftest import base_args, load_weights, read_scalars, run_script
+
+pytestmark = pytest.mark.e2e  # every test here runs a trainer or tool in its own process(es)
 
 # Runs train_controlnet.py with the loss of the steps in $NAN_STEPS (first-last) multiplied by NaN, as a
 # diverging run or a corrupt batch would make it.

@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT, THREADS, base_args, free_port, load_weights, read_image_summaries, read_scalars, run_script
 
 # Several processes at once: one xdist worker runs all of these, one after another (2 cores).
-pytestmark = pytest.mark.xdist_group("processes")
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("processes")]
 
 
 def torchrun(

@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT, THREADS
 
 # Several processes at once: one xdist worker runs all of these, one after another (2 cores).
-pytestmark = pytest.mark.xdist_group("processes")
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("processes")]
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ from test_train_controlnet_flax import flax_args
 
 from conftest import ROOT, THREADS, XLA_THREADS
 
+pytestmark = pytest.mark.e2e  # every test here runs a trainer or tool in its own process(es)
+
 TORCH_STACK = ("torch", "torchvision", "accelerate", "deepspeed", "bitsandbytes", "triton")
 PYTORCH_ONLY = ("controlnet_training/torch_training", "controlnet_training/fixtures.py")
 

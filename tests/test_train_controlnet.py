@@ -10,6 +10,8 @@ import torch
 
 from conftest import base_args, load_weights, read_image_summaries, read_scalars, run_script
 
+pytestmark = pytest.mark.e2e  # every test here runs a trainer or tool in its own process(es)
+
 SCRIPT = "train_controlnet.py"
 
 

@@ -86,6 +86,7 @@ def straight(tiny_sd, fill_data, tmp_path_factory, flax_env) -> tuple[Path, subp
     return out, result
 
 
+@pytest.mark.e2e
 def test_end_to_end_on_four_devices(straight, tiny_sd):
     out, result = straight
     assert "devices                : 4 (1 process(es), cpu)" in result.stderr
@@ -121,6 +122,7 @@ def test_end_to_end_on_four_devices(straight, tiny_sd):
     assert "jax-diffusers-event" in card and PROMPT in card
 
 
+@pytest.mark.e2e
 def test_export_loads_in_pytorch_and_matches_flax(straight):
     """The exported ControlNet in PyTorch diffusers gives the Flax ControlNet's output with the trained params."""
     import jax
@@ -157,6 +159,7 @@ def test_export_loads_in_pytorch_and_matches_flax(straight):
     assert max(np.abs(t.numpy()).max() for _, t in pairs) > 1e-2  # trained: the residuals are not ~0
 
 
+@pytest.mark.e2e
 def test_resume_is_exact_and_the_same_seed_repeats_the_run(straight, tiny_sd, fill_data, tmp_path, flax_env):
     """4 steps, then resume to 6: the same weights, optimizer state and losses as 6 straight. Step 4 is mid-epoch
     (3 steps per epoch), so the resumed run must skip the rows already seen. The first run stops at another
@@ -194,6 +197,7 @@ def test_resume_is_exact_and_the_same_seed_repeats_the_run(straight, tiny_sd, fi
     assert np.abs(weights(out)["controlnet_mid_block.weight"]).max() > 0  # it trained
 
 
+@pytest.mark.e2e
 def test_cached_and_uncached_runs_end_with_the_same_weights(straight, tiny_sd, fill_data, tmp_path, flax_env):
     """4 steps reading the encodings from the cache (the straight run built it: reused) and 4 steps encoding at
     every step (the reference's way) end with the same weights and losses: the posterior sample, noise and
@@ -216,6 +220,7 @@ def test_cached_and_uncached_runs_end_with_the_same_weights(straight, tiny_sd, f
         assert losses[step] == pytest.approx(cached_losses[step], rel=1e-4)
 
 
+@pytest.mark.e2e
 def test_seed_changes_the_run(straight, tiny_sd, fill_data, tmp_path, flax_env):
     out, _ = straight
     other = tmp_path / "seed8"
@@ -244,6 +249,7 @@ def test_seed_changes_the_run(straight, tiny_sd, fill_data, tmp_path, flax_env):
     assert (other / "memory_initial.prof").exists() and (other / "memory_final.prof").exists()
 
 
+@pytest.mark.e2e
 def test_accumulation_matches_larger_batch(straight, tiny_sd, fill_data, tmp_path, flax_env):
     """Accumulation 2 × batch 1 reads the same rows per step as batch 2 and averages the same gradients. No
     clipping, and an Adam epsilon large enough that near-zero gradients summed in another order do not turn into
@@ -272,6 +278,7 @@ def test_accumulation_matches_larger_batch(straight, tiny_sd, fill_data, tmp_pat
         assert losses_a[step] == pytest.approx(losses_b[step], rel=1e-5)
 
 
+@pytest.mark.e2e
 def test_streaming_bf16_remat_schedule_and_exact_resume(tiny_sd, fill_data, tmp_path, flax_env):
     """--streaming (12 rows per pass: 3 steps per epoch), bf16 compute with float32 master weights, remat, a
     linear schedule with warmup. Resuming from the step-2 checkpoint (mid-epoch: the stream is skipped to row 8)
@@ -303,6 +310,7 @@ def test_streaming_bf16_remat_schedule_and_exact_resume(tiny_sd, fill_data, tmp_
     assert read_scalars(resumed / "logs", "loss") == {3: losses[3], 4: losses[4]}
 
 
+@pytest.mark.e2e
 @pytest.mark.xdist_group("processes")  # two processes: with the other multi-process tests
 def test_two_hosts_train_as_one(straight, tiny_sd, fill_data, tmp_path, flax_env):
     """Two processes with 2 devices each (jax.distributed, gloo collectives on the CPU): each loads only its own

@@ -14,6 +14,7 @@ def xl_args(tiny_sdxl, fill_data, out, cache, **overrides):
     return base_args(tiny_sdxl, fill_data["imagefolder"], out, cache_dir=cache, **overrides)
 
 
+@pytest.mark.e2e
 def test_bf16_run_with_validation_checkpoints_and_cache_reuse(tiny_sdxl, fill_data, tmp_path):
     from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
     from PIL import Image
@@ -88,6 +89,7 @@ def test_bf16_run_with_validation_checkpoints_and_cache_reuse(tiny_sdxl, fill_da
     assert image.size == (64, 64)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("batch,accumulation", [(2, 1), (3, 2)])
 def test_cached_and_uncached_runs_end_with_the_same_weights(tiny_sdxl, fill_data, tmp_path, batch, accumulation):
     common = dict(
@@ -114,6 +116,7 @@ def test_cached_and_uncached_runs_end_with_the_same_weights(tiny_sdxl, fill_data
     assert read_scalars(tmp_path / "plain" / "logs", "loss") == read_scalars(tmp_path / "cached" / "logs", "loss")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_resume_is_exact(tiny_sdxl, fill_data, tmp_path, accumulation):
     common = dict(

@@ -1,6 +1,6 @@
 """Memory presets: exact flag sets for SD 1.x/2.x at 512 px and SDXL at 1024 px by GPU memory, kept here as data.
 
-The README table (`python -m controlnet_training.presets`), the out-of-memory message of the trainers and the GPU
+The table in docs/performance.md (`python -m controlnet_training.presets`), the out-of-memory message of the trainers and the GPU
 check (benchmarks/gpu_check.sh, which measures each preset's peak memory) all read this one table.
 """
 
@@ -165,7 +165,7 @@ def exit_on_oom(args, family: str) -> Iterator[None]:
 
 
 def markdown_table(family: str) -> str:
-    """The README's table for one family: memory, flags, extra packages; sizes without a preset say why."""
+    """docs/performance.md's table for one family: memory, flags, extra packages; sizes without a preset say why."""
     rows = ["| GPU memory | flags | needs |", "|---|---|---|"]
     by_size = {p.memory_gb: p for p in presets_for(family)}
     for size in SIZES_GB:

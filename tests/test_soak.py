@@ -1,6 +1,6 @@
 """benchmarks/soak.py, short: 3 SIGKILLs (during the encodings cache build, during a checkpoint write, at a random
 moment of training) of the SD and the Flax trainer with a checkpoint every step, each resumed with 'latest'; then
-the figures against one uninterrupted run. The long soak (20 kills, SDXL too) is run by hand (README: faults)."""
+the figures against one uninterrupted run. The long soak (20 kills, SDXL too) is run by hand (docs/launch-modes.md)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Memory presets: exact flag sets for SD 1.x/2.x at 512 px and SDXL at 1024 px by GPU memory, kept here as data.
 
-The table in docs/performance.md (`python -m controlnet_training.presets`), the out-of-memory message of the trainers and the GPU
-check (benchmarks/gpu_check.sh, which measures each preset's peak memory) all read this one table.
+The table in docs/performance.md (`python -m controlnet_training.presets`), the out-of-memory message of the
+trainers and the GPU check (benchmarks/gpu_check.sh, which measures each preset's peak memory) all read this one
+table.
 """
 
 from __future__ import annotations

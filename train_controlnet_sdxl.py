@@ -13,24 +13,17 @@ computed once and cached on disk; the text encoders then leave the device.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-import torch
 
 from controlnet_training.arguments import build_parser, parse_args
-from controlnet_training.cache import model_identity, tokenizer_identity
 from controlnet_training.data import ControlNetDataset, PairedTransform
-from controlnet_training.encodings import caption_cache, text_cache
 from controlnet_training.presets import exit_on_oom
-from controlnet_training.torch_training.encodings import drop_encoders, posterior, vae_latent_cache
+from controlnet_training.torch_training.conditioning import sdxl_conditioning
 from controlnet_training.torch_training.models import enable_memory_options, make_controlnet, place_frozen
 from controlnet_training.torch_training.sdxl import (
     SDXL_MODEL_FILES,
     add_sdxl_args,
     check_sdxl_args,
-    encode_prompts,
     load_sdxl_models,
-    time_ids,
     vae_dtype,
 )
 from controlnet_training.torch_training.session import finish_session, make_loop, prepare_training, start_session
@@ -71,62 +64,19 @@ def train(args) -> None:
     # Text embeddings of every caption variant, the empty prompt and the validation prompts, and (with
     # --cache_encodings) every training image's VAE posterior: computed once into an on-disk cache keyed by what
     # they depend on. The text encoders then leave the device, and so does the VAE encoder when it is cached.
-    base = Path(args.pretrained_model_name_or_path)
-    encoders_key = {
-        "kind": "sdxl-prompt-embeds",
-        "encoders": [
-            model_identity(e, str(base / sub))
-            for e, sub in zip(models.text_encoders, ("text_encoder", "text_encoder_2"), strict=True)
-        ],
-        "tokenizers": [tokenizer_identity(t) for t in models.tokenizers],
-    }
-
-    def encode_captions(captions: list[str]) -> dict:
-        return encode_prompts(captions, models.tokenizers, models.text_encoders)
-
-    texts = caption_cache(session, encoders_key, encode_captions)  # validation prompts in a cache apart
-    prompts = (
-        text_cache(session, args.validation_prompt, encoders_key, encode_captions) if args.validation_prompt else None
-    )
     transform = PairedTransform(args.resolution, args.image_interpolation_mode)
-    cached = session.caches_encodings
-    latents = None
-    if cached:
-        vae_folder = args.pretrained_vae_model_name_or_path or str(base / "vae")
-        latents = vae_latent_cache(session, transform, models.vae, vae_folder)
+    conditioning = sdxl_conditioning(session, models, transform)
 
+    # Data, optimizer, schedule, resume.
     dataset = ControlNetDataset(
         preflight.dataset,
         preflight.columns,
         transform,
         preflight.seed,
         args.proportion_empty_prompts,
-        with_target=not cached,
+        with_target=conditioning.needs_pixels,
     )
-    training = prepare_training(
-        session,
-        controlnet,
-        dataset,
-        tokenizers=[],
-        latents=latents,
-        texts=texts,
-        summary=[
-            ("VAE", f"{args.pretrained_vae_model_name_or_path or 'base'} in {models.vae.dtype}"),
-            ("text embeddings", f"{len(texts.keys)} cached in {texts.path}"),
-            ("VAE posteriors", latents.path if cached else "encoded at every step"),
-        ],
-    )
-
-    def encode(batch: dict):
-        """VAE posterior in the UNet's latent scale; cached prompt embeddings; per-sample time_ids."""
-        mean, std = posterior(batch, models.vae)
-        added = {
-            "text_embeds": batch["pooled_prompt_embeds"].to(weight_dtype),
-            "time_ids": time_ids(batch["original_sizes"], batch["crops_top_left"], args.resolution).to(
-                accelerator.device, weight_dtype
-            ),
-        }
-        return mean, std, batch["prompt_embeds"].to(weight_dtype), added
+    training = prepare_training(session, controlnet, dataset, conditioning)
 
     def build_pipeline(trained_controlnet):
         from diffusers import StableDiffusionXLControlNetPipeline, UniPCMultistepScheduler
@@ -143,31 +93,12 @@ def train(args) -> None:
             scheduler=UniPCMultistepScheduler.from_config(models.noise_scheduler.config),
         )
 
-    def prompt_inputs(prompt: str) -> dict:
-        found = prompts.lookup([prompt])
-        return {
-            name: torch.from_numpy(found[name]).to(accelerator.device, weight_dtype)
-            for name in ("prompt_embeds", "pooled_prompt_embeds")
-        }
-
     # Validation images, and the held-out loss and control gain (also at step 0 and at the end).
     validator = make_validator(
-        session,
-        training,
-        build_pipeline,
-        transform,
-        encode,
-        models.unet,
-        models.noise_scheduler,
-        tokenizers=[],
-        texts=texts,
-        pipeline_kwargs={
-            "prompt_inputs": prompt_inputs,
-            "crops_coords_top_left": (args.crops_coords_top_left_h, args.crops_coords_top_left_w),
-        },
+        session, training, build_pipeline, transform, conditioning, models.unet, models.noise_scheduler
     )
-    drop_encoders(models.vae if cached else None, models.text_encoders)
-    loop = make_loop(session, training, models.unet, models.noise_scheduler, encode, validator)
+    conditioning.release()
+    loop = make_loop(session, training, models.unet, models.noise_scheduler, conditioning, validator)
     global_step = loop.train(training.global_step)
 
     finish_session(session, training, loop, global_step, validator, TAGS, license="openrail++")

@@ -6,7 +6,6 @@ Public inputs and outputs are NCHW like PyTorch; NHWC inside. `encode` returns t
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 
@@ -15,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import convert
 from .layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm
 
 EPS = 1e-6  # every VAE norm, as diffusers hard-codes it
@@ -191,8 +189,3 @@ class AutoencoderKL(nn.Module):
 
     def __call__(self, pixels: jax.Array) -> jax.Array:
         return self.decode(self.encode(pixels)[0])
-
-
-def load_vae(folder: str | os.PathLike, dtype: jnp.dtype = jnp.float32) -> tuple[AutoencoderKL, dict]:
-    """(module, params) from a diffusers AutoencoderKL folder, old or current attention key names."""
-    return convert.load_model(AutoencoderKL, folder, dtype)

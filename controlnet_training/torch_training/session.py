@@ -23,9 +23,10 @@ from ..encodings import Workers, wants_cache
 from ..logs import logger, report_outputs, run_summary, setup_logging, tracker_config
 from ..preflight import Preflight, Processes, run_preflight
 from ..step_plan import StepPlan, effective_batch, plan_steps
+from .conditioning import Conditioning
 from .loop import LoopSettings, TrainLoop
 from .models import make_optimizer
-from .step import Encode, StepSettings, TrainStep
+from .step import StepSettings, TrainStep
 from .validation import Validator
 
 
@@ -265,18 +266,17 @@ class Training:
     global_step: int
 
 
-def prepare_training(
-    session: Session, controlnet, dataset, tokenizers, summary: list[tuple[str, object]] = (), latents=None, texts=None
-) -> Training:
+def prepare_training(session: Session, controlnet, dataset, conditioning: Conditioning) -> Training:
     """Optimizer, schedule and data loader through accelerate; resume; trackers; the start-of-run summary.
 
-    `latents` / `texts`: caches the collator reads the batches' posteriors / text embeddings from.
+    The collator tokenizes with `conditioning.tokenizers` and reads posteriors / text embeddings from its caches.
     """
     from diffusers import ControlNetModel
 
     args, accelerator, preflight = session.args, session.accelerator, session.preflight
     register_controlnet_state_hooks(accelerator, ControlNetModel)
-    dataloader = make_dataloader(dataset, args, Collator(tokenizers, latents=latents, texts=texts), preflight.seed)
+    collate = Collator(conditioning.tokenizers, latents=conditioning.latents, texts=conditioning.texts)
+    dataloader = make_dataloader(dataset, args, collate, preflight.seed)
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = make_optimizer(args, controlnet.parameters(), device=accelerator.device)
@@ -315,7 +315,7 @@ def prepare_training(
                 ("gradient checkpointing", args.gradient_checkpointing),
                 ("min-SNR gamma", args.snr_gamma),
                 ("seed", preflight.seed),
-                *summary,
+                *conditioning.summary,
                 ("resuming from", f"{preflight.resume_from} (step {global_step})" if preflight.resume_from else "no"),
             ]
         ),
@@ -324,7 +324,7 @@ def prepare_training(
 
 
 def make_loop(
-    session: Session, training: Training, unet, noise_scheduler, encode: Encode, validator: Validator | None
+    session: Session, training: Training, unet, noise_scheduler, conditioning: Conditioning, validator: Validator | None
 ) -> TrainLoop:
     """The step (models, loss, update) and the loop around it, from the prepared training objects."""
     args = session.args
@@ -335,7 +335,7 @@ def make_loop(
         noise_scheduler,
         training.optimizer,
         training.lr_scheduler,
-        encode,
+        conditioning.encode,
         session.weight_dtype,
         session.preflight.seed,
         StepSettings.from_args(args),

@@ -18,6 +18,7 @@ from ..validation import ValidationLog, load_control_image, log_to_trackers, val
 from .control_signal import ControlSignal
 
 if TYPE_CHECKING:
+    from .conditioning import Conditioning
     from .session import Session, Training
 
 logger = logging.getLogger(__name__)
@@ -189,26 +190,23 @@ def make_validator(
     training: Training,
     build_pipeline: Callable[[Any], Any],
     transform: PairedTransform,
-    encode: Callable,
+    conditioning: Conditioning,
     unet,
     noise_scheduler,
-    tokenizers,
-    pipeline_kwargs: dict | None = None,
-    texts=None,
 ) -> Validator | None:
     """A Validator when there is something to validate: prompts/images, or held-out rows for the control signal
-    (encoded here, with the live VAE, and with the text encoder or the `texts` cache)."""
+    (encoded here, once, while the encoders are still on the device)."""
     heldout, args = session.preflight.heldout, session.args
     control = None
     if heldout is not None:
         rows = ControlNetDataset(heldout, session.preflight.columns, transform, session.preflight.seed)
-        collate = Collator(tokenizers, texts=texts)
+        collate = Collator(conditioning.tokenizers, texts=conditioning.texts)
         batches = [
             collate([rows[i] for i in range(start, min(start + 8, len(rows)))]) for start in range(0, len(rows), 8)
         ]
         control = ControlSignal(
             batches,
-            encode,
+            conditioning.encode,
             unet,
             noise_scheduler,
             session.weight_dtype,
@@ -217,6 +215,8 @@ def make_validator(
         )
     if control is None and not args.validation_prompt:
         return None
-    validator = Validator(session, build_pipeline, training.controlnet, transform, control, pipeline_kwargs or {})
+    validator = Validator(
+        session, build_pipeline, training.controlnet, transform, control, dict(conditioning.pipeline_kwargs)
+    )
     validator.start(training.global_step)
     return validator

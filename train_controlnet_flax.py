@@ -16,7 +16,7 @@ import sys
 
 from controlnet_training.data import load_tokenizer
 from controlnet_training.flax_training.args import parse_args
-from controlnet_training.flax_training.encodings import HostEncoders, build_caches, training_frozen
+from controlnet_training.flax_training.encodings import HostEncoders, make_conditioning
 from controlnet_training.flax_training.loop import Trainer
 from controlnet_training.flax_training.models import load_models, model_folders
 from controlnet_training.flax_training.runtime import replicate, start_processes
@@ -30,12 +30,10 @@ from controlnet_training.flax_training.session import (
     start_session,
 )
 from controlnet_training.flax_training.step import (
-    cached_encode,
     lr_schedule,
     make_loss,
     make_optimizer,
     make_train_step,
-    vae_clip_encode,
 )
 from controlnet_training.flax_training.trackers import Trackers
 from controlnet_training.flax_training.validation import Validator
@@ -66,10 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     # (--cache_encodings); the validation prompts embedded up front. Then the devices get only what the step reads:
     # without a cache the VAE and the text encoder run inside every step, as in the reference.
     encoders = HostEncoders(loaded.models, loaded.frozen, tokenizer)
-    cached = session.caches_encodings
-    encodings = build_caches(session, encoders, model_folders(args)) if cached else None
     validating = bool(args.validation_prompt)
-    frozen = replicate(training_frozen(loaded.frozen, cached, validating), devices.replicated)
+    conditioning = make_conditioning(session, encoders, model_folders(args), loaded.frozen, validating)
+    frozen = replicate(conditioning.frozen, devices.replicated)
 
     # Optimizer and schedule, the train state (fresh or resumed), the jitted step.
     schedule = lr_schedule(
@@ -82,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     tx = make_optimizer(args, schedule)
     state, global_step = initial_state(session, loaded, tx)
-    loss = make_loss(loaded.models, cached_encode if cached else vae_clip_encode(loaded.models), args.snr_gamma)
+    loss = make_loss(loaded.models, conditioning.encode, args.snr_gamma)
     train_step = make_train_step(loss, tx, schedule, devices.replicated)
 
     validator = None
@@ -91,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     del encoders  # and its device copies of the encoders
     loaded.frozen = None  # the host copies: the devices hold what training needs
     trackers = Trackers(args, enabled=session.is_main_process)
-    log_summary(session, global_step, encodings)
+    log_summary(session, global_step, conditioning.encodings)
     if args.profile_memory:
         memory_profile(args.output_dir, "memory_initial")
 
@@ -102,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         session.plan,
         train_step,
         frozen,
-        make_batches(session, tokenizer, encodings),
+        make_batches(session, tokenizer, conditioning.encodings),
         trackers,
         checkpointer(session, loaded),
         seed,

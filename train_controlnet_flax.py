@@ -16,7 +16,8 @@ import sys
 
 from controlnet_training.data import load_tokenizer
 from controlnet_training.flax_training.args import parse_args
-from controlnet_training.flax_training.encodings import HostEncoders, make_conditioning
+from controlnet_training.flax_training.conditioning import make_conditioning
+from controlnet_training.flax_training.encodings import HostEncoders
 from controlnet_training.flax_training.loop import Trainer
 from controlnet_training.flax_training.models import load_models, model_folders
 from controlnet_training.flax_training.runtime import replicate, start_processes

@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 from ..cache import TensorCache, model_identity, tokenizer_identity
 from ..data import Collator, PairedTransform, token_ids
 from ..encodings import caption_cache, latent_cache
-from .step import Models, cached_encode, vae_clip_encode, vae_posterior
+from .step import Models, vae_posterior
 
 ENCODE_BATCH = 32  # rows per call of an encoder outside the step (rounded up to a multiple of the local devices)
 DECODER = ("decoder", "post_quant_conv")
@@ -114,25 +114,6 @@ def training_frozen(frozen: dict, cached: bool, validating: bool) -> dict:
             "params": {name: frozen["vae"]["params"][name] for name in DECODER if name in frozen["vae"]["params"]}
         }
     return kept
-
-
-@dataclass
-class Conditioning:
-    """What the jitted step and the batches get from the frozen encoders, cached or not (the Flax side of
-    torch_training/conditioning.py), so the script has no cached/uncached branches."""
-
-    encodings: Encodings | None  # the caches the batches read; None: the encoders run inside every step
-    encode: Callable  # (frozen, micro-batch) -> (posterior mean, std, text embeddings), inside the step
-    frozen: dict  # the frozen parameters the devices hold while training
-
-
-def make_conditioning(
-    session, encoders: HostEncoders, folders: dict[str, Path], frozen: dict, validating: bool
-) -> Conditioning:
-    if not session.caches_encodings:
-        return Conditioning(None, vae_clip_encode(encoders.models), frozen)
-    encodings = build_caches(session, encoders, folders)
-    return Conditioning(encodings, cached_encode, training_frozen(frozen, cached=True, validating=validating))
 
 
 class CachedCollator:

@@ -99,3 +99,23 @@ def upload_outputs(output_dir: str | Path, repo_id: str, token: str | None) -> N
         allow_patterns=UPLOAD_PATTERNS,
         token=token,
     )
+
+
+def publish(
+    args, repo_id: str | None, logs: Sequence[ValidationLog], tags: list[str], license: str, extra: str
+) -> None:
+    """The model card in output_dir and, with --push_to_hub (`repo_id`), the upload of the outputs."""
+    write_model_card(
+        args.output_dir,
+        repo_id or repo_name(args.hub_model_id, args.output_dir),
+        args.pretrained_model_name_or_path,
+        logs,
+        tags,
+        license,
+        dataset=args.dataset_name or args.train_data_dir,
+        token=args.hub_token,
+        from_hub=repo_id is not None,
+        extra=extra,
+    )
+    if repo_id is not None:
+        upload_outputs(args.output_dir, repo_id, args.hub_token)

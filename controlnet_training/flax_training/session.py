@@ -259,20 +259,7 @@ def finish_session(
                 "trainer": "JAX/Flax (train_controlnet_flax.py)",
             }
         )
-        hub.write_model_card(
-            args.output_dir,
-            session.repo_id or hub.repo_name(args.hub_model_id, args.output_dir),
-            args.pretrained_model_name_or_path,
-            logs,
-            tags,
-            license,
-            dataset=args.dataset_name or args.train_data_dir,
-            token=args.hub_token,
-            from_hub=session.repo_id is not None,
-            extra=details,
-        )
-        if session.repo_id is not None:
-            hub.upload_outputs(args.output_dir, session.repo_id, args.hub_token)
+        hub.publish(args, session.repo_id, logs, tags, license, extra=details)
         report = report_outputs(args.output_dir, trackers.logging_dir)
         peak = peak_device_memory()
         if peak:

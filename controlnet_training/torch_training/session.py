@@ -390,20 +390,7 @@ def finish_session(
                 "seed": session.preflight.seed,
             }
         )
-        hub.write_model_card(
-            args.output_dir,
-            session.repo_id or hub.repo_name(args.hub_model_id, args.output_dir),
-            args.pretrained_model_name_or_path,
-            logs,
-            tags,
-            license,
-            dataset=args.dataset_name or args.train_data_dir,
-            token=args.hub_token,
-            from_hub=session.repo_id is not None,
-            extra=control_section + details,
-        )
-        if session.repo_id is not None:
-            hub.upload_outputs(args.output_dir, session.repo_id, args.hub_token)
+        hub.publish(args, session.repo_id, logs, tags, license, extra=control_section + details)
         logger.info(
             "done after %d steps. Outputs:\n%s",
             global_step,

@@ -22,6 +22,8 @@ from controlnet_training.data import (
 )
 from controlnet_training.torch_training.control_signal import ControlSignal
 
+pytestmark = pytest.mark.xdist_group("test_control_signal")  # one worker: the module fixtures are built once
+
 
 def heldout_batches(fill_data, tokenizer, rows=6, batch=4):
     args = SimpleNamespace(

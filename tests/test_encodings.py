@@ -12,6 +12,8 @@ from controlnet_training.data import Collator, Columns, ControlNetDataset, Paire
 from controlnet_training.encodings import Workers, text_cache, wants_cache
 from controlnet_training.torch_training.encodings import drop_encoders, posterior, vae_latent_cache
 
+pytestmark = pytest.mark.xdist_group("test_encodings")  # one worker: the module fixtures are built once
+
 
 def make_session(fill_data, cache_dir, rows=5):
     args = SimpleNamespace(

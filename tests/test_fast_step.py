@@ -15,6 +15,8 @@ import torch
 
 from conftest import ROOT, THREADS, base_args, load_weights, read_scalars, run_script
 
+pytestmark = pytest.mark.xdist_group("test_fast_step")  # one worker: the module fixtures are built once
+
 SCRIPT = "train_controlnet.py"
 
 

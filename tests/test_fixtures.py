@@ -12,6 +12,8 @@ from PIL import Image
 
 from controlnet_training.fixtures import draw_fill_sample, make_tokenizer, real_clip_vocab, small_clip_vocab
 
+pytestmark = pytest.mark.xdist_group("test_fixtures")  # one worker: the module fixtures are built once
+
 
 def test_tiny_pipeline_loads_and_downsamples_by_8(tiny_sd):
     from diffusers import StableDiffusionPipeline

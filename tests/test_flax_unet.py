@@ -31,6 +31,8 @@ from controlnet_training.flax_models.convert import (
 )
 from controlnet_training.flax_models.unet import UNet2DConditionModel
 
+pytestmark = pytest.mark.xdist_group("test_flax_unet")  # one worker: the module fixtures are built once
+
 TOL = 1e-4
 SD1 = dict(  # conv proj_in/out, attention_head_dim an int meaning heads
     sample_size=8,

@@ -21,6 +21,8 @@ import torch
 from conftest import FLAX_DEVICES as DEVICES
 from conftest import ROOT, THREADS, XLA_THREADS, base_args, free_port, read_image_summaries, read_scalars, run_script
 
+pytestmark = pytest.mark.xdist_group("processes")  # one worker: `straight` and the compilation cache once; two hosts
+
 SCRIPT = "train_controlnet_flax.py"
 PROMPT = "red circle with blue background"
 
@@ -311,7 +313,6 @@ def test_streaming_bf16_remat_schedule_and_exact_resume(tiny_sd, fill_data, tmp_
 
 
 @pytest.mark.e2e
-@pytest.mark.xdist_group("processes")  # two processes: with the other multi-process tests
 def test_two_hosts_train_as_one(straight, tiny_sd, fill_data, tmp_path, flax_env):
     """Two processes with 2 devices each (jax.distributed, gloo collectives on the CPU): each loads only its own
     rows, only process 0 writes, and the result is the 4-device single-process run's (up to summation order).

@@ -107,7 +107,13 @@ def test_the_flax_trainer_trains_checkpoints_resumes_validates_and_exports_witho
 
     def train(max_steps: int, **extra) -> subprocess.CompletedProcess:
         argv = flax_args(
-            tiny_sd, fill_data["imagefolder"], out, max_train_steps=max_steps, checkpointing_steps=2, **extra
+            tiny_sd,
+            fill_data["imagefolder"],
+            out,
+            max_train_steps=max_steps,
+            checkpointing_steps=2,
+            cache_dir=tmp_path / "cache",  # its own encodings cache: the Flax tests on this worker build theirs
+            **extra,
         )
         code = (
             f"import runpy; sys.argv = {[str(script), *argv]!r}; runpy.run_path({str(script)!r}, run_name='__main__')"

@@ -12,11 +12,12 @@ from __future__ import annotations
 import sys
 
 from controlnet_training.arguments import build_parser, parse_args
-from controlnet_training.data import ControlNetDataset, PairedTransform
+from controlnet_training.data import PairedTransform
 from controlnet_training.preflight import SD_MODEL_FILES
 from controlnet_training.presets import exit_on_oom
 from controlnet_training.torch_training.conditioning import sd_conditioning
 from controlnet_training.torch_training.models import (
+    MemoryOptions,
     enable_memory_options,
     load_sd_models,
     make_controlnet,
@@ -44,12 +45,12 @@ def main(argv: list[str] | None = None) -> None:
 def train(args) -> None:
     # Files, packages, resume target and dataset are checked before any model loads.
     session = start_session(args, "train_controlnet.py", SD_MODEL_FILES)
-    accelerator, weight_dtype, preflight = session.accelerator, session.weight_dtype, session.preflight
+    accelerator, weight_dtype = session.accelerator, session.weight_dtype
 
     # Models: frozen tokenizer / text encoder / VAE / UNet in the weight dtype, a trainable fp32 ControlNet.
     models = load_sd_models(args)
     controlnet = make_controlnet(args, models.unet)
-    enable_memory_options(args, controlnet, models.unet, accelerator.device)
+    enable_memory_options(MemoryOptions.from_args(args), controlnet, models.unet, accelerator.device)
     place_frozen((models.vae, models.unet, models.text_encoder), accelerator.device, weight_dtype)
 
     # Every training image's VAE posterior and every caption's embedding, encoded once into an on-disk cache
@@ -58,15 +59,7 @@ def train(args) -> None:
     conditioning = sd_conditioning(session, models, transform)
 
     # Data, optimizer, schedule, resume.
-    dataset = ControlNetDataset(
-        preflight.dataset,
-        preflight.columns,
-        transform,
-        preflight.seed,
-        args.proportion_empty_prompts,
-        with_target=conditioning.needs_pixels,
-    )
-    training = prepare_training(session, controlnet, dataset, conditioning)
+    training = prepare_training(session, controlnet, transform, conditioning)
 
     def build_pipeline(trained_controlnet):
         from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler

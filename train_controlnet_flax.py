@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import sys
 
+from controlnet_training.arguments import AdamWSettings
 from controlnet_training.data import load_tokenizer
 from controlnet_training.flax_training.args import parse_args
 from controlnet_training.flax_training.conditioning import make_conditioning
 from controlnet_training.flax_training.encodings import HostEncoders
-from controlnet_training.flax_training.loop import Trainer
+from controlnet_training.flax_training.loop import TrainLoop
 from controlnet_training.flax_training.models import load_models, model_folders
 from controlnet_training.flax_training.runtime import replicate, start_processes
 from controlnet_training.flax_training.session import (
@@ -38,6 +39,7 @@ from controlnet_training.flax_training.step import (
 )
 from controlnet_training.flax_training.trackers import Trackers
 from controlnet_training.flax_training.validation import Validator
+from controlnet_training.step_plan import LoopSettings
 
 TAGS = [
     "stable-diffusion",
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         args.lr_num_cycles,
         args.lr_power,
     )
-    tx = make_optimizer(args, schedule)
+    tx = make_optimizer(AdamWSettings.from_args(args), args.max_grad_norm, schedule)
     state, global_step = initial_state(session, loaded, tx)
     loss = make_loss(loaded.models, conditioning.encode, args.snr_gamma)
     train_step = make_train_step(loss, tx, schedule, devices.replicated)
@@ -93,20 +95,21 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile_memory:
         memory_profile(args.output_dir, "memory_initial")
 
-    trainer = Trainer(
-        args,
-        devices,
-        session.layout,
-        session.plan,
-        train_step,
-        frozen,
-        make_batches(session, tokenizer, conditioning.encodings),
-        trackers,
-        checkpointer(session, loaded),
-        seed,
-        validator,
+    loop = TrainLoop(
+        settings=LoopSettings.from_args(args, session.layout.global_batch),
+        devices=devices,
+        layout=session.layout,
+        plan=session.plan,
+        train_step=train_step,
+        frozen=frozen,
+        batches=make_batches(session, tokenizer, conditioning.encodings),
+        trackers=trackers,
+        checkpoint=checkpointer(session, loaded),
+        seed=seed,
+        validate=validator,
+        profile_steps=args.profile_steps,
     )
-    state, global_step = trainer.train(state, global_step)
+    state, global_step = loop.train(state, global_step)
 
     finish_session(session, state, global_step, loaded, validator, trackers, TAGS, license="creativeml-openrail-m")
 

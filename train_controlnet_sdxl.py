@@ -15,10 +15,15 @@ from __future__ import annotations
 import sys
 
 from controlnet_training.arguments import build_parser, parse_args
-from controlnet_training.data import ControlNetDataset, PairedTransform
+from controlnet_training.data import PairedTransform
 from controlnet_training.presets import exit_on_oom
 from controlnet_training.torch_training.conditioning import sdxl_conditioning
-from controlnet_training.torch_training.models import enable_memory_options, make_controlnet, place_frozen
+from controlnet_training.torch_training.models import (
+    MemoryOptions,
+    enable_memory_options,
+    make_controlnet,
+    place_frozen,
+)
 from controlnet_training.torch_training.sdxl import (
     SDXL_MODEL_FILES,
     add_sdxl_args,
@@ -50,12 +55,12 @@ def main(argv: list[str] | None = None) -> None:
 def train(args) -> None:
     # Files, packages, resume target and dataset are checked before any model loads.
     session = start_session(args, "train_controlnet_sdxl.py", SDXL_MODEL_FILES, extra_checks=check_sdxl_args)
-    accelerator, weight_dtype, preflight = session.accelerator, session.weight_dtype, session.preflight
+    accelerator, weight_dtype = session.accelerator, session.weight_dtype
 
     # Models: frozen, in the weight dtype (the base VAE in fp32); a trainable fp32 ControlNet.
     models = load_sdxl_models(args)
     controlnet = make_controlnet(args, models.unet)
-    enable_memory_options(args, controlnet, models.unet, accelerator.device)
+    enable_memory_options(MemoryOptions.from_args(args), controlnet, models.unet, accelerator.device)
     if args.enable_npu_flash_attention:
         models.unet.enable_npu_flash_attention()
     place_frozen((models.unet, *models.text_encoders), accelerator.device, weight_dtype)
@@ -68,15 +73,7 @@ def train(args) -> None:
     conditioning = sdxl_conditioning(session, models, transform)
 
     # Data, optimizer, schedule, resume.
-    dataset = ControlNetDataset(
-        preflight.dataset,
-        preflight.columns,
-        transform,
-        preflight.seed,
-        args.proportion_empty_prompts,
-        with_target=conditioning.needs_pixels,
-    )
-    training = prepare_training(session, controlnet, dataset, conditioning)
+    training = prepare_training(session, controlnet, transform, conditioning)
 
     def build_pipeline(trained_controlnet):
         from diffusers import StableDiffusionXLControlNetPipeline, UniPCMultistepScheduler

@@ -42,7 +42,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -306,7 +305,7 @@ def path_specs(args, device) -> list[PathSpec]:
 
     on_cuda = device.type == "cuda"
     channels_last = {"auto": on_cuda, "on": True, "off": False}[args.channels_last]
-    fused = use_fused_adamw(args, device)
+    fused = use_fused_adamw(args.use_8bit_adam, device, args.mixed_precision)
     specs = []
     for name in args.path_list:
         if name == "reference":
@@ -429,7 +428,8 @@ class PathRun:
     ):
         import torch
 
-        from controlnet_training.torch_training.models import enable_memory_options, make_optimizer
+        from controlnet_training.arguments import AdamWSettings
+        from controlnet_training.torch_training.models import MemoryOptions, enable_memory_options, make_optimizer
         from controlnet_training.torch_training.step import StepSettings, TrainStep
 
         self.spec, self.args, self.accelerator, self.batch = spec, args, accelerator, batch
@@ -443,18 +443,11 @@ class PathRun:
             **spec.flags,
         }
         self.batch_size, self.accumulation = flags["batch_size"], flags["gradient_accumulation_steps"]
-        options = SimpleNamespace(
+        memory = MemoryOptions(
             gradient_checkpointing=flags["gradient_checkpointing"],
             allow_tf32=args.allow_tf32,
-            enable_xformers_memory_efficient_attention=False,
             channels_last=spec.channels_last,
             torch_compile=spec.compile,
-            use_8bit_adam=flags["use_8bit_adam"],
-            learning_rate=1e-5,
-            adam_beta1=0.9,
-            adam_beta2=0.999,
-            adam_weight_decay=1e-2,
-            adam_epsilon=1e-8,
         )
         self.result = {
             "path": spec.name,
@@ -471,7 +464,8 @@ class PathRun:
             torch.cuda.reset_peak_memory_stats(device)
         controlnet = copy.deepcopy(models.controlnet_master)
         controlnet.train()
-        optimizer = make_optimizer(options, controlnet.parameters(), device, fused=spec.fused_adamw)
+        adamw = AdamWSettings(learning_rate=1e-5, eight_bit=flags["use_8bit_adam"])
+        optimizer = make_optimizer(adamw, controlnet.parameters(), device, fused=spec.fused_adamw)
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         accelerator.gradient_accumulation_steps = self.accumulation
         controlnet, optimizer, lr_scheduler = accelerator.prepare(controlnet, optimizer, lr_scheduler)
@@ -479,21 +473,21 @@ class PathRun:
             snr_gamma=None, max_grad_norm=1.0, set_grads_to_none=flags["set_grads_to_none"] or spec.grads_to_none
         )
         self.step = TrainStep(
-            accelerator,
-            controlnet,
-            unet,
-            models.noise_scheduler,
-            optimizer,
-            lr_scheduler,
-            encode,
-            weight_dtype,
-            args.seed,
-            settings,
+            accelerator=accelerator,
+            controlnet=controlnet,
+            unet=unet,
+            noise_scheduler=models.noise_scheduler,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            encode=encode,
+            weight_dtype=weight_dtype,
+            seed=args.seed,
+            settings=settings,
         )
         if measure_flops:
             self.result["flops_per_sample"] = count_flops(self.step, batch)
         # After the FLOP count (which runs eager): memory format, checkpointing, compilation.
-        enable_memory_options(options, accelerator.unwrap_model(controlnet), unet, device)
+        enable_memory_options(memory, accelerator.unwrap_model(controlnet), unet, device)
         if device.type == "cuda":
             empty_cache(device)  # the FLOP count's blocks do not count as this path's reservation
             torch.cuda.reset_peak_memory_stats(device)
@@ -688,7 +682,7 @@ def run_presets(args, accelerator, models: Models, weight_dtype) -> tuple[list[d
 
     def measure(name: str, settings: dict, budget: int, flags: str) -> dict:
         eight_bit = settings.get("use_8bit_adam", False)
-        fused = use_fused_adamw(argparse.Namespace(use_8bit_adam=eight_bit), device)
+        fused = use_fused_adamw(eight_bit, device, args.mixed_precision)
         spec = PathSpec(
             name,
             "cached",

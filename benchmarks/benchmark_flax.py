@@ -26,7 +26,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,6 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from benchmark import peak_bf16_flops  # noqa: E402 - benchmarks/benchmark.py (this script's folder): one chip table
 
+from controlnet_training.arguments import AdamWSettings  # noqa: E402
 from controlnet_training.fixtures import SIZES  # noqa: E402
 from controlnet_training.flax_models.clip import CLIPTextModel  # noqa: E402
 from controlnet_training.flax_models.controlnet import (  # noqa: E402
@@ -78,10 +78,6 @@ SCHEDULER_CONFIG = dict(
 VOCAB = {"tiny": 1000, "sd15": 49408}  # the tiny fixture's vocabulary is a few hundred tokens; SD's CLIP 49408
 MAX_LENGTH = 77
 PATHS = ("optimized", "reference")
-# The trainers' defaults (controlnet_training/arguments.py).
-OPTIMIZER = SimpleNamespace(
-    max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, adam_weight_decay=1e-2
-)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -274,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     schedule = lr_schedule("constant", 1e-5, 0, args.warmup + args.steps + 1)
-    tx = make_optimizer(OPTIMIZER, schedule)
+    tx = make_optimizer(AdamWSettings(), max_grad_norm=1.0, schedule=schedule)  # the trainers' defaults
     results = {}
     for path in [p for p in PATHS if p in args.paths]:
         r = results[path] = time_path(path, args, devices, models, frozen, controlnet_params, tx, schedule)

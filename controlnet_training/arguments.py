@@ -11,12 +11,36 @@ import argparse
 import math
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
 class InputError(ValueError):
     """Bad user input, reported as one line naming the flag or file, before any model is loaded."""
+
+
+@dataclass(frozen=True)
+class AdamWSettings:
+    """The optimizer flags, for both frameworks' AdamW (torch.optim / bitsandbytes, optax)."""
+
+    learning_rate: float = 5e-6
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 1e-2
+    epsilon: float = 1e-8
+    eight_bit: bool = False  # bitsandbytes' 8-bit AdamW (PyTorch only)
+
+    @classmethod
+    def from_args(cls, args) -> AdamWSettings:
+        return cls(
+            learning_rate=args.learning_rate,
+            beta1=args.adam_beta1,
+            beta2=args.adam_beta2,
+            weight_decay=args.adam_weight_decay,
+            epsilon=args.adam_epsilon,
+            eight_bit=getattr(args, "use_8bit_adam", False),
+        )
 
 
 class Parser(argparse.ArgumentParser):

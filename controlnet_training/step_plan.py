@@ -12,6 +12,31 @@ from dataclasses import dataclass, field
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the training loops (PyTorch and Flax) read from the flags."""
+
+    output_dir: str
+    effective_batch: int  # rows per optimizer step (all processes, all accumulation micro-batches)
+    logging_steps: int = 10
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    validation_steps: int = 100
+    max_consecutive_nonfinite_steps: int = 3
+
+    @classmethod
+    def from_args(cls, args, effective_batch: int) -> LoopSettings:
+        return cls(
+            output_dir=args.output_dir,
+            effective_batch=effective_batch,
+            logging_steps=args.logging_steps,
+            checkpointing_steps=args.checkpointing_steps,
+            checkpoints_total_limit=args.checkpoints_total_limit,
+            validation_steps=args.validation_steps,
+            max_consecutive_nonfinite_steps=args.max_consecutive_nonfinite_steps,
+        )
+
+
 @dataclass
 class StepPlan:
     """Updates per epoch, epochs, and where a resumed run starts."""

@@ -69,3 +69,25 @@ def test_consecutive_nonfinite_steps_stop_the_run_and_keep_the_checkpoint(tiny_s
     )
     assert "checkpoint-4 (step 4)" in " ".join(resumed.stderr.split())
     assert all(torch.isfinite(value).all() for value in load_weights(out).values())
+
+
+def test_loss_is_read_only_at_logging_steps(tiny_sd, fill_data, tmp_path):
+    """Logging every 3 steps logs steps 3, 6 and the last (7); the loss logged is the mean over the steps since
+    the previous log, and logging does not change the training."""
+    common = dict(max_train_steps=7, validation_split=0, train_batch_size=1)
+    every, sparse = tmp_path / "every", tmp_path / "sparse"
+    run_script("train_controlnet.py", base_args(tiny_sd, fill_data["imagefolder"], every, logging_steps=1, **common))
+    run_script("train_controlnet.py", base_args(tiny_sd, fill_data["imagefolder"], sparse, logging_steps=3, **common))
+    a, b = load_weights(every), load_weights(sparse)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    per_step = read_scalars(every / "logs", "loss")
+    logged = read_scalars(sparse / "logs", "loss")
+    assert sorted(logged) == [3, 6, 7]
+    for step, first in ((3, 1), (6, 4), (7, 7)):
+        window = [per_step[s] for s in range(first, step + 1)]
+        assert logged[step] == pytest.approx(sum(window) / len(window), rel=1e-5)
+    norms_every, norms = read_scalars(every / "logs", "grad_norm"), read_scalars(sparse / "logs", "grad_norm")
+    assert sorted(norms) == [3, 6, 7]
+    assert norms[6] == pytest.approx(sum(norms_every[s] for s in (4, 5, 6)) / 3, rel=1e-5)
+    for tag in ("lr", "samples_per_second"):
+        assert sorted(read_scalars(sparse / "logs", tag)) == [3, 6, 7], tag

@@ -568,7 +568,7 @@ def no_model_loading(monkeypatch):
 
 
 def bad_input_cases() -> dict[str, tuple[dict, str]]:
-    from test_bad_inputs import CASES
+    from test_preflight import CASES
 
     pytorch_only = {"xformers", "fp16 on the CPU"}  # flags (or a precision) only the PyTorch trainers refuse
     cases = {k: v for k, v in CASES.items() if k not in pytorch_only}
@@ -608,7 +608,7 @@ def test_hub_token_passes_the_checks_with_the_default_tracker(tiny_sd, fill_data
 
 @pytest.mark.parametrize("case", sorted(bad_input_cases()))
 def test_bad_input_fails_early_with_one_line(case, tiny_sd, fill_data, tmp_path, no_model_loading, capsys, request):
-    from test_bad_inputs import expect_one_line_error
+    from test_preflight import expect_one_line_error
 
     import train_controlnet_flax
 

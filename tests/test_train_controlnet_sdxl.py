@@ -162,7 +162,7 @@ SDXL_BAD_INPUTS = {
 
 @pytest.mark.parametrize("case", sorted(SDXL_BAD_INPUTS))
 def test_bad_inputs_specific_to_sdxl(case, tiny_sdxl, fill_data, tmp_path, monkeypatch, capsys, request):
-    from test_bad_inputs import expect_one_line_error
+    from test_preflight import expect_one_line_error
 
     import train_controlnet_sdxl
 

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from ..logs import Progress
-from ..step_plan import NonFiniteGuard, StepPlan, stops_on_nonfinite
+from ..step_plan import LoopSettings, NonFiniteGuard, StepPlan, stops_on_nonfinite
 from .data import BatchLayout, to_global
 from .runtime import Devices, to_host
 from .step import TrainState, seed_array
@@ -26,8 +26,8 @@ IN_FLIGHT = 2  # steps the host may run ahead of the device (bounds the queued b
 
 
 @dataclass
-class Trainer:
-    args: Any
+class TrainLoop:
+    settings: LoopSettings
     devices: Devices
     layout: BatchLayout
     plan: StepPlan
@@ -38,15 +38,14 @@ class Trainer:
     checkpoint: Callable[[TrainState, int], None]
     seed: int
     validate: Callable[[int, Any], list] | None = None
-    nonfinite: NonFiniteGuard | None = None
+    profile_steps: int = 0  # --profile_steps: trace this many steps after the first (compiling) one
 
     def __post_init__(self):
-        if self.nonfinite is None:
-            self.nonfinite = NonFiniteGuard(
-                self.args.max_consecutive_nonfinite_steps,
-                self.args.output_dir,
-                "the update was skipped (weights and optimizer state as they were)",
-            )
+        self.nonfinite = NonFiniteGuard(
+            self.settings.max_consecutive_nonfinite_steps,
+            self.settings.output_dir,
+            "the update was skipped (weights and optimizer state as they were)",
+        )
 
     def log(self, pending: list[dict], global_step: int, progress: Progress) -> None:
         """The one host sync: mean loss and gradient norm since the last log (over its finite steps), the latest
@@ -66,7 +65,7 @@ class Trainer:
         self.trackers.log({**metrics, "epoch": global_step / self.plan.updates_per_epoch}, global_step)
 
     def train(self, state: TrainState, global_step: int) -> tuple[TrainState, int]:
-        args, plan = self.args, self.plan
+        settings, plan, profile_steps = self.settings, self.plan, self.profile_steps
         in_flight: collections.deque = collections.deque()
         progress = Progress(
             plan.max_train_steps,
@@ -90,22 +89,22 @@ class Trainer:
             progress.step()
             last = global_step >= plan.max_train_steps
 
-            if args.profile_steps and steps_run in (1, 1 + args.profile_steps):  # step 1 compiled: trace after it
+            if profile_steps and steps_run in (1, 1 + profile_steps):  # step 1 compiled: trace after it
                 jax.block_until_ready(metrics)
                 tracing = not tracing
                 if tracing:
-                    jax.profiler.start_trace(args.output_dir)
+                    jax.profiler.start_trace(settings.output_dir)
                 else:
                     jax.profiler.stop_trace()
                     progress.write(
-                        f"profile of {args.profile_steps} step(s) written under "
-                        f"{Path(args.output_dir) / 'plugins' / 'profile'}"
+                        f"profile of {profile_steps} step(s) written under "
+                        f"{Path(settings.output_dir) / 'plugins' / 'profile'}"
                     )
-            if global_step % args.logging_steps == 0 or last:
+            if global_step % settings.logging_steps == 0 or last:
                 self.log(pending, global_step, progress)
                 pending = []
-            checkpoint = global_step % args.checkpointing_steps == 0
-            validate = self.validate is not None and global_step % args.validation_steps == 0 and not last
+            checkpoint = global_step % settings.checkpointing_steps == 0
+            validate = self.validate is not None and global_step % settings.validation_steps == 0 and not last
             if checkpoint or validate:
                 progress.pause_started()
                 if checkpoint:

@@ -21,6 +21,7 @@ import numpy as np
 import optax
 from flax import struct
 
+from ..arguments import AdamWSettings
 from ..flax_models.schedule import NoiseSchedule, add_noise, min_snr_weights, prediction_target, snr
 from ..flax_models.vae import AutoencoderKL
 
@@ -110,12 +111,14 @@ def lr_schedule(
     return schedule
 
 
-def make_optimizer(args, schedule: optax.Schedule) -> optax.GradientTransformation:
+def make_optimizer(
+    settings: AdamWSettings, max_grad_norm: float, schedule: optax.Schedule
+) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW with decoupled weight decay (torch.optim.AdamW's update)."""
     return optax.chain(
-        optax.clip_by_global_norm(args.max_grad_norm),
+        optax.clip_by_global_norm(max_grad_norm),
         optax.adamw(
-            schedule, b1=args.adam_beta1, b2=args.adam_beta2, eps=args.adam_epsilon, weight_decay=args.adam_weight_decay
+            schedule, b1=settings.beta1, b2=settings.beta2, eps=settings.epsilon, weight_decay=settings.weight_decay
         ),
     )
 

@@ -54,7 +54,7 @@ def sd_conditioning(session, models, transform: PairedTransform) -> Conditioning
         return mean, std, embed(batch["input_ids"]), None
 
     if not session.caches_encodings:
-        return Conditioning(encode, [models.tokenizer], summary=[("cached encodings", "no")])
+        return Conditioning(encode=encode, tokenizers=[models.tokenizer], summary=[("cached encodings", "no")])
 
     def encode_text(captions: list[str]) -> dict[str, torch.Tensor]:
         ids = token_ids(models.tokenizer, captions, return_tensors="pt").to(device)
@@ -77,11 +77,11 @@ def sd_conditioning(session, models, transform: PairedTransform) -> Conditioning
 
         pipeline_kwargs["prompt_inputs"] = prompt_inputs
     return Conditioning(
-        encode,
-        [],
-        latents,
-        texts,
-        pipeline_kwargs,
+        encode=encode,
+        tokenizers=[],
+        latents=latents,
+        texts=texts,
+        pipeline_kwargs=pipeline_kwargs,
         summary=[("cached encodings", latents.path.parent)],
         release=lambda: drop_encoders(models.vae, [models.text_encoder]),
     )
@@ -125,11 +125,11 @@ def sdxl_conditioning(session, models, transform: PairedTransform) -> Conditioni
         return {name: torch.from_numpy(found[name]).to(device, weight_dtype) for name in names}
 
     return Conditioning(
-        encode,
-        [],
-        latents,
-        texts,
-        {
+        encode=encode,
+        tokenizers=[],
+        latents=latents,
+        texts=texts,
+        pipeline_kwargs={
             "prompt_inputs": prompt_inputs,
             "crops_coords_top_left": (args.crops_coords_top_left_h, args.crops_coords_top_left_w),
         },

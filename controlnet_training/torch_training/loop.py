@@ -12,34 +12,11 @@ import torch
 
 from ..checkpoints import prune_checkpoints, save_checkpoint
 from ..logs import Progress, logger
-from ..step_plan import NonFiniteGuard, StepPlan, stops_on_nonfinite
+from ..step_plan import LoopSettings, NonFiniteGuard, StepPlan, stops_on_nonfinite
 from .step import TrainStep
 
 # validate(step, final, train loss since the previous validation) -> the control signal it measured, or None
 Validate = Callable[[int, bool, float | None], dict | None]
-
-
-@dataclass(frozen=True)
-class LoopSettings:
-    output_dir: str
-    effective_batch: int  # rows per optimizer step (all processes, all accumulation micro-batches)
-    logging_steps: int = 10
-    checkpointing_steps: int = 500
-    checkpoints_total_limit: int | None = None
-    validation_steps: int = 100
-    max_consecutive_nonfinite_steps: int = 3
-
-    @classmethod
-    def from_args(cls, args, effective_batch: int) -> LoopSettings:
-        return cls(
-            args.output_dir,
-            effective_batch,
-            args.logging_steps,
-            args.checkpointing_steps,
-            args.checkpoints_total_limit,
-            args.validation_steps,
-            args.max_consecutive_nonfinite_steps,
-        )
 
 
 class DeviceMean:

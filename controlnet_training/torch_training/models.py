@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
 
-from ..arguments import InputError
+from ..arguments import AdamWSettings, InputError
 from ..data import load_tokenizer
 
 
@@ -71,25 +72,46 @@ def make_controlnet(args, unet):
     return controlnet
 
 
-def enable_memory_options(args, controlnet, unet, device: torch.device | str | None = None) -> None:
-    """Memory and speed options on the ControlNet and the frozen UNet. Attention is PyTorch SDPA (diffusers'
+@dataclass(frozen=True)
+class MemoryOptions:
+    """Memory and speed options of the ControlNet and the frozen UNet."""
+
+    gradient_checkpointing: bool = False
+    xformers: bool = False  # xFormers attention instead of PyTorch SDPA
+    allow_tf32: bool = False  # CUDA only
+    channels_last: bool = False  # CUDA only
+    torch_compile: bool = False
+
+    @classmethod
+    def from_args(cls, args) -> MemoryOptions:
+        return cls(
+            gradient_checkpointing=args.gradient_checkpointing,
+            xformers=args.enable_xformers_memory_efficient_attention,
+            allow_tf32=args.allow_tf32,
+            channels_last=args.channels_last,
+            torch_compile=args.torch_compile,
+        )
+
+
+def enable_memory_options(options: MemoryOptions, controlnet, unet, device: torch.device | str | None = None) -> None:
+    """Apply `options` to the ControlNet and the frozen UNet. Attention is PyTorch SDPA (diffusers'
     AttnProcessor2_0, flash / memory-efficient kernels where the dtype and shapes allow) unless xFormers is asked
     for. `device` is where the models will run (default: CUDA when available)."""
     on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
-    if args.enable_xformers_memory_efficient_attention:
+    if options.xformers:
         unet.enable_xformers_memory_efficient_attention()
         controlnet.enable_xformers_memory_efficient_attention()
-    if args.gradient_checkpointing:
+    if options.gradient_checkpointing:
         # The loss reaches the ControlNet only through the frozen UNet, so the UNet's activations count too.
         controlnet.enable_gradient_checkpointing()
         unet.enable_gradient_checkpointing()
-    if args.allow_tf32 and on_cuda:
+    if options.allow_tf32 and on_cuda:
         torch.backends.cuda.matmul.allow_tf32 = True  # matmuls (linear layers, attention projections)
         torch.backends.cudnn.allow_tf32 = True  # cuDNN convolutions (PyTorch's default is already True)
-    if getattr(args, "channels_last", False) and on_cuda:
+    if options.channels_last and on_cuda:
         for module in (controlnet, unet):  # later .to(device, dtype) calls keep the memory format
             module.to(memory_format=torch.channels_last)
-    if getattr(args, "torch_compile", False):
+    if options.torch_compile:
         compile_models(controlnet, unet, cpu=not on_cuda)
 
 
@@ -143,37 +165,44 @@ def controlled_prediction(
     )[0]
 
 
-def use_fused_adamw(args, device: torch.device | str | None = None) -> bool:
+def use_fused_adamw(
+    eight_bit: bool = False, device: torch.device | str | None = None, mixed_precision: str | None = None
+) -> bool:
     """Fused AdamW (one kernel over all parameters, no temporary copies of the optimizer state) where torch has
     it for the parameters' device: CUDA, and the CPU. On the tiny CPU fixtures it makes the optimizer step ~4x
     faster. Not with 8-bit Adam, and not under DeepSpeed, whose ZeRO optimizer wrapper (and CPU offload) steps the
     parameters itself. `device`: where the parameters will train (default: CUDA when available, else the CPU);
-    they may still be on the CPU when the optimizer is made."""
+    they may still be on the CPU when the optimizer is made. `mixed_precision`: default, accelerate's variable."""
     import os
 
-    if args.use_8bit_adam or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("true", "1"):
+    if eight_bit or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("true", "1"):
         return False
     # fp16: accelerate detects a step the GradScaler skipped (inf/NaN gradients) only for unfused optimizers; with
     # a fused one the LR schedule would advance on skipped steps.
-    precision = getattr(args, "mixed_precision", None) or os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if precision == "fp16":
+    if (mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")) == "fp16":
         return False
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     return device.type in ("cuda", "cpu")
 
 
-def make_optimizer(args, params, device: torch.device | str | None = None, fused: bool | None = None):
+def make_optimizer(
+    settings: AdamWSettings,
+    params,
+    device: torch.device | str | None = None,
+    mixed_precision: str | None = None,
+    fused: bool | None = None,
+):
     """AdamW (bitsandbytes' 8-bit one with --use_8bit_adam); `fused`: None decides with use_fused_adamw."""
     kwargs = dict(
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
+        lr=settings.learning_rate,
+        betas=(settings.beta1, settings.beta2),
+        weight_decay=settings.weight_decay,
+        eps=settings.epsilon,
     )
-    if args.use_8bit_adam:
+    if settings.eight_bit:
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, **kwargs)
     if fused is None:
-        fused = use_fused_adamw(args, device)
+        fused = use_fused_adamw(settings.eight_bit, device, mixed_precision)
     return torch.optim.AdamW(params, fused=True, **kwargs) if fused else torch.optim.AdamW(params, **kwargs)

@@ -15,16 +15,16 @@ from typing import Any
 import torch
 
 from .. import hub, validation
-from ..arguments import InputError, exit_on_input_error
+from ..arguments import AdamWSettings, InputError, exit_on_input_error
 from ..checkpoints import read_state, save_final
 from ..control_signal import plot_metrics
-from ..data import Collator
+from ..data import Collator, ControlNetDataset, PairedTransform
 from ..encodings import Workers, wants_cache
 from ..logs import logger, report_outputs, run_summary, setup_logging, tracker_config
 from ..preflight import Preflight, Processes, run_preflight
-from ..step_plan import StepPlan, effective_batch, plan_steps
+from ..step_plan import LoopSettings, StepPlan, effective_batch, plan_steps
 from .conditioning import Conditioning
-from .loop import LoopSettings, TrainLoop
+from .loop import TrainLoop
 from .models import make_optimizer
 from .step import StepSettings, TrainStep
 from .validation import Validator
@@ -266,20 +266,32 @@ class Training:
     global_step: int
 
 
-def prepare_training(session: Session, controlnet, dataset, conditioning: Conditioning) -> Training:
-    """Optimizer, schedule and data loader through accelerate; resume; trackers; the start-of-run summary.
+def prepare_training(session: Session, controlnet, transform: PairedTransform, conditioning: Conditioning) -> Training:
+    """The training rows, optimizer, schedule and data loader through accelerate; resume; trackers; the
+    start-of-run summary.
 
-    The collator tokenizes with `conditioning.tokenizers` and reads posteriors / text embeddings from its caches.
+    Rows carry the target image only without a posterior cache; the collator tokenizes with
+    `conditioning.tokenizers` and reads posteriors / text embeddings from its caches.
     """
     from diffusers import ControlNetModel
 
     args, accelerator, preflight = session.args, session.accelerator, session.preflight
     register_controlnet_state_hooks(accelerator, ControlNetModel)
+    dataset = ControlNetDataset(
+        preflight.dataset,
+        preflight.columns,
+        transform,
+        preflight.seed,
+        args.proportion_empty_prompts,
+        with_target=conditioning.needs_pixels,
+    )
     collate = Collator(conditioning.tokenizers, latents=conditioning.latents, texts=conditioning.texts)
     dataloader = make_dataloader(dataset, args, collate, preflight.seed)
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    optimizer = make_optimizer(args, controlnet.parameters(), device=accelerator.device)
+    optimizer = make_optimizer(
+        AdamWSettings.from_args(args), controlnet.parameters(), accelerator.device, accelerator.mixed_precision
+    )
     plan = plan_steps(
         math.ceil(len(dataloader) / accelerator.num_processes),
         args.gradient_accumulation_steps,
@@ -320,7 +332,14 @@ def prepare_training(session: Session, controlnet, dataset, conditioning: Condit
             ]
         ),
     )
-    return Training(controlnet, optimizer, dataloader, lr_scheduler, plan, global_step)
+    return Training(
+        controlnet=controlnet,
+        optimizer=optimizer,
+        dataloader=dataloader,
+        lr_scheduler=lr_scheduler,
+        plan=plan,
+        global_step=global_step,
+    )
 
 
 def make_loop(
@@ -329,24 +348,24 @@ def make_loop(
     """The step (models, loss, update) and the loop around it, from the prepared training objects."""
     args = session.args
     step = TrainStep(
-        session.accelerator,
-        training.controlnet,
-        unet,
-        noise_scheduler,
-        training.optimizer,
-        training.lr_scheduler,
-        conditioning.encode,
-        session.weight_dtype,
-        session.preflight.seed,
-        StepSettings.from_args(args),
+        accelerator=session.accelerator,
+        controlnet=training.controlnet,
+        unet=unet,
+        noise_scheduler=noise_scheduler,
+        optimizer=training.optimizer,
+        lr_scheduler=training.lr_scheduler,
+        encode=conditioning.encode,
+        weight_dtype=session.weight_dtype,
+        seed=session.preflight.seed,
+        settings=StepSettings.from_args(args),
     )
     return TrainLoop(
-        session.accelerator,
-        step,
-        training.dataloader,
-        training.plan,
-        LoopSettings.from_args(args, session.effective_batch),
-        validator,
+        accelerator=session.accelerator,
+        step=step,
+        dataloader=training.dataloader,
+        plan=training.plan,
+        settings=LoopSettings.from_args(args, session.effective_batch),
+        validate=validator,
     )
 
 

@@ -30,7 +30,7 @@ class StepSettings:
 
     @classmethod
     def from_args(cls, args) -> StepSettings:
-        return cls(args.snr_gamma, args.max_grad_norm, args.set_grads_to_none)
+        return cls(snr_gamma=args.snr_gamma, max_grad_norm=args.max_grad_norm, set_grads_to_none=args.set_grads_to_none)
 
 
 @dataclass

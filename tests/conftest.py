@@ -1,11 +1,20 @@
-"""Session fixtures: the tiny pipeline and the synthetic dataset are built once; training runs in subprocesses."""
+"""Session fixtures: the tiny pipeline and the synthetic dataset are built once; training runs in subprocesses.
+
+What the fixture tool writes is also kept across test runs in a cache folder ($CONTROLNET_TEST_FIXTURES, default
+~/.cache/controlnet-training/test-fixtures; "off" builds everything afresh), keyed by the tool's source, the
+libraries' versions and the fixture's own inputs: a change to any of them builds it again.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,9 +39,17 @@ XLA_THREADS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1
 
 @pytest.fixture(scope="session")
 def flax_env(tmp_path_factory) -> dict[str, str]:
-    """The Flax trainer's environment: 4 CPU devices, one thread, and one persistent compilation cache for the
-    whole test session (a run compiles only the shapes no earlier run compiled)."""
-    cache = tmp_path_factory.mktemp("jax-compilation-cache")
+    """The Flax trainer's environment: 4 CPU devices, one thread, and one persistent compilation cache for every
+    test worker (a run compiles only the shapes no earlier run compiled; JAX keys its entries by the program and
+    its own version). Kept in the fixture cache folder across test runs, unless that is off."""
+    from importlib.metadata import version
+
+    root = fixture_cache_root()
+    if root is None:  # this session's test workers share the folder above their own temporary folders
+        base = tmp_path_factory.getbasetemp()
+        root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    cache = root / f"jax-compilation-cache-{version('jax')}"
+    cache.mkdir(parents=True, exist_ok=True)
     return {
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={FLAX_DEVICES} {XLA_THREADS}",
         "JAX_COMPILATION_CACHE_DIR": str(cache),
@@ -41,22 +58,81 @@ def flax_env(tmp_path_factory) -> dict[str, str]:
     }
 
 
+def fixture_cache_root() -> Path | None:
+    setting = os.environ.get("CONTROLNET_TEST_FIXTURES", "")
+    if setting.lower() == "off":
+        return None
+    return Path(setting) if setting else Path.home() / ".cache" / "controlnet-training" / "test-fixtures"
+
+
+def fixture_key(name: str, inputs: dict) -> str:
+    from importlib.metadata import version
+
+    tool = (ROOT / "controlnet_training" / "fixtures.py").read_bytes()
+    libraries = {name: version(name) for name in ("torch", "diffusers", "transformers", "datasets", "pillow")}
+    described = json.dumps(
+        {"name": name, "inputs": inputs, "tool": hashlib.sha256(tool).hexdigest(), "libraries": libraries},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(described.encode()).hexdigest()[:16]
+
+
+def cached_fixture(name: str, inputs: dict, build: Callable[[Path], None], scratch: Path) -> Path:
+    """The folder `build(folder)` writes: from the cache folder when it holds this fixture for these inputs (else
+    built there, complete or not at all), or built in `scratch` when the cache is off or cannot be written."""
+    root = fixture_cache_root()
+    if root is None:
+        build(scratch)
+        return scratch
+    folder = root / f"{name}-{fixture_key(name, inputs)}"
+    if (folder / ".complete").is_file():
+        return folder
+    partial = root / f".{folder.name}-{os.getpid()}"
+    try:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    except OSError:  # a read-only home: build for this session only
+        build(scratch)
+        return scratch
+    build(partial)
+    (partial / ".complete").touch()
+    try:
+        partial.rename(folder)
+    except OSError:  # another test worker finished it first
+        shutil.rmtree(partial, ignore_errors=True)
+    return folder
+
+
+def copied_fixture(name: str, inputs: dict, build: Callable[[Path], None], tmp_path_factory) -> Path:
+    """A private copy of a cached fixture (tests may write next to it; the cache stays as built)."""
+    scratch = tmp_path_factory.mktemp(name)
+    source = cached_fixture(name, inputs, build, scratch / "build")
+    if source == scratch / "build":
+        return source
+    copy = scratch / name
+    shutil.copytree(source, copy, ignore=shutil.ignore_patterns(".complete"))  # copy2 keeps each file's mtime
+    return copy
+
+
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> Path:
     from controlnet_training.fixtures import write_pipeline
 
-    return write_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd")
+    return copied_fixture("tiny-sd", {"size": "tiny"}, write_pipeline, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def fill_data(tmp_path_factory) -> dict[str, Path]:
     from controlnet_training.fixtures import write_dataset, write_validation_images
 
-    root = tmp_path_factory.mktemp("data")
-    written = write_dataset(root, rows=ROWS, resolution=RESOLUTION, seed=0)
-    written["validation"] = root / "validation"
-    write_validation_images(written["validation"], count=2, resolution=RESOLUTION)
-    return written
+    def build(root: Path) -> None:
+        write_dataset(root, rows=ROWS, resolution=RESOLUTION, seed=0)
+        write_validation_images(root / "validation", count=2, resolution=RESOLUTION)
+
+    root = copied_fixture("fill-data", {"rows": ROWS, "resolution": RESOLUTION, "seed": 0}, build, tmp_path_factory)
+    formats = {path.name: path for path in root.iterdir() if path.is_dir() and path.name != "validation"}
+    return {**formats, "validation": root / "validation"}
 
 
 def free_port() -> int:
@@ -155,4 +231,7 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 def tiny_sdxl(tmp_path_factory) -> Path:
     from controlnet_training.fixtures import write_pipeline
 
-    return write_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl", size="tiny-sdxl")
+    def build(folder: Path) -> None:
+        write_pipeline(folder, size="tiny-sdxl")
+
+    return copied_fixture("tiny-sdxl", {"size": "tiny-sdxl"}, build, tmp_path_factory)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import cached_fixture
 from controlnet_training.fixtures import draw_fill_sample, make_tokenizer, real_clip_vocab, small_clip_vocab
 
 pytestmark = pytest.mark.xdist_group("test_fixtures")  # one worker: the module fixtures are built once
@@ -68,14 +69,23 @@ def test_fill_sample_outline_matches_the_circle():
     assert isinstance(control, Image.Image) and control.size == (64, 64)
 
 
+PRE_TRAINING = {"vae_steps": 800, "unet_steps": 150}
+
+
 @pytest.fixture(scope="module")
-def pretrained_base(fill_data):
+def pretrained_base(fill_data, tmp_path_factory):
+    """The fixture tool's pre-trained base (minutes of CPU): from the fixture cache when its inputs are unchanged."""
+    from diffusers import StableDiffusionPipeline
+
     from controlnet_training.fixtures import make_pipeline, pretrain_base
 
-    torch.manual_seed(0)
-    return pretrain_base(
-        make_pipeline("tiny"), fill_data["imagefolder"], vae_steps=800, unet_steps=150, log_every=10_000
-    )
+    def build(folder):
+        torch.manual_seed(0)
+        pipeline = pretrain_base(make_pipeline("tiny"), fill_data["imagefolder"], log_every=10_000, **PRE_TRAINING)
+        pipeline.save_pretrained(folder)
+
+    folder = cached_fixture("pretrained-base", PRE_TRAINING, build, tmp_path_factory.mktemp("pretrained"))
+    return StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
 
 
 def round_trip_error(vae, pixels) -> float:

@@ -19,15 +19,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("processes")]
 
 
 @pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory) -> Path:
-    """JAX's persistent compilation cache, kept in pytest's temporary root between sessions (entries are keyed by
-    the program, JAX version and flags): a cold one costs the Flax soak about a minute of compilation."""
-    folder = Path(
-        os.environ.get("JAX_COMPILATION_CACHE_DIR")
-        or tmp_path_factory.getbasetemp().parent / "jax-compilation-cache-soak"
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+def jax_cache(flax_env) -> Path:
+    """JAX's persistent compilation cache, the one of the other Flax tests (and of earlier test runs): a cold one
+    costs the Flax soak about a minute of compilation."""
+    return Path(flax_env["JAX_COMPILATION_CACHE_DIR"])
 
 
 def soak(

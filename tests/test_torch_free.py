@@ -16,7 +16,7 @@ from test_train_controlnet_flax import flax_args
 
 from conftest import ROOT, THREADS, XLA_THREADS
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("processes")]  # with the Flax runs: one JAX compilation cache
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("test_torch_free")]  # one worker: the environment once
 
 TORCH_STACK = ("torch", "torchvision", "accelerate", "deepspeed", "bitsandbytes", "triton")
 PYTORCH_ONLY = ("controlnet_training/torch_training", "controlnet_training/fixtures.py")

@@ -21,7 +21,7 @@ import torch
 from conftest import FLAX_DEVICES as DEVICES
 from conftest import ROOT, THREADS, XLA_THREADS, base_args, free_port, read_image_summaries, read_scalars, run_script
 
-pytestmark = pytest.mark.xdist_group("processes")  # one worker: `straight` and the compilation cache once; two hosts
+pytestmark = pytest.mark.xdist_group("test_train_controlnet_flax")  # one worker: `straight` built once
 
 SCRIPT = "train_controlnet_flax.py"
 PROMPT = "red circle with blue background"

@@ -8,9 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from controlnet_training.arguments import build_parser, parse_args
 from controlnet_training.data import Collator, Columns, ControlNetDataset, PairedTransform, load_train_split
 from controlnet_training.encodings import Workers
 from controlnet_training.torch_training.conditioning import sd_conditioning, sdxl_conditioning
+from controlnet_training.torch_training.sdxl import add_sdxl_args
 
 pytestmark = pytest.mark.xdist_group("test_conditioning")  # one worker: the module fixtures are built once
 
@@ -18,20 +20,19 @@ ROWS = 4
 PROMPT = "a red circle on a blue background"
 
 
-def make_session(base, fill_data, cache_dir, cached: bool, **flags) -> SimpleNamespace:
-    args = SimpleNamespace(
-        pretrained_model_name_or_path=str(base),
-        pretrained_vae_model_name_or_path=None,
-        tokenizer_name=None,
-        revision=None,
-        variant=None,
-        dataset_name=None,
-        dataset_config_name=None,
-        train_data_dir=str(fill_data["imagefolder"]),
-        cache_dir=str(cache_dir),
-        validation_prompt=[PROMPT],
-        resolution=64,
-        **flags,
+def make_session(base, fill_data, cache_dir, cached: bool, sdxl: bool = False) -> SimpleNamespace:
+    """A session as start_session makes it (the trainer's own parsed flags), on the CPU, without an accelerator."""
+    parser = build_parser("test")
+    if sdxl:
+        add_sdxl_args(parser)
+    validation_image = str(next(fill_data["validation"].iterdir()))
+    args = parse_args(
+        parser,
+        [
+            *("--pretrained_model_name_or_path", str(base), "--train_data_dir", str(fill_data["imagefolder"])),
+            *("--cache_dir", str(cache_dir), "--resolution", "64"),
+            *("--validation_prompt", PROMPT, "--validation_image", validation_image),
+        ],
     )
     preflight = SimpleNamespace(
         dataset=load_train_split(args).select(range(ROWS)),
@@ -74,7 +75,7 @@ def test_sd_cached_and_uncached_conditioning_give_the_step_the_same_inputs(tiny_
     from controlnet_training.torch_training.models import load_sd_models
 
     transform = PairedTransform(64)
-    sessions = {c: make_session(tiny_sd, fill_data, tmp_path, c, proportion_empty_prompts=0) for c in (True, False)}
+    sessions = {c: make_session(tiny_sd, fill_data, tmp_path, c) for c in (True, False)}
     models = load_sd_models(sessions[True].args)
     fresh = sd_conditioning(sessions[False], models, transform)
     cached = sd_conditioning(sessions[True], models, transform)
@@ -103,9 +104,8 @@ def test_sd_cached_and_uncached_conditioning_give_the_step_the_same_inputs(tiny_
 def test_sdxl_conditioning_adds_each_rows_own_size_conditions(tiny_sdxl, fill_data, tmp_path):
     from controlnet_training.torch_training.sdxl import load_sdxl_models
 
-    flags = dict(proportion_empty_prompts=0, crops_coords_top_left_h=0, crops_coords_top_left_w=0)
     transform = PairedTransform(64)
-    sessions = {c: make_session(tiny_sdxl, fill_data, tmp_path, c, **flags) for c in (True, False)}
+    sessions = {c: make_session(tiny_sdxl, fill_data, tmp_path, c, sdxl=True) for c in (True, False)}
     models = load_sdxl_models(sessions[True].args)
     fresh = sdxl_conditioning(sessions[False], models, transform)
     cached = sdxl_conditioning(sessions[True], models, transform)

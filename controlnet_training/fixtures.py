@@ -275,16 +275,21 @@ def write_pipeline(
 
 
 # --------------------------------------------------------------------------------------------- dataset
-def draw_fill_sample(rng: random.Random, resolution: int) -> tuple[Image.Image, Image.Image, str]:
-    """One fill-style row: (target image, control outline, caption)."""
+def draw_fill_sample(
+    rng: random.Random, resolution: int, aspect_ratio: float = 1.0
+) -> tuple[Image.Image, Image.Image, str]:
+    """One fill-style row: (target image, control outline, caption), of about resolution² pixels at the given
+    width / height; the outline is drawn on the very box of the filled circle."""
+    width, height = round(resolution * math.sqrt(aspect_ratio)), round(resolution / math.sqrt(aspect_ratio))
+    short = min(width, height)
     fill, background = rng.sample(sorted(COLOURS), 2)
-    radius = rng.uniform(resolution / 8, resolution / 3)
-    cx = rng.uniform(radius, resolution - radius)
-    cy = rng.uniform(radius, resolution - radius)
+    radius = rng.uniform(short / 8, short / 3)
+    cx = rng.uniform(radius, width - radius)
+    cy = rng.uniform(radius, height - radius)
     box = (cx - radius, cy - radius, cx + radius, cy + radius)
-    image = Image.new("RGB", (resolution, resolution), COLOURS[background])
+    image = Image.new("RGB", (width, height), COLOURS[background])
     ImageDraw.Draw(image).ellipse(box, fill=COLOURS[fill])
-    control = Image.new("RGB", (resolution, resolution), (0, 0, 0))
+    control = Image.new("RGB", (width, height), (0, 0, 0))
     ImageDraw.Draw(control).ellipse(box, outline=(255, 255, 255), width=max(1, math.ceil(resolution / 32)))
     return image, control, f"{fill} circle with {background} background"
 
@@ -295,11 +300,13 @@ def write_dataset(
     resolution: int = 64,
     seed: int = 0,
     formats: tuple[str, ...] = ("imagefolder", "parquet", "disk"),
+    aspect_ratios: tuple[float, ...] = (1.0,),
 ) -> dict[str, Path]:
-    """Write `rows` synthetic rows; returns the folder of each requested format."""
+    """Write `rows` synthetic rows; returns the folder of each requested format. With several `aspect_ratios`
+    (width / height) each row takes one of them at random (square rows are drawn as without the option)."""
     out_dir = Path(out_dir)
-    rng = random.Random(seed)
-    samples = [draw_fill_sample(rng, resolution) for _ in range(rows)]
+    rng, ratio_rng = random.Random(seed), random.Random(f"{seed}/aspect-ratios")
+    samples = [draw_fill_sample(rng, resolution, ratio_rng.choice(aspect_ratios)) for _ in range(rows)]
     written: dict[str, Path] = {}
 
     if "imagefolder" in formats:
@@ -506,6 +513,13 @@ def main(argv: list[str] | None = None) -> None:
     data.add_argument("--resolution", type=int, default=64)
     data.add_argument("--seed", type=int, default=0)
     data.add_argument("--validation_images", type=int, default=2)
+    data.add_argument(
+        "--aspect_ratios",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help="width / height of the rows, one drawn per row (e.g. 0.5 0.75 1 1.5 2); default: square",
+    )
     args = parser.parse_args(argv)
 
     if args.command == "pretrained":
@@ -534,7 +548,9 @@ def main(argv: list[str] | None = None) -> None:
         path = write_pipeline(args.out_dir, args.size, args.prediction_type, args.seed, vocab)
         print(f"wrote {args.size} pipeline to {path}")
     else:
-        written = write_dataset(args.out_dir, args.rows, args.resolution, args.seed)
+        written = write_dataset(
+            args.out_dir, args.rows, args.resolution, args.seed, aspect_ratios=tuple(args.aspect_ratios)
+        )
         validation = write_validation_images(Path(args.out_dir) / "validation", args.validation_images, args.resolution)
         for fmt, path in written.items():
             print(f"wrote {args.rows} rows as {fmt} to {path}")

@@ -95,9 +95,10 @@ def test_sd_cached_and_uncached_conditioning_give_the_step_the_same_inputs(tiny_
     torch.testing.assert_close(inputs["prompt_embeds"], embeds[:1], rtol=0, atol=1e-5)
     torch.testing.assert_close(inputs["negative_prompt_embeds"], embeds[1:], rtol=0, atol=1e-5)
 
+    fresh.release()  # nothing cached: the encoders stay, they encode every step
+    assert models.vae.encoder is not None
     cached.release()
     assert models.vae.encoder is None and models.vae.decoder is not None  # validation still decodes
-    fresh.release()  # nothing cached: nothing leaves
     assert dict(cached.summary)["cached encodings"] == cached.latents.path.parent
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 
 from controlnet_training.arguments import build_parser, parse_args
-from controlnet_training.data import PairedTransform
 from controlnet_training.preflight import SD_MODEL_FILES
 from controlnet_training.presets import exit_on_oom
 from controlnet_training.torch_training.conditioning import sd_conditioning
@@ -55,7 +54,7 @@ def train(args) -> None:
 
     # Every training image's VAE posterior and every caption's embedding, encoded once into an on-disk cache
     # (--cache_encodings); without it they are encoded at every step, as in the reference.
-    transform = PairedTransform(args.resolution)
+    transform = session.transform  # square, or aspect-ratio buckets
     conditioning = sd_conditioning(session, models, transform)
 
     # Data, optimizer, schedule, resume.

@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> None:
 
     validator = None
     if validating:
-        validator = Validator(args, loaded.models, frozen, encoders.embed, loaded.scheduler_config, devices.count, seed)
+        validator = Validator(
+            args, session.transform, loaded.models, frozen, encoders.embed, loaded.scheduler_config, devices.count, seed
+        )
     del encoders  # and its device copies of the encoders
     loaded.frozen = None  # the host copies: the devices hold what training needs
     trackers = Trackers(args, enabled=session.is_main_process)

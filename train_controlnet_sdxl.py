@@ -15,7 +15,6 @@ from __future__ import annotations
 import sys
 
 from controlnet_training.arguments import build_parser, parse_args
-from controlnet_training.data import PairedTransform
 from controlnet_training.presets import exit_on_oom
 from controlnet_training.torch_training.conditioning import sdxl_conditioning
 from controlnet_training.torch_training.models import (
@@ -54,7 +53,13 @@ def main(argv: list[str] | None = None) -> None:
 
 def train(args) -> None:
     # Files, packages, resume target and dataset are checked before any model loads.
-    session = start_session(args, "train_controlnet_sdxl.py", SDXL_MODEL_FILES, extra_checks=check_sdxl_args)
+    session = start_session(
+        args,
+        "train_controlnet_sdxl.py",
+        SDXL_MODEL_FILES,
+        extra_checks=check_sdxl_args,
+        interpolation=args.image_interpolation_mode,
+    )
     accelerator, weight_dtype = session.accelerator, session.weight_dtype
 
     # Models: frozen, in the weight dtype (the base VAE in fp32); a trainable fp32 ControlNet.
@@ -69,7 +74,7 @@ def train(args) -> None:
     # Text embeddings of every caption variant, the empty prompt and the validation prompts, and (with
     # --cache_encodings) every training image's VAE posterior: computed once into an on-disk cache keyed by what
     # they depend on. The text encoders then leave the device, and so does the VAE encoder when it is cached.
-    transform = PairedTransform(args.resolution, args.image_interpolation_mode)
+    transform = session.transform  # square, or aspect-ratio buckets
     conditioning = sdxl_conditioning(session, models, transform)
 
     # Data, optimizer, schedule, resume.

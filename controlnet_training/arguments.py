@@ -125,7 +125,56 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
         help="Training size: shorter side resized to it, then centre-cropped. Divisible by 8.",
     )
     group.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
+    add_geometry_args(parser)
     return group
+
+
+INTERPOLATION_NAMES = ("bicubic", "bilinear", "box", "hamming", "lanczos", "nearest", "nearest_exact")
+
+
+def add_geometry_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("aspect-ratio buckets and paired augmentation")
+    group.add_argument(
+        "--aspect_ratio_buckets",
+        action="store_true",
+        help="Train each image near its own aspect ratio instead of a centre-cropped square: it goes to the bucket "
+        "(a width x height of about --resolution squared) nearest its aspect ratio, is resized to cover it and "
+        "cropped, and its control image gets the same resize and crop. All rows of one optimizer step (every "
+        "process and accumulation micro-batch) come from one bucket; in each epoch a bucket's rows that do not "
+        "fill a whole step sit the epoch out (like --dataloader_drop_last, per bucket; each epoch draws a new "
+        "order, so no row is left out for good).",
+    )
+    group.add_argument("--bucket_step", type=int, default=64, help="Bucket sides are multiples of this.")
+    group.add_argument("--min_bucket_aspect_ratio", type=float, default=0.5, help="Narrowest bucket (width/height).")
+    group.add_argument("--max_bucket_aspect_ratio", type=float, default=2.0, help="Widest bucket (width/height).")
+    group.add_argument(
+        "--max_buckets", type=int, default=16, help="At most this many bucket shapes (also: compiled Flax steps)."
+    )
+    group.add_argument(
+        "--bucket_max_upscale",
+        type=float,
+        default=2.0,
+        help="An image that would need more upscaling than this to cover its bucket is left out (and reported).",
+    )
+    group.add_argument(
+        "--random_crop",
+        action="store_true",
+        help="Crop at a random place instead of the centre; the control image is cropped at the same place.",
+    )
+    group.add_argument(
+        "--random_flip",
+        action="store_true",
+        help="Mirror half the rows left to right, the control image with its target. Wrong for controls whose "
+        "meaning has a side (pose maps that colour left and right limbs apart, text, arrows).",
+    )
+    group.add_argument(
+        "--conditioning_interpolation",
+        type=str,
+        default=None,
+        choices=INTERPOLATION_NAMES,
+        help="Resize filter for the control image (default: the target's). nearest for segmentation and other "
+        "label maps, so that class colours are never blended.",
+    )
 
 
 def add_training_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -336,6 +385,7 @@ def check_args(args: argparse.Namespace) -> None:
             f"--resolution must be divisible by 8 (the VAE and the ControlNet's conditioning encoder "
             f"both downsample by 8), got {args.resolution}"
         )
+    check_geometry_args(args)
     if args.lr_scheduler not in LR_SCHEDULERS:
         raise InputError(f"--lr_scheduler {args.lr_scheduler} is not one of: {', '.join(LR_SCHEDULERS)}")
     if args.lr_scheduler == "polynomial" and args.learning_rate <= 1e-7:
@@ -352,6 +402,27 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError(
             f"give 1 --validation_image, 1 --validation_prompt, or equal numbers of both "
             f"(got {len(images)} images and {len(prompts)} prompts)"
+        )
+
+
+def check_geometry_args(args: argparse.Namespace) -> None:
+    if args.bucket_step <= 0 or args.bucket_step % 8:
+        raise InputError(f"--bucket_step must be a positive multiple of 8, got {args.bucket_step}")
+    if args.aspect_ratio_buckets and args.bucket_step > args.resolution:
+        raise InputError(f"--bucket_step {args.bucket_step} is above --resolution {args.resolution}: lower it")
+    if not 0 < args.min_bucket_aspect_ratio <= 1 <= args.max_bucket_aspect_ratio:
+        raise InputError(
+            f"bucket aspect ratios must satisfy 0 < --min_bucket_aspect_ratio ({args.min_bucket_aspect_ratio:g}) "
+            f"<= 1 <= --max_bucket_aspect_ratio ({args.max_bucket_aspect_ratio:g})"
+        )
+    if args.max_buckets < 1:
+        raise InputError(f"--max_buckets must be >= 1, got {args.max_buckets}")
+    if args.bucket_max_upscale < 1:
+        raise InputError(f"--bucket_max_upscale must be >= 1, got {args.bucket_max_upscale:g}")
+    if args.cache_encodings == "always" and (args.random_crop or args.random_flip):
+        raise InputError(
+            "--cache_encodings always cannot cache the VAE posteriors of random crops or flips (they change every "
+            "epoch): drop --random_crop / --random_flip, or use --cache_encodings auto (texts only) or never"
         )
 
 

@@ -8,7 +8,7 @@ holds is a function of (seed, epoch, position) only, so exact resume, accumulati
 as with square data. A bucket's last rows of an epoch that do not fill a global batch are left out of that epoch
 (each epoch draws another order, so no row is left out for good).
 
-This module is the first part of aspect-ratio bucketing; the trainers do not use it yet.
+The transform (data.PairedTransform) and the samplers (data.BucketSampler) build on this module.
 """
 
 from __future__ import annotations
@@ -40,15 +40,17 @@ class BucketSettings:
 
 
 def bucket_shapes(settings: BucketSettings) -> list[tuple[int, int]]:
-    """(width, height) of each bucket, ordered by aspect ratio: for every width (a multiple of `step`), the height
-    (a multiple of `step`) that brings the area nearest `resolution`², within the aspect-ratio range. The square
-    bucket is always one; beyond `max_buckets` the shapes evenly spaced in log aspect ratio are kept."""
+    """(width, height) of each bucket, ordered by aspect ratio: for every long side (a multiple of `step`), the short
+    side (a multiple of `step`) that brings the area nearest `resolution`², within the aspect-ratio range, in both
+    orientations. The square bucket is always one; beyond `max_buckets` the shapes evenly spaced in log aspect ratio
+    are kept."""
     step, area = settings.step, settings.resolution**2
     shapes = {(settings.resolution // step * step,) * 2}
-    for width in range(step, 4 * settings.resolution + 1, step):
-        height = max(step, round(area / width / step) * step)
-        if settings.min_aspect_ratio <= width / height <= settings.max_aspect_ratio:
-            shapes.add((width, height))
+    for long in range(settings.resolution // step * step, 4 * settings.resolution + 1, step):
+        short = max(step, round(area / long / step) * step)
+        for width, height in ((long, short), (short, long)):
+            if settings.min_aspect_ratio <= width / height <= settings.max_aspect_ratio:
+                shapes.add((width, height))
     ordered = sorted(shapes, key=lambda shape: shape[0] / shape[1])
     if len(ordered) <= settings.max_buckets:
         return ordered
@@ -120,15 +122,16 @@ class BucketTable:
         order = np.random.default_rng([seed, epoch]).permutation(len(batches))
         return [batches[i] for i in order]
 
-    def summary(self, global_batch: int, names: list[str] | None = None, shown: int = 3) -> list[tuple[str, object]]:
-        """Rows for the start-of-run summary: each bucket's shape, rows and batches per epoch; the rows left out."""
+    def summary(self, global_batch: int, left_out_names: list[str] | None = None) -> list[tuple[str, object]]:
+        """Rows for the start-of-run summary: each bucket's shape, rows and optimizer steps per epoch; how many rows
+        are left out, and the names of the first few (`left_out_names`, else their row numbers)."""
         rows = [
-            (f"bucket {w}x{h}", f"{len(self.rows(b))} rows, {len(self.rows(b)) // global_batch} batches per epoch")
+            (f"bucket {w}x{h}", f"{len(self.rows(b))} rows, {len(self.rows(b)) // global_batch} steps per epoch")
             for b, (w, h) in enumerate(self.shapes)
             if len(self.rows(b))
         ]
         left_out = self.left_out
         if len(left_out):
-            first = [names[i] if names else f"row {i}" for i in left_out[:shown]]
+            first = left_out_names or [f"row {i}" for i in left_out[:3]]
             rows.append(("too small for any bucket", f"{len(left_out)} rows left out (first: {', '.join(first)})"))
         return rows

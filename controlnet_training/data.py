@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from .arguments import InputError
+from .buckets import BucketSettings, BucketTable, cover_crop_box, nearest_bucket
 
 INTERPOLATION = {
     "nearest": Image.Resampling.NEAREST,
@@ -157,6 +158,69 @@ def check_images(dataset, columns: Columns) -> None:
                 ) from error
 
 
+def image_sizes(dataset, column: str) -> list[tuple[int, int]]:
+    """(width, height) of every row's image, read from the file headers (no pixels are decoded)."""
+    import datasets
+
+    raw = dataset.select_columns([column])
+    if isinstance(raw.features[column], datasets.Image):
+        raw = raw.cast_column(column, datasets.Image(decode=False))
+    sizes = []
+    for value in raw[column]:
+        with _open_image(value) as image:
+            sizes.append(image.size)
+    return sizes
+
+
+def bucket_settings(args) -> BucketSettings:
+    return BucketSettings(
+        resolution=args.resolution,
+        step=args.bucket_step,
+        min_aspect_ratio=args.min_bucket_aspect_ratio,
+        max_aspect_ratio=args.max_bucket_aspect_ratio,
+        max_buckets=args.max_buckets,
+        max_upscale=args.bucket_max_upscale,
+    )
+
+
+def training_transform(args, preflight, interpolation: str = "bilinear") -> PairedTransform:
+    """The transform the flags ask for (`preflight`: the checked training rows, their columns and the seed); with
+    --aspect_ratio_buckets, every training row's bucket from its image's size (headers only)."""
+    table = None
+    if args.aspect_ratio_buckets:
+        sizes = image_sizes(preflight.dataset, preflight.columns.image)
+        table = BucketTable.assign(sizes, bucket_settings(args))
+        if not any(len(table.rows(b)) for b in range(len(table.shapes))):
+            raise InputError(
+                f"--aspect_ratio_buckets: every image needs more than --bucket_max_upscale "
+                f"{args.bucket_max_upscale:g}x upscaling to cover its bucket at --resolution {args.resolution}; "
+                f"lower --resolution or raise --bucket_max_upscale"
+            )
+    return PairedTransform(
+        args.resolution,
+        interpolation,
+        control_interpolation=args.conditioning_interpolation,
+        buckets=table,
+        random_crop=args.random_crop,
+        random_flip=args.random_flip,
+        seed=preflight.seed,
+    )
+
+
+def image_names(dataset, column: str, rows: Sequence[int]) -> list[str]:
+    """File names of some rows' images (for messages), or "row N" where a row has no file."""
+    import datasets
+
+    raw = dataset.select_columns([column]).select(list(rows))
+    if isinstance(raw.features[column], datasets.Image):
+        raw = raw.cast_column(column, datasets.Image(decode=False))
+    names = []
+    for row, value in zip(rows, raw[column], strict=True):
+        path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+        names.append(Path(path).name if path else f"row {row}")
+    return names
+
+
 def check_captions(dataset, column: str) -> None:
     """Every row's caption is a string or a non-empty list of strings (a row of a metadata.jsonl without the key
     reads as None), so a bad row fails now and not when training reaches it."""
@@ -206,14 +270,94 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 @dataclass(frozen=True)
+class Draws:
+    """One row's random augmentation: where the crop sits in the slack of each axis (0.5: centre), and a flip."""
+
+    left_fraction: float = 0.5
+    top_fraction: float = 0.5
+    flip: bool = False
+
+
+CENTRE = Draws()
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an image goes: resized (aspect kept) to `resized` (width, height), cropped to `box` (left, top, right,
+    bottom), then mirrored left to right if `flip`."""
+
+    resized: tuple[int, int]
+    box: tuple[int, int, int, int]
+    flip: bool = False
+
+    @property
+    def size(self) -> tuple[int, int]:
+        left, top, right, bottom = self.box
+        return right - left, bottom - top
+
+    @property
+    def crop_top_left(self) -> tuple[int, int]:
+        """SDXL's crops_coords_top_left (top, left) of the crop as the model sees it: a mirrored crop's left edge is
+        the distance from the mirrored image's left, i.e. from the resized image's right edge to the crop's."""
+        left, top, right, _ = self.box
+        return top, self.resized[0] - right if self.flip else left
+
+
+@dataclass(frozen=True)
 class PairedTransform:
-    """Shorter side to `resolution`, centre crop, CHW float32; target normalised to [-1, 1], control in [0, 1]."""
+    """The paired geometry of a row: its target and control image are resized, cropped and flipped identically
+    (the same bucket, the same crop fractions, the same flip; each from its own size, so a control stored at
+    another scale lands on the same pixels), then made CHW float32: the target in [-1, 1], the control in [0, 1].
+
+    Without buckets a row is resized so that its shorter side is `resolution`, and centre-cropped to a square (as
+    the reference does); with a bucket table, resized to cover the row's bucket and cropped to it. Random crops
+    and flips are drawn from (seed, epoch, row) apart from the caption draws; the control may use its own
+    interpolation (nearest for label maps, so that class colours are never blended).
+    """
 
     resolution: int
     interpolation: str = "bilinear"
+    control_interpolation: str | None = None  # None: the target's
+    buckets: BucketTable | None = None
+    random_crop: bool = False
+    random_flip: bool = False
+    seed: int = 0
+
+    @property
+    def augments(self) -> bool:
+        return self.random_crop or self.random_flip
+
+    def plain(self) -> PairedTransform:
+        """Square, centre crop, no flip: for the held-out rows (the same measurement with or without buckets)."""
+        return PairedTransform(self.resolution, self.interpolation, self.control_interpolation)
+
+    def draws(self, epoch: int, row: int) -> Draws:
+        if not self.augments:
+            return CENTRE
+        rng = random.Random(f"{self.seed}/{epoch}/{row}/augment")  # apart from row_rng's caption draws
+        left, top, flip = rng.random(), rng.random(), rng.random() < 0.5
+        if not self.random_crop:
+            left, top = 0.5, 0.5
+        return Draws(left, top, flip and self.random_flip)
+
+    def shape_of(self, row: int) -> tuple[int, int]:
+        """(width, height) of the row's training crop."""
+        if self.buckets is None:
+            return self.resolution, self.resolution
+        bucket = int(self.buckets.bucket_of_row[row])
+        if bucket < 0:
+            raise ValueError(f"row {row} is too small for any bucket and is never trained on")
+        return self.buckets.shapes[bucket]
+
+    def validation_shape(self, width: int, height: int) -> tuple[int, int]:
+        """A validation control image's size: the bucket nearest its aspect ratio (square without buckets)."""
+        if self.buckets is None:
+            return self.resolution, self.resolution
+        return self.buckets.shapes[nearest_bucket(width, height, self.buckets.shapes)]
 
     def crop_box(self, width: int, height: int) -> tuple[int, int, int, int, int, int]:
-        """(resized width, height, crop left, top, right, bottom), as torchvision Resize+CenterCrop compute them."""
+        """(resized width, height, crop left, top, right, bottom) of the square centre crop, as torchvision's
+        Resize + CenterCrop compute them."""
         short, long = (width, height) if width <= height else (height, width)
         new_long = int(self.resolution * long / short)
         new_w, new_h = (self.resolution, new_long) if width <= height else (new_long, self.resolution)
@@ -221,12 +365,24 @@ class PairedTransform:
         left = int(round((new_w - self.resolution) / 2.0))
         return new_w, new_h, left, top, left + self.resolution, top + self.resolution
 
-    def resize_crop(self, image: Image.Image) -> Image.Image:
+    def place(self, width: int, height: int, shape: tuple[int, int], draws: Draws = CENTRE) -> Placement:
+        if self.buckets is None and draws.left_fraction == draws.top_fraction == 0.5:
+            new_w, new_h, *box = self.crop_box(width, height)  # the reference's arithmetic, to the pixel
+        else:
+            new_w, new_h, *box = cover_crop_box(width, height, shape, draws.left_fraction, draws.top_fraction)
+        return Placement((new_w, new_h), tuple(box), draws.flip)
+
+    def apply(self, image: Image.Image, placement: Placement, interpolation: str) -> Image.Image:
         image = to_rgb(image)
-        new_w, new_h, *box = self.crop_box(*image.size)
-        if (new_w, new_h) != image.size:
-            image = image.resize((new_w, new_h), INTERPOLATION[self.interpolation])
-        return image.crop(tuple(box))
+        if placement.resized != image.size:
+            image = image.resize(placement.resized, INTERPOLATION[interpolation])
+        image = image.crop(placement.box)
+        return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if placement.flip else image
+
+    def resize_crop(self, image: Image.Image) -> Image.Image:
+        """A validation control image at its validation shape, centre-cropped."""
+        shape = self.validation_shape(*image.size)
+        return self.apply(image, self.place(*image.size, shape), self.control_interpolation or self.interpolation)
 
     @staticmethod
     def to_array(image: Image.Image) -> np.ndarray:
@@ -234,14 +390,22 @@ class PairedTransform:
         # whose last bits differ from those of the same values laid out contiguously.
         return np.ascontiguousarray(np.asarray(image, dtype=np.float32).transpose(2, 0, 1)) / 255.0
 
-    def target(self, image: Image.Image) -> np.ndarray:
-        return self.to_array(self.resize_crop(image)) * 2.0 - 1.0
+    def placement(self, width: int, height: int, row: int = 0, epoch: int = 0) -> Placement:
+        """Where an image of this size goes as row `row` of epoch `epoch`."""
+        return self.place(width, height, self.shape_of(row), self.draws(epoch, row))
 
-    def control(self, conditioning: Image.Image) -> np.ndarray:
-        return self.to_array(self.resize_crop(conditioning))
+    def target(self, image: Image.Image, row: int = 0, epoch: int = 0) -> np.ndarray:
+        placement = self.placement(*image.size, row, epoch)
+        return self.to_array(self.apply(image, placement, self.interpolation)) * 2.0 - 1.0
 
-    def __call__(self, image: Image.Image, conditioning: Image.Image) -> tuple[np.ndarray, np.ndarray]:
-        return self.target(image), self.control(conditioning)
+    def control(self, conditioning: Image.Image, row: int = 0, epoch: int = 0) -> np.ndarray:
+        placement = self.placement(*conditioning.size, row, epoch)
+        return self.to_array(self.apply(conditioning, placement, self.control_interpolation or self.interpolation))
+
+    def __call__(
+        self, image: Image.Image, conditioning: Image.Image, row: int = 0, epoch: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return self.target(image, row, epoch), self.control(conditioning, row, epoch)
 
 
 def pick_caption(value: Any, rng: random.Random, proportion_empty: float) -> str:
@@ -282,6 +446,38 @@ class EpochSampler:
         return self.num_rows
 
 
+class BucketSampler(EpochSampler):
+    """The epoch's global batches of one bucket each (BucketTable.epoch_batches), flattened: every run of
+    `global_batch` rows is one optimizer step's rows, whatever the per-device batch, accumulation or processes."""
+
+    def __init__(self, table: BucketTable, seed: int, global_batch: int):
+        super().__init__(len(table.bucket_of_row), seed)
+        self.table, self.global_batch = table, global_batch
+
+    def order(self, epoch: int) -> np.ndarray:
+        batches = self.table.epoch_batches(self.seed, epoch, self.global_batch)
+        return np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return self.table.batches_per_epoch(self.global_batch) * self.global_batch
+
+
+def epoch_sampler(transform: PairedTransform, num_rows: int, seed: int, global_batch: int) -> EpochSampler:
+    """The training order: shuffled rows, or with buckets whole optimizer steps of one bucket each."""
+    if transform.buckets is None:
+        return EpochSampler(num_rows, seed)
+    return BucketSampler(transform.buckets, seed, global_batch)
+
+
+def bucket_summary(transform: PairedTransform, preflight, global_batch: int) -> list[tuple[str, object]]:
+    """The start-of-run summary's bucket table (shape, rows, optimizer steps per epoch) and the rows left out."""
+    table = transform.buckets
+    if table is None:
+        return []
+    names = image_names(preflight.dataset, preflight.columns.image, table.left_out[:3].tolist())
+    return table.summary(global_batch, names)
+
+
 class ControlNetDataset:
     """Map-style dataset over a datasets.Dataset; indexed by (epoch, row) from EpochSampler (or a plain row).
 
@@ -312,15 +508,21 @@ class ControlNetDataset:
     def make_row(self, row: dict[str, Any], epoch: int, index: int) -> dict[str, Any]:
         """One training row from a raw dataset row (also for streamed rows: `index` = position in the pass)."""
         caption = pick_caption(row[self.columns.caption], row_rng(self.seed, epoch, index), self.proportion_empty)
-        control = self.transform.control(_open_image(row[self.columns.conditioning_image]))
-        item = {"conditioning_pixel_values": control, "caption": caption, "index": index}
+        control = self.transform.control(_open_image(row[self.columns.conditioning_image]), index, epoch)
+        width, height = self.transform.shape_of(index)
+        item = {
+            "conditioning_pixel_values": control,
+            "caption": caption,
+            "index": index,
+            "target_size": np.array([height, width]),
+        }
         if self.with_target:
             image = _open_image(row[self.columns.image])
-            _, _, left, top, _, _ = self.transform.crop_box(image.width, image.height)
+            placement = self.transform.placement(*image.size, index, epoch)
             item.update(
-                pixel_values=self.transform.target(image),
+                pixel_values=self.transform.target(image, index, epoch),
                 original_size=np.array([image.height, image.width]),
-                crop_top_left=np.array([top, left]),
+                crop_top_left=np.array(placement.crop_top_left),
             )
         return item
 
@@ -349,7 +551,10 @@ class Collator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         captions = [row["caption"] for row in rows]
         indices = [row["index"] for row in rows]
-        batch = {"conditioning_pixel_values": np.stack([row["conditioning_pixel_values"] for row in rows])}
+        batch = {
+            "conditioning_pixel_values": np.stack([row["conditioning_pixel_values"] for row in rows]),
+            "target_sizes": np.stack([row["target_size"] for row in rows]).astype(np.int64),
+        }
         if "pixel_values" in rows[0]:
             batch.update(
                 pixel_values=np.stack([row["pixel_values"] for row in rows]),
@@ -399,11 +604,7 @@ def split_heldout(dataset, split: float | None, seed: int):
     if count == 0:
         return dataset, None
     if count >= len(dataset):
-        from ..arguments import InputError
-
         raise InputError(f"--validation_split {split} leaves no training rows out of {len(dataset)}")
-    import numpy as np
-
     order = np.random.default_rng([seed, 7]).permutation(len(dataset))
     return dataset.select(sorted(order[count:].tolist())), dataset.select(sorted(order[:count].tolist()))
 

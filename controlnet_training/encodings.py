@@ -59,13 +59,32 @@ def _cache(session, parts: dict, keys, compute, desc: str) -> TensorCache:
     )
 
 
+class BucketedLatents:
+    """One posterior cache per bucket (a cache's rows share one shape); a batch, always of one bucket, is looked up
+    in its bucket's cache."""
+
+    def __init__(self, caches: dict[int, TensorCache], bucket_of_row: np.ndarray):
+        self.caches, self.bucket_of_row = caches, bucket_of_row
+        self.path = next(iter(caches.values())).path
+        self.bfloat16 = set().union(*(cache.bfloat16 for cache in caches.values()))
+
+    def lookup(self, keys) -> dict[str, np.ndarray]:
+        buckets = {int(self.bucket_of_row[key]) for key in keys}
+        if len(buckets) != 1:
+            raise ValueError(f"a batch spans buckets {sorted(buckets)}")
+        return self.caches[buckets.pop()].lookup(keys)
+
+
 def latent_cache(
     session, transform: PairedTransform, vae_identity: dict, encode_pixels: Callable[[np.ndarray], tuple[Any, Any]]
-) -> TensorCache:
-    """Posterior (mean, std), original size and crop of every training row, keyed by row number.
+) -> TensorCache | BucketedLatents:
+    """Posterior (mean, std), original size and crop of every training row, keyed by row number; with buckets, one
+    cache per bucket, each at its bucket's shape.
     `encode_pixels(images in [-1, 1], N×3×H×W float32) -> (mean, std)` in the UNet's latent scale; `vae_identity`
     is everything its output depends on (config, weights, dtype, framework)."""
     args, preflight = session.args, session.preflight
+    if transform.augments:
+        raise ValueError("random crops and flips change every epoch: their posteriors cannot be cached")
     rows = ControlNetDataset(preflight.dataset, preflight.columns, transform, preflight.seed)
     collate = Collator([], as_torch=False)
 
@@ -90,7 +109,16 @@ def latent_cache(
         "revision": args.revision,
         "variant": getattr(args, "variant", None),
     }
-    return _cache(session, parts, range(len(rows)), compute, "caching VAE posteriors")
+    table = transform.buckets
+    if table is None:
+        return _cache(session, parts, range(len(rows)), compute, "caching VAE posteriors")
+    caches = {}
+    for bucket, (width, height) in enumerate(table.shapes):
+        keys = table.rows(bucket).tolist()
+        if keys:
+            desc = f"caching VAE posteriors ({width}x{height})"
+            caches[bucket] = _cache(session, {**parts, "bucket": [width, height]}, keys, compute, desc)
+    return BucketedLatents(caches, table.bucket_of_row)
 
 
 def text_cache(

@@ -37,6 +37,18 @@ FLAX_DEVICES = 4  # simulated CPU devices for the Flax trainer's runs
 XLA_THREADS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"  # must come last in XLA_FLAGS
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one state per process: a trainer run in-process by one test must not fix the precision
+    (or device) for the next test on the same worker."""
+    yield
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
 @pytest.fixture(scope="session")
 def flax_env(tmp_path_factory) -> dict[str, str]:
     """The Flax trainer's environment: 4 CPU devices, one thread, and one persistent compilation cache for every

@@ -117,6 +117,15 @@ OUR_FLAGS = {
     "torch_compile",
     "channels_last",
     "max_consecutive_nonfinite_steps",
+    "aspect_ratio_buckets",
+    "bucket_step",
+    "min_bucket_aspect_ratio",
+    "max_bucket_aspect_ratio",
+    "max_buckets",
+    "bucket_max_upscale",
+    "random_crop",
+    "random_flip",
+    "conditioning_interpolation",
 }
 
 

@@ -20,8 +20,9 @@ def test_shapes_are_multiples_of_the_step_with_about_the_area(resolution, step):
     for width, height in shapes:
         assert width % step == 0 and height % step == 0
         assert 0.5 <= width / height <= 2.0
-        # the nearest multiple of the step: off the area by at most half a step of height
-        assert abs(width * height - resolution**2) <= width * step / 2
+        # the short side is the nearest multiple of the step: the area is off by at most half a step of it
+        assert abs(width * height - resolution**2) <= max(width, height) * step / 2
+        assert (height, width) in shapes  # both orientations
 
 
 def test_more_buckets_than_allowed_keep_the_range():
@@ -84,9 +85,10 @@ def test_rows_too_small_for_their_bucket_are_left_out_and_reported():
     table = BucketTable.assign(sizes, BucketSettings(512, max_upscale=2.0))
     assert table.left_out.tolist() == [1, 3]
     assert all(1 not in batch and 3 not in batch for batch in table.epoch_batches(0, 0, 1))
-    summary = dict(table.summary(global_batch=1, names=[f"{i}.png" for i in range(5)]))
+    summary = dict(table.summary(global_batch=1, left_out_names=["1.png", "3.png"]))
     assert summary["too small for any bucket"] == "2 rows left out (first: 1.png, 3.png)"
-    assert summary["bucket 512x512"] == "2 rows, 2 batches per epoch"
+    assert summary["bucket 512x512"] == "2 rows, 2 steps per epoch"
+    assert dict(table.summary(global_batch=2))["too small for any bucket"] == "2 rows left out (first: row 1, row 3)"
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import numpy as np
 
 
 def test_hosts_load_disjoint_rows_and_accumulation_reads_the_same_rows():
+    from controlnet_training.data import EpochSampler
     from controlnet_training.flax_training.data import BatchLayout, MapBatches
 
     class Rows:
@@ -18,7 +19,7 @@ def test_hosts_load_disjoint_rows_and_accumulation_reads_the_same_rows():
     assert sorted(positions) == list(range(16))  # two hosts cover the global batch exactly once
 
     def rows_per_step(layout):
-        batches = MapBatches(Rows(), layout, collate=None, seed=1)
+        batches = MapBatches(Rows(), layout, collate=None, sampler=EpochSampler(24, seed=1))
         return [sorted(row for _, row in keys) for keys in batches.step_keys(0, 3)]
 
     accumulated = rows_per_step(BatchLayout(2, 4, slice(0, 4)))

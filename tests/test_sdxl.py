@@ -36,7 +36,7 @@ def test_time_ids_use_the_real_original_size_and_crop():
     ]
     dataset = ControlNetDataset(rows, Columns("image", "conditioning_image", "text"), PairedTransform(64), seed=0)
     batch = Collator([])([dataset[0], dataset[1]])
-    ids = time_ids(batch["original_sizes"], batch["crops_top_left"], 64)
+    ids = time_ids(batch["original_sizes"], batch["crops_top_left"], batch["target_sizes"])
     expected = torch.tensor(
         [[64, 96, 0, 16, 64, 64], [130, 50, int(round((166 - 64) / 2)), 0, 64, 64]], dtype=torch.float32
     )

@@ -74,11 +74,17 @@ class MapBatches:
     """
 
     def __init__(
-        self, dataset: ControlNetDataset, layout: BatchLayout, collate: Callable, seed: int, num_workers: int = 0
+        self,
+        dataset: ControlNetDataset,
+        layout: BatchLayout,
+        collate: Callable,
+        sampler: EpochSampler,
+        num_workers: int = 0,
     ):
+        """`sampler`: the epochs' row orders (shuffled rows, or whole global batches of one bucket each)."""
         self.dataset, self.layout, self.collate, self.num_workers = dataset, layout, collate, num_workers
-        self.sampler = EpochSampler(len(dataset), seed)
-        self.steps_per_epoch = steps_per_epoch(len(dataset), layout)
+        self.sampler = sampler
+        self.steps_per_epoch = len(sampler) // layout.global_batch
 
     def step_keys(self, first_step: int, last_step: int) -> Iterator[list[tuple[int, int]]]:
         positions = self.layout.positions().ravel()

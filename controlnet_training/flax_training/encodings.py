@@ -21,8 +21,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ..cache import TensorCache, model_identity, tokenizer_identity
-from ..data import Collator, PairedTransform, token_ids
-from ..encodings import caption_cache, latent_cache
+from ..data import Collator, token_ids
+from ..encodings import BucketedLatents, caption_cache, latent_cache
 from .step import Models, vae_posterior
 
 ENCODE_BATCH = 32  # rows per call of an encoder outside the step (rounded up to a multiple of the local devices)
@@ -78,7 +78,7 @@ class HostEncoders:
 
 @dataclass
 class Encodings:
-    latents: TensorCache  # by row: latent_mean, latent_std (and the original sizes / crops SDXL uses)
+    latents: TensorCache | BucketedLatents  # by row: latent_mean, latent_std (and the original sizes / crops SDXL uses)
     texts: TensorCache  # by caption: prompt_embeds
 
 
@@ -91,10 +91,8 @@ def flax_identity(module, folder: str | Path) -> dict:
 def build_caches(session, encoders: HostEncoders, folders: dict[str, Path]) -> Encodings:
     """The VAE posterior of every training row and the embedding of every caption variant and of "", built (split
     across hosts) or reused. `folders`: the model folders of "vae" and "text_encoder"."""
-    args, models = session.args, encoders.models
-    latents = latent_cache(
-        session, PairedTransform(args.resolution), flax_identity(models.vae, folders["vae"]), encoders.posterior
-    )
+    models = encoders.models
+    latents = latent_cache(session, session.transform, flax_identity(models.vae, folders["vae"]), encoders.posterior)
     identity = {
         "encoder": flax_identity(models.text_encoder, folders["text_encoder"]),
         "tokenizer": tokenizer_identity(encoders.tokenizer),

@@ -76,7 +76,13 @@ class TrainLoop:
         )
         pending: list[dict] = []
         tracing, steps_run = False, 0
+        shapes: set[tuple[int, ...]] = set()  # one compiled step per batch shape (bucket): at most --max_buckets
         for host_batch in self.batches(global_step, plan.max_train_steps):
+            shape = host_batch["conditioning_pixel_values"].shape[-2:]
+            if shape not in shapes:
+                shapes.add(shape)
+                if len(shapes) > 1:
+                    progress.write(f"compiling the step for {shape[1]}x{shape[0]} batches ({len(shapes)} shapes)")
             epoch = global_step // plan.updates_per_epoch
             batch = to_global(host_batch, self.devices.batch, self.layout.micro)
             with jax.profiler.StepTraceAnnotation("train", step_num=global_step):

@@ -16,7 +16,7 @@ import jax
 from .. import hub
 from ..arguments import InputError, exit_on_input_error
 from ..checkpoints import save_final
-from ..data import Collator, ControlNetDataset, PairedTransform
+from ..data import Collator, ControlNetDataset, PairedTransform, bucket_summary, epoch_sampler, training_transform
 from ..encodings import Workers, cache_root, wants_cache
 from ..logs import report_outputs, run_summary, setup_logging
 from ..preflight import SD_MODEL_FILES, Preflight, run_preflight
@@ -39,6 +39,7 @@ class Session:
     args: Any
     devices: Devices
     preflight: Preflight
+    transform: PairedTransform  # square, or aspect-ratio buckets; paired augmentation
     scheduler_config: dict
     layout: BatchLayout
     plan: StepPlan
@@ -62,9 +63,12 @@ class Session:
 
     @property
     def caches_encodings(self) -> bool:
-        """--cache_encodings (auto: when the run reads every row at least once); a stream is never cached."""
+        """--cache_encodings (auto: when the run reads every row at least once); a stream, and random crops or flips
+        (new every epoch), are never cached."""
         args = self.args
-        return not args.streaming and wants_cache(args, len(self.preflight.dataset), self.layout.global_batch)
+        if args.streaming or self.transform.augments:
+            return False
+        return wants_cache(args, len(self.preflight.dataset), self.layout.global_batch)
 
 
 def start_session(args, prog: str) -> Session:
@@ -80,7 +84,21 @@ def start_session(args, prog: str) -> Session:
         micro = args.train_batch_size * devices.count
         layout = BatchLayout(args.gradient_accumulation_steps, micro, devices.local_columns(micro))
         rows = args.max_train_samples if args.streaming else len(preflight.dataset)
+        if args.streaming and args.aspect_ratio_buckets:
+            raise InputError(
+                "--aspect_ratio_buckets with --streaming is not supported yet (buckets need every row's size up "
+                "front): drop one of them"
+            )
+        transform = training_transform(args, preflight)
         steps = steps_per_epoch(rows, layout)
+        if transform.buckets is not None:
+            steps = transform.buckets.batches_per_epoch(layout.global_batch)
+        if steps == 0 and transform.buckets is not None:
+            raise InputError(
+                f"no bucket holds one global batch of {layout.global_batch} rows (--train_batch_size "
+                f"{args.train_batch_size} × {devices.count} devices × --gradient_accumulation_steps "
+                f"{args.gradient_accumulation_steps}): lower the batch, or --max_buckets for fuller buckets"
+            )
         if steps == 0:
             raise InputError(
                 f"{rows} training rows are fewer than one global batch of {layout.global_batch} "
@@ -99,7 +117,7 @@ def start_session(args, prog: str) -> Session:
         if args.push_to_hub:
             repo_id = hub.create_hub_repo(args.hub_model_id, args.output_dir, args.hub_token)
     barrier("start")
-    return Session(args, devices, preflight, scheduler_config, layout, plan, repo_id)
+    return Session(args, devices, preflight, transform, scheduler_config, layout, plan, repo_id)
 
 
 def make_batches(session: Session, tokenizer, encodings: Encodings | None) -> MapBatches | StreamBatches:
@@ -109,7 +127,7 @@ def make_batches(session: Session, tokenizer, encodings: Encodings | None) -> Ma
     rows = ControlNetDataset(
         preflight.dataset,
         preflight.columns,
-        PairedTransform(args.resolution),
+        session.transform,
         preflight.seed,
         args.proportion_empty_prompts,
         with_target=encodings is None,
@@ -117,7 +135,8 @@ def make_batches(session: Session, tokenizer, encodings: Encodings | None) -> Ma
     collate = Collator([tokenizer], as_torch=False) if encodings is None else CachedCollator(encodings)
     if args.streaming:
         return StreamBatches(preflight.dataset, rows.make_row, session.layout, collate, args.max_train_samples)
-    return MapBatches(rows, session.layout, collate, preflight.seed, args.dataloader_num_workers)
+    sampler = epoch_sampler(session.transform, len(rows), preflight.seed, session.layout.global_batch)
+    return MapBatches(rows, session.layout, collate, sampler, args.dataloader_num_workers)
 
 
 def initial_state(session: Session, loaded: LoadedModels, tx) -> tuple[TrainState, int]:
@@ -173,6 +192,7 @@ def log_summary(session: Session, global_step: int, encodings: Encodings | None)
         run_summary(
             [
                 ("examples", rows),
+                *bucket_summary(session.transform, session.preflight, layout.global_batch),
                 (
                     "devices",
                     f"{session.devices.count} ({jax.process_count()} process(es), {jax.devices()[0].platform})",
@@ -187,7 +207,7 @@ def log_summary(session: Session, global_step: int, encodings: Encodings | None)
                 ("mixed precision", args.mixed_precision),
                 ("gradient checkpointing", args.gradient_checkpointing),
                 ("min-SNR gamma", args.snr_gamma),
-                ("cached encodings", encodings.latents.path.parent if encodings else "no (encoded at every step)"),
+                ("cached encodings", encodings.texts.path.parent if encodings else "no (encoded at every step)"),
                 ("seed", session.preflight.seed),
                 (
                     "resuming from",

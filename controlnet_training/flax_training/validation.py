@@ -45,6 +45,7 @@ class Validator:
     def __init__(
         self,
         args,
+        transform: PairedTransform,
         models: Models,
         frozen: dict,
         embed: Callable[[list[str]], np.ndarray],
@@ -54,7 +55,7 @@ class Validator:
     ):
         self.models, self.frozen, self.scheduler_config = models, frozen, scheduler_config
         self.pairs = validation_pairs(args.validation_prompt, args.validation_image)
-        self.transform = PairedTransform(args.resolution)
+        self.transform = transform  # validation images at the nearest bucket's shape with buckets
         self.count = args.num_validation_images or num_devices
         self.key = jax.random.fold_in(jax.random.key(seed_array(seed)), VALIDATION_STREAM)
         mesh = Mesh(np.array(jax.local_devices()), ("data",))
@@ -81,8 +82,9 @@ class Validator:
             control_image = load_control_image(path, self.transform)
             control = np.asarray(control_image, np.float32).transpose(2, 0, 1)[None] / 255.0
             control = jax.device_put(np.repeat(control, self.count, axis=0), self.batch)
-            latent_size = self.transform.resolution // 2 ** (len(self.models.vae.config["block_out_channels"]) - 1)
-            shape = (self.count, self.models.unet.config.get("in_channels", 4), latent_size, latent_size)
+            factor = 2 ** (len(self.models.vae.config["block_out_channels"]) - 1)
+            latent_hw = (control_image.height // factor, control_image.width // factor)
+            shape = (self.count, self.models.unet.config.get("in_channels", 4), *latent_hw)
             latents = jax.device_put(jax.random.normal(jax.random.fold_in(self.key, i), shape), self.batch)
             images = sample_controlnet(
                 self.models.unet,

@@ -38,6 +38,12 @@ class Conditioning:
         return self.latents is None
 
 
+def posterior_note(latents, transform: PairedTransform) -> object:
+    if latents is not None:
+        return latents.path
+    return "encoded at every step" + (" (random crops and flips are not cached)" if transform.augments else "")
+
+
 def sd_conditioning(session, models, transform: PairedTransform) -> Conditioning:
     """SD 1.x/2.x: the VAE posterior and the text encoder's last hidden state."""
     args, device, weight_dtype = session.args, session.accelerator.device, session.weight_dtype
@@ -61,7 +67,8 @@ def sd_conditioning(session, models, transform: PairedTransform) -> Conditioning
         return {"prompt_embeds": embed(ids)}
 
     base = Path(args.pretrained_model_name_or_path)
-    latents = vae_latent_cache(session, transform, models.vae, str(base / "vae"))
+    # Random crops and flips change every epoch: then only the texts are cached.
+    latents = None if transform.augments else vae_latent_cache(session, transform, models.vae, str(base / "vae"))
     key = {
         "encoder": model_identity(models.text_encoder, str(base / "text_encoder")),
         "tokenizer": tokenizer_identity(models.tokenizer),
@@ -82,8 +89,8 @@ def sd_conditioning(session, models, transform: PairedTransform) -> Conditioning
         latents=latents,
         texts=texts,
         pipeline_kwargs=pipeline_kwargs,
-        summary=[("cached encodings", latents.path.parent)],
-        release=lambda: drop_encoders(models.vae, [models.text_encoder]),
+        summary=[("cached encodings", texts.path.parent), ("VAE posteriors", posterior_note(latents, transform))],
+        release=lambda: drop_encoders(models.vae if latents is not None else None, [models.text_encoder]),
     )
 
 
@@ -106,13 +113,13 @@ def sdxl_conditioning(session, models, transform: PairedTransform) -> Conditioni
 
     texts = caption_cache(session, key, encode_captions)  # validation prompts in a cache apart
     prompts = text_cache(session, args.validation_prompt, key, encode_captions) if args.validation_prompt else None
-    cached = session.caches_encodings
+    cached = session.caches_encodings and not transform.augments
     vae_folder = args.pretrained_vae_model_name_or_path or str(base / "vae")
     latents = vae_latent_cache(session, transform, models.vae, vae_folder) if cached else None
 
     def encode(batch: dict):
         mean, std = posterior(batch, models.vae)
-        sizes = time_ids(batch["original_sizes"], batch["crops_top_left"], args.resolution)
+        sizes = time_ids(batch["original_sizes"], batch["crops_top_left"], batch["target_sizes"])
         added = {
             "text_embeds": batch["pooled_prompt_embeds"].to(weight_dtype),
             "time_ids": sizes.to(device, weight_dtype),
@@ -136,7 +143,7 @@ def sdxl_conditioning(session, models, transform: PairedTransform) -> Conditioni
         summary=[
             ("VAE", f"{args.pretrained_vae_model_name_or_path or 'base'} in {models.vae.dtype}"),
             ("text embeddings", f"{len(texts.keys)} cached in {texts.path}"),
-            ("VAE posteriors", latents.path if cached else "encoded at every step"),
+            ("VAE posteriors", posterior_note(latents, transform)),
         ],
         release=lambda: drop_encoders(models.vae if cached else None, models.text_encoders),
     )

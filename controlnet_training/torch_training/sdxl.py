@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..arguments import InputError
+from ..arguments import INTERPOLATION_NAMES, InputError
 from ..data import load_tokenizer, token_ids
 from .models import text_encoder_class
 
@@ -19,7 +19,6 @@ SDXL_MODEL_FILES = (
     "tokenizer_2",
     "scheduler/scheduler_config.json",
 )
-INTERPOLATION_MODES = ["bicubic", "bilinear", "box", "hamming", "lanczos", "nearest", "nearest_exact"]
 
 
 def add_sdxl_args(parser) -> None:
@@ -46,7 +45,7 @@ def add_sdxl_args(parser) -> None:
         "--image_interpolation_mode",
         type=str,
         default="lanczos",
-        choices=INTERPOLATION_MODES,
+        choices=INTERPOLATION_NAMES,
         help="Resize filter for training and validation images.",
     )
     parser.set_defaults(tracker_project_name="sd_xl_train_controlnet")
@@ -110,7 +109,7 @@ def encode_prompts(captions: Sequence[str], tokenizers, text_encoders) -> dict[s
     return {"prompt_embeds": torch.cat(hidden, dim=-1), "pooled_prompt_embeds": pooled}
 
 
-def time_ids(original_sizes: torch.Tensor, crops_top_left: torch.Tensor, resolution: int) -> torch.Tensor:
-    """SDXL micro-conditioning per sample: (original h, w, crop top, left, target h, w)."""
-    target = torch.full_like(original_sizes, resolution)
-    return torch.cat([original_sizes, crops_top_left, target], dim=1).float()
+def time_ids(original_sizes: torch.Tensor, crops_top_left: torch.Tensor, target_sizes: torch.Tensor) -> torch.Tensor:
+    """SDXL micro-conditioning per sample, from the resize and crop applied to it: (original h, w, crop top, left,
+    target h, w)."""
+    return torch.cat([original_sizes, crops_top_left, target_sizes], dim=1).float()

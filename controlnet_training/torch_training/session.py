@@ -18,7 +18,15 @@ from .. import hub, validation
 from ..arguments import AdamWSettings, InputError, exit_on_input_error
 from ..checkpoints import read_state, save_final
 from ..control_signal import plot_metrics
-from ..data import Collator, ControlNetDataset, PairedTransform
+from ..data import (
+    Collator,
+    ControlNetDataset,
+    EpochSampler,
+    PairedTransform,
+    bucket_summary,
+    epoch_sampler,
+    training_transform,
+)
 from ..encodings import Workers, wants_cache
 from ..logs import logger, report_outputs, run_summary, setup_logging, tracker_config
 from ..preflight import Preflight, Processes, run_preflight
@@ -54,8 +62,11 @@ def register_controlnet_state_hooks(accelerator, controlnet_cls) -> None:
 
 def make_accelerator(args):
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, parse_flag_from_env
 
+    # Checked before the Accelerator too: its state is built once per process, and a later precision is refused.
+    on_cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not has_accelerator_device()
+    check_precision_fits(args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION"), on_cpu)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -71,15 +82,24 @@ def make_accelerator(args):
             "WORLD_SIZE > 1 but accelerate sees one process: every rank would write the same "
             "output_dir. Launch with `accelerate launch` (on CPU set ACCELERATE_USE_CPU=true)"
         )
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise InputError(
-            "--mixed_precision fp16 (from the flag or the accelerate config) needs a CUDA GPU: fp16 "
-            "autocast and loss scaling do not run on the CPU; use --mixed_precision bf16 or no"
-        )
+    check_precision_fits(accelerator.mixed_precision, accelerator.device.type == "cpu")
     check_config_agrees(args, accelerator)
     if torch.backends.mps.is_available():
         accelerator.native_amp = False
     return accelerator
+
+
+def has_accelerator_device() -> bool:
+    xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
+    return torch.cuda.is_available() or xpu or torch.backends.mps.is_available()
+
+
+def check_precision_fits(mixed_precision: str | None, on_cpu: bool) -> None:
+    if mixed_precision == "fp16" and on_cpu:
+        raise InputError(
+            "--mixed_precision fp16 (from the flag or the accelerate config) needs a CUDA GPU: fp16 "
+            "autocast and loss scaling do not run on the CPU; use --mixed_precision bf16 or no"
+        )
 
 
 def check_config_agrees(args, accelerator) -> None:
@@ -111,15 +131,13 @@ def weight_dtype_of(accelerator) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
-def make_dataloader(dataset, args, collate: Callable, seed: int):
+def make_dataloader(dataset, args, collate: Callable, sampler: EpochSampler):
     from torch.utils.data import DataLoader
-
-    from ..data import EpochSampler
 
     return DataLoader(
         dataset,
         batch_size=args.train_batch_size,
-        sampler=EpochSampler(len(dataset), seed),
+        sampler=sampler,
         collate_fn=collate,
         num_workers=args.dataloader_num_workers,
         persistent_workers=args.dataloader_num_workers > 0,
@@ -147,6 +165,7 @@ class Session:
     args: Any
     accelerator: Any
     preflight: Preflight
+    transform: PairedTransform  # square, or aspect-ratio buckets; paired augmentation
     repo_id: str | None
 
     @property
@@ -196,9 +215,14 @@ def accelerate_processes() -> Processes:
 
 
 def start_session(
-    args, prog: str, model_files: tuple[str, ...], extra_checks: Callable[[Any], None] = lambda a: None
+    args,
+    prog: str,
+    model_files: tuple[str, ...],
+    extra_checks: Callable[[Any], None] = lambda a: None,
+    interpolation: str = "bilinear",
 ) -> Session:
-    """Check everything that can be checked without models, then create the accelerator and the output folder."""
+    """Check everything that can be checked without models (and place every row in its bucket), then create the
+    accelerator and the output folder."""
     setup_logging(int(os.environ.get("LOCAL_RANK", "0")) == 0)  # before the checks, so their notes are shown
     try:
         extra_checks(args)
@@ -210,6 +234,14 @@ def start_session(
             accelerator.num_processes,
             deepspeed=accelerator.distributed_type == "DEEPSPEED",
         )
+        transform = training_transform(args, preflight, interpolation)
+        batch = effective_batch(args.train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps)
+        if transform.buckets is not None and transform.buckets.batches_per_epoch(batch) == 0:
+            raise InputError(
+                f"--aspect_ratio_buckets: no bucket holds one optimizer step's {batch} rows (--train_batch_size "
+                f"{args.train_batch_size} x {accelerator.num_processes} processes x --gradient_accumulation_steps "
+                f"{args.gradient_accumulation_steps}): lower the batch, or --max_buckets for fuller buckets"
+            )
     except InputError as error:
         exit_on_input_error(prog, error)
     from accelerate.utils import set_seed
@@ -220,7 +252,7 @@ def start_session(
         os.makedirs(args.output_dir, exist_ok=True)
         if args.push_to_hub:
             repo_id = hub.create_hub_repo(args.hub_model_id, args.output_dir, args.hub_token)
-    return Session(args, accelerator, preflight, repo_id)
+    return Session(args, accelerator, preflight, transform, repo_id)
 
 
 def check_resume_topology(args, resume_from: Path | None, processes: int, deepspeed: bool = False) -> None:
@@ -286,7 +318,8 @@ def prepare_training(session: Session, controlnet, transform: PairedTransform, c
         with_target=conditioning.needs_pixels,
     )
     collate = Collator(conditioning.tokenizers, latents=conditioning.latents, texts=conditioning.texts)
-    dataloader = make_dataloader(dataset, args, collate, preflight.seed)
+    sampler = epoch_sampler(transform, len(dataset), preflight.seed, session.effective_batch)
+    dataloader = make_dataloader(dataset, args, collate, sampler)
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = make_optimizer(
@@ -315,6 +348,7 @@ def prepare_training(session: Session, controlnet, transform: PairedTransform, c
         run_summary(
             [
                 ("examples", len(dataset)),
+                *bucket_summary(transform, preflight, session.effective_batch),
                 ("batches per epoch (per process)", plan.batches_per_epoch),
                 ("epochs", plan.num_epochs),
                 ("batch per device", args.train_batch_size),

@@ -72,8 +72,8 @@ def generate(
                     image=control,
                     num_inference_steps=num_inference_steps,
                     generator=generator,
-                    height=transform.resolution,
-                    width=transform.resolution,
+                    width=control.width,  # the nearest bucket's shape with buckets, else the square
+                    height=control.height,
                     output_type="latent",
                     **inputs,
                     **pipeline_kwargs,
@@ -199,7 +199,8 @@ def make_validator(
     heldout, args = session.preflight.heldout, session.args
     control = None
     if heldout is not None:
-        rows = ControlNetDataset(heldout, session.preflight.columns, transform, session.preflight.seed)
+        # Square centre crops without augmentation, with or without buckets: one measurement for every run.
+        rows = ControlNetDataset(heldout, session.preflight.columns, transform.plain(), session.preflight.seed)
         collate = Collator(conditioning.tokenizers, texts=conditioning.texts)
         batches = [
             collate([rows[i] for i in range(start, min(start + 8, len(rows)))]) for start in range(0, len(rows), 8)

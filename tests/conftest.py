@@ -147,6 +147,30 @@ def fill_data(tmp_path_factory) -> dict[str, Path]:
     return {**formats, "validation": root / "validation"}
 
 
+MIXED_RATIOS = (0.5, 1.0, 2.0)  # width / height of the rows of mixed_data
+
+
+@pytest.fixture(scope="session")
+def mixed_data(tmp_path_factory) -> dict[str, Path]:
+    """The fill-style rows at several aspect ratios (target and control share the circle's exact box), as an
+    imagefolder; "validation": a wide control image."""
+    from controlnet_training.fixtures import write_dataset
+
+    def build(root: Path) -> None:
+        folder = write_dataset(
+            root, rows=16, resolution=RESOLUTION, seed=1, formats=("imagefolder",), aspect_ratios=MIXED_RATIOS
+        )
+        from PIL import Image
+
+        (root / "validation").mkdir()
+        wide = Image.open(folder["imagefolder"] / "conditioning_images" / "00000.png").convert("RGB")
+        wide.resize((RESOLUTION * 2, RESOLUTION)).save(root / "validation" / "wide.png")
+
+    inputs = {"rows": 16, "resolution": RESOLUTION, "seed": 1, "aspect_ratios": MIXED_RATIOS}
+    root = copied_fixture("mixed-data", inputs, build, tmp_path_factory)
+    return {"imagefolder": root / "imagefolder", "validation": root / "validation" / "wide.png"}
+
+
 def free_port() -> int:
     """A port no one listens on now: multi-process tests never collide (tests run on two xdist workers)."""
     import socket

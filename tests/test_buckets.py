@@ -104,41 +104,152 @@ def test_bad_settings_are_refused(flags, message):
         BucketSettings(512, **flags)
 
 
-@pytest.mark.parametrize("aspect_ratio", [0.5, 0.75, 1.5, 2.0])
-@pytest.mark.parametrize("flip", [False, True])
-def test_the_paired_crop_keeps_target_and_control_aligned(aspect_ratio, flip):
-    """The fixture tool's non-square rows, placed by cover_crop_box into their bucket with a random crop and a flip
-    applied alike to both: the crop is the bucket, and the target's filled circle and the control's outline keep
-    the same bounding box. (The trainers' paired transform does not use buckets yet: this checks the fixture and
-    the box, which that transform will apply to both images.)"""
+def bounds(mask: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(mask)
+    return np.array([xs.min(), ys.min(), xs.max(), ys.max()])
+
+
+def fill_rows(count: int, resolution: int = 128, seed: int = 0):
+    """Fixture rows of several aspect ratios: (target, control, caption), the control's outline drawn on the very
+    box of the target's filled circle."""
     import random
 
+    from controlnet_training.fixtures import draw_fill_sample
+
+    rng = random.Random(seed)
+    return [draw_fill_sample(rng, resolution, (0.5, 0.75, 1.0, 1.5, 2.0)[i % 5]) for i in range(count)]
+
+
+@pytest.mark.parametrize("buckets", [False, True], ids=["square", "buckets"])
+@pytest.mark.parametrize("augment", [False, True], ids=["centre", "random-crop-and-flip"])
+def test_the_paired_transform_keeps_target_and_control_aligned(buckets, augment):
+    """The trainers' own transform on non-square rows, bucketed or square, centre or randomly cropped and flipped:
+    each row lands in its bucket, and the target's filled circle and the control's outline keep the same bounding
+    box, pixel for pixel (up to the resize's rounding) — also for a control stored at twice the target's size."""
     from PIL import Image
 
-    from controlnet_training.fixtures import COLOURS, draw_fill_sample
+    from controlnet_training.data import PairedTransform
+    from controlnet_training.fixtures import COLOURS
 
-    rng = random.Random(aspect_ratio)
-    image, control, caption = draw_fill_sample(rng, 256, aspect_ratio)
-    assert abs(image.width / image.height - aspect_ratio) < 0.01 and image.size == control.size
-    shapes = bucket_shapes(BucketSettings(128, step=16))
-    bucket = shapes[nearest_bucket(*image.size, shapes)]
-    new_w, new_h, *box = cover_crop_box(*image.size, bucket, rng.random(), rng.random())
+    rows = fill_rows(20)
+    settings = BucketSettings(96, step=16)
+    table = BucketTable.assign([image.size for image, _, _ in rows], settings) if buckets else None
+    transform = PairedTransform(
+        96, "bilinear", "nearest", buckets=table, random_crop=augment, random_flip=augment, seed=5
+    )
+    compared, flipped = 0, 0
+    for row, (image, control, caption) in enumerate(rows):
+        for epoch in (0, 1):
+            width, height = transform.shape_of(row)
+            if buckets:
+                assert (width, height) == table.shapes[nearest_bucket(*image.size, table.shapes)]
+            target = transform.target(image, row, epoch)
+            assert target.shape == (3, height, width) and -1 <= target.min() and target.max() <= 1
+            big_control = control.resize((control.width * 2, control.height * 2), Image.NEAREST)
+            for stored in (control, big_control):
+                outline = transform.control(stored, row, epoch)
+                assert outline.shape == (3, height, width)
+                pixels = np.round((target.transpose(1, 2, 0) + 1) * 127.5)
+                filled = np.all(np.abs(pixels - COLOURS[caption.split()[0]]) <= 40, axis=-1)
+                drawn = outline[0] > 0.5
+                if filled.sum() < 20 or drawn.sum() < 20:  # the crop cut the circle away
+                    continue
+                assert np.abs(bounds(filled) - bounds(drawn)).max() <= 2, (row, epoch)
+                compared += 1
+            flipped += transform.placement(*image.size, row, epoch).flip
+    assert compared >= 40  # most rows keep their circle in the crop: the comparison is not vacuous
+    assert (flipped > 5) == augment
 
-    def place(picture):
-        placed = picture.resize((new_w, new_h), Image.NEAREST).crop(tuple(box))
-        return np.asarray(placed.transpose(Image.FLIP_LEFT_RIGHT) if flip else placed)
 
-    target, outline = place(image), place(control)
-    assert target.shape[:2] == (bucket[1], bucket[0])
-    filled = np.all(target == COLOURS[caption.split()[0]], axis=-1)
-    drawn = outline[..., 0] > 128
-    assert filled.any() and drawn.any()  # these seeds keep the circle in the crop: the comparison is not vacuous
+def test_random_draws_are_a_function_of_seed_epoch_and_row_and_leave_captions_alone():
+    from controlnet_training.data import Columns, ControlNetDataset, PairedTransform
 
-    def bounds(mask):
-        ys, xs = np.nonzero(mask)
-        return np.array([xs.min(), ys.min(), xs.max(), ys.max()])
+    rows = [
+        {"image": image, "conditioning_image": control, "text": ["a", "b", "c"]} for image, control, _ in fill_rows(8)
+    ]
+    columns = Columns("image", "conditioning_image", "text")
+    plain = ControlNetDataset(rows, columns, PairedTransform(64), seed=3, proportion_empty=0.3)
+    augmented = ControlNetDataset(
+        rows, columns, PairedTransform(64, random_crop=True, random_flip=True, seed=3), seed=3, proportion_empty=0.3
+    )
+    for key in [(0, 1), (1, 1), (0, 5)]:
+        a, b, again = plain[key], augmented[key], augmented[key]
+        assert a["caption"] == b["caption"]  # the augmentation draws from a generator of its own
+        assert np.array_equal(b["pixel_values"], again["pixel_values"])
+    transform = PairedTransform(64, random_crop=True, random_flip=True, seed=3)
+    draws = {transform.draws(epoch, row) for epoch in range(3) for row in range(8)}
+    assert len(draws) == 24  # every (epoch, row) its own crop
+    assert transform.draws(1, 2) == PairedTransform(64, random_crop=True, random_flip=True, seed=3).draws(1, 2)
+    assert transform.draws(1, 2) != PairedTransform(64, random_crop=True, random_flip=True, seed=4).draws(1, 2)
+    assert PairedTransform(64, random_flip=True).draws(0, 0).left_fraction == 0.5  # flip only: centre crop
 
-    assert np.abs(bounds(filled) - bounds(drawn)).max() <= 1
+
+def test_a_flipped_crop_reports_its_left_edge_as_the_model_sees_it():
+    from controlnet_training.data import Placement
+
+    placement = Placement(resized=(100, 64), box=(10, 0, 74, 64), flip=False)
+    assert placement.crop_top_left == (0, 10) and placement.size == (64, 64)
+    mirrored = Placement(resized=(100, 64), box=(10, 0, 74, 64), flip=True)
+    assert mirrored.crop_top_left == (0, 26)  # 100 - 74: the crop's distance from the mirrored image's left
+
+
+def test_nearest_interpolation_keeps_label_colours_unblended():
+    from PIL import Image
+
+    from controlnet_training.data import PairedTransform
+
+    labels = np.zeros((37, 53, 3), np.uint8)
+    labels[:, 20:] = (200, 10, 10)
+    labels[18:, :] = (10, 10, 200)
+    image = Image.fromarray(labels)
+    colours = {tuple(c) for c in labels.reshape(-1, 3)}
+
+    def colours_after(transform):
+        out = np.round(transform.control(image) * 255).astype(np.uint8).transpose(1, 2, 0)
+        return {tuple(c) for c in out.reshape(-1, 3)}
+
+    assert colours_after(PairedTransform(64, "bilinear", "nearest")) <= colours
+    assert not colours_after(PairedTransform(64, "bilinear")) <= colours  # bilinear blends: the check can fail
+
+
+def test_the_bucket_sampler_serves_whole_steps_of_one_bucket_to_any_split():
+    """Every optimizer step's rows are one global batch of one bucket, whatever the per-device batch, accumulation
+    and number of processes (accelerate hands micro-batch k to process k mod P), and the Flax trainer's steps hold
+    the same rows as the PyTorch trainers' for the same seed."""
+    from controlnet_training.data import BucketSampler
+    from controlnet_training.flax_training.data import BatchLayout, MapBatches
+
+    table = BucketTable.assign(sizes_of_several_ratios(40), BucketSettings(512))
+    sampler = BucketSampler(table, seed=11, global_batch=4)
+    expected = [sorted(b.tolist()) for b in table.epoch_batches(11, 2, 4)]
+    sampler.set_epoch(2)
+    keys = list(sampler)
+    assert len(keys) == len(sampler) == 4 * len(expected) and {epoch for epoch, _ in keys} == {2}
+    for batch, processes, accumulation in [(4, 1, 1), (2, 2, 1), (1, 2, 2), (1, 1, 4)]:
+        micro_batches = [keys[i : i + batch] for i in range(0, len(keys), batch)]
+        per_process = [micro_batches[p::processes] for p in range(processes)]
+        steps = [
+            sorted(
+                row
+                for p in range(processes)
+                for micro in per_process[p][s * accumulation : (s + 1) * accumulation]
+                for _, row in micro
+            )
+            for s in range(len(expected))
+        ]
+        assert steps == expected, (batch, processes, accumulation)
+        for micro in micro_batches:
+            assert len({int(table.bucket_of_row[row]) for _, row in micro}) == 1
+
+    class Rows:
+        def __len__(self):
+            return 40
+
+    for layout in (BatchLayout(1, 4, slice(0, 4)), BatchLayout(2, 2, slice(0, 2))):
+        flax = MapBatches(Rows(), layout, collate=None, sampler=sampler)
+        first_step = len(expected) * 2  # epoch 2
+        flax_steps = [sorted(row for _, row in step) for step in flax.step_keys(first_step, first_step + len(expected))]
+        assert flax_steps == expected
 
 
 def test_square_rows_are_drawn_as_without_the_option(tmp_path):

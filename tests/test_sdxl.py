@@ -44,6 +44,36 @@ def test_time_ids_use_the_real_original_size_and_crop():
     assert batch["captions"] == ["a", "b"]
 
 
+def test_time_ids_follow_each_rows_bucket_crop_and_flip():
+    """With buckets, random crops and flips: each sample's own original size, the top-left of its crop as the model
+    sees it (a mirrored crop's left edge counted from the mirrored image's left) and its bucket as target size."""
+    from controlnet_training.buckets import BucketSettings, BucketTable, cover_crop_box
+
+    sizes = [(120, 60), (60, 120), (90, 90), (130, 70)]
+    rows = [
+        {"image": Image.new("RGB", size), "conditioning_image": Image.new("RGB", size), "text": "a"} for size in sizes
+    ]
+    table = BucketTable.assign(sizes, BucketSettings(64, step=16))
+    transform = PairedTransform(64, buckets=table, random_crop=True, random_flip=True, seed=2)
+    dataset = ControlNetDataset(rows, Columns("image", "conditioning_image", "text"), transform, seed=0)
+    seen_targets = set()
+    for epoch in (0, 1, 2):
+        for i, (width, height) in enumerate(sizes):  # a batch is of one bucket: one row each here
+            batch = Collator([])([dataset[(epoch, i)]])
+            ids = time_ids(batch["original_sizes"], batch["crops_top_left"], batch["target_sizes"])
+            bucket_w, bucket_h = table.shapes[table.bucket_of_row[i]]
+            draws = transform.draws(epoch, i)
+            new_w, _, left, top, right, _ = cover_crop_box(
+                width, height, (bucket_w, bucket_h), draws.left_fraction, draws.top_fraction
+            )
+            seen_left = new_w - right if draws.flip else left
+            assert ids[0].tolist() == [height, width, top, seen_left, bucket_h, bucket_w], (epoch, i)
+            assert batch["pixel_values"].shape[-2:] == (bucket_h, bucket_w)
+            seen_targets.add((bucket_h, bucket_w))
+    assert seen_targets == {(48, 96), (96, 48), (64, 64)}
+    assert any(transform.draws(e, i).flip for e in range(3) for i in range(4))
+
+
 def test_cached_embeddings_equal_a_fresh_encode(tiny_sdxl, tmp_path):
     models = load_sdxl_models(sdxl_args(tiny_sdxl))
     captions = ["red circle with blue background", "", "a cat", "red circle with blue background"]

@@ -351,3 +351,91 @@ def test_resume_from_a_checkpoint_folder_with_another_name(tiny_sd, fill_data, t
     )
     assert "(step 2)" in result.stderr
     assert sorted(read_scalars(tmp_path / "b" / "logs", "loss")) == [3]
+
+
+BUCKETS = dict(aspect_ratio_buckets=True, bucket_step=16, validation_split=0)
+
+
+def test_bucketed_augmented_runs_resume_exactly_and_print_the_bucket_table(tiny_sd, mixed_data, tmp_path):
+    """Non-square rows in aspect-ratio buckets, randomly cropped and flipped: 6 steps straight == 3 steps, then
+    resume to 6, bit for bit (the batches' buckets and rows and every crop and flip are functions of the seed, epoch
+    and row). The start-of-run summary prints the bucket table."""
+    common = dict(BUCKETS, random_crop=True, random_flip=True, proportion_empty_prompts=0.3, learning_rate=1e-3)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    first = run_script(SCRIPT, base_args(tiny_sd, mixed_data["imagefolder"], straight, max_train_steps=6, **common))
+    for line in ("bucket 48x96", "bucket 64x64", "bucket 96x48"):
+        assert line in first.stderr, first.stderr[-3000:]
+    assert "rows left out" not in first.stderr
+    run_script(
+        SCRIPT,
+        base_args(tiny_sd, mixed_data["imagefolder"], split, max_train_steps=3, checkpointing_steps=3, **common),
+    )
+    run_script(
+        SCRIPT,
+        base_args(
+            tiny_sd, mixed_data["imagefolder"], split, max_train_steps=6, resume_from_checkpoint="latest", **common
+        ),
+    )
+    a, b = load_weights(straight), load_weights(split)
+    assert a["controlnet_mid_block.weight"].abs().max() > 1e-5
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    losses_a, losses_b = read_scalars(straight / "logs", "loss"), read_scalars(split / "logs", "loss")
+    assert [losses_a[s] for s in (4, 5, 6)] == [losses_b[s] for s in (4, 5, 6)]
+
+    # Without the augmentation the same seed trains other crops: the flags are not ignored.
+    plain = tmp_path / "plain"
+    run_script(SCRIPT, base_args(tiny_sd, mixed_data["imagefolder"], plain, max_train_steps=6, **BUCKETS))
+    assert read_scalars(plain / "logs", "loss") != losses_a
+
+
+def test_bucketed_accumulation_matches_a_larger_batch(tiny_sd, mixed_data, tmp_path):
+    common = dict(
+        BUCKETS, random_flip=True, max_train_steps=3, max_grad_norm=1e9, adam_epsilon=1e-3, learning_rate=1e-3
+    )
+    big, accumulated = tmp_path / "big", tmp_path / "accumulated"
+    run_script(SCRIPT, base_args(tiny_sd, mixed_data["imagefolder"], big, train_batch_size=2, **common))
+    run_script(
+        SCRIPT,
+        base_args(
+            tiny_sd, mixed_data["imagefolder"], accumulated, train_batch_size=1, gradient_accumulation_steps=2, **common
+        ),
+    )
+    a, b = load_weights(big), load_weights(accumulated)
+    assert a["controlnet_mid_block.weight"].abs().max() > 1e-5
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-7)
+
+
+def test_bucketed_cached_and_uncached_runs_end_alike_and_validate_at_the_bucket_shape(tiny_sd, mixed_data, tmp_path):
+    """The posteriors are cached per bucket, at its shape: a cached run ends bit for bit where an uncached one does.
+    A wide validation control image is generated at the nearest bucket's shape, not squared."""
+    from PIL import Image
+
+    common = dict(
+        BUCKETS,
+        max_train_steps=8,
+        max_grad_norm=1e9,
+        adam_epsilon=1e-3,
+        learning_rate=1e-3,
+        cache_dir=tmp_path / "cache",
+        validation_prompt=["red circle with blue background"],
+        validation_image=[mixed_data["validation"]],
+        num_validation_images=1,
+        validation_steps=1000,
+    )
+    uncached = run_script(
+        SCRIPT, base_args(tiny_sd, mixed_data["imagefolder"], tmp_path / "plain", cache_encodings="never", **common)
+    )
+    cached = run_script(
+        SCRIPT, base_args(tiny_sd, mixed_data["imagefolder"], tmp_path / "cached", cache_encodings="always", **common)
+    )
+    assert "caching" not in uncached.stderr
+    for shape in ("48x96", "64x64", "96x48"):
+        assert f"caching VAE posteriors ({shape}): cached" in cached.stderr, cached.stderr[-3000:]
+    a, b = load_weights(tmp_path / "plain"), load_weights(tmp_path / "cached")
+    assert a["controlnet_mid_block.weight"].abs().max() > 1e-5
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert read_scalars(tmp_path / "plain" / "logs", "loss") == read_scalars(tmp_path / "cached" / "logs", "loss")
+    control = Image.open(tmp_path / "cached" / "image_control_0.png")
+    assert control.size == (96, 48)  # the 2:1 validation image in the 2:1 bucket
+    assert Image.open(tmp_path / "cached" / "images_0.png").size == (2 * 96, 48)  # and the image generated for it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -83,7 +84,9 @@ class Progress:
             self._pause_start = None
 
     def write(self, message: str) -> None:
-        self.bar.write(message)
+        """A line above the bar, on stderr with the logs (only where the bar is shown: the main process)."""
+        if not self.bar.disable:
+            self.bar.write(message, file=sys.stderr)
 
     def close(self) -> None:
         self.bar.close()

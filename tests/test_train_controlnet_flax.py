@@ -220,6 +220,34 @@ def test_cached_and_uncached_runs_end_with_the_same_weights(straight, tiny_sd, f
 
 
 @pytest.mark.e2e
+def test_aspect_ratio_buckets_compile_per_shape_and_cache_per_bucket(tiny_sd, mixed_data, tmp_path, flax_env):
+    """Non-square rows in buckets on 4 devices: one compiled step per bucket shape (logged) and the bucket table in
+    the summary; a run reading the posteriors cached per bucket ends where the uncached one does (up to the cache's
+    batched encoding). Which rows each step holds is the PyTorch trainers' (test_buckets), and resuming skips whole
+    steps of the same order as without buckets (test_resume_is_exact_and_the_same_seed_repeats_the_run)."""
+    common = dict(aspect_ratio_buckets=True, bucket_step=16, max_train_steps=4, max_grad_norm=1e9, adam_epsilon=1e-3)
+    uncached, cached = tmp_path / "uncached", tmp_path / "cached"
+    result = run(flax_args(tiny_sd, mixed_data["imagefolder"], uncached, cache_encodings="never", **common), flax_env)
+    assert "bucket 48x96" in result.stderr and "bucket 96x48" in result.stderr, result.stderr[-3000:]
+    assert "compiling the step for" in result.stderr
+    result = run(
+        flax_args(
+            tiny_sd, mixed_data["imagefolder"], cached, cache_encodings="always", cache_dir=tmp_path / "c", **common
+        ),
+        flax_env,
+    )
+    assert "caching VAE posteriors (48x96): cached" in result.stderr, result.stderr[-3000:]
+    a, b = weights(uncached), weights(cached)
+    assert np.abs(a["controlnet_mid_block.weight"]).max() > 1e-4  # it trained
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    losses, cached_losses = read_scalars(uncached / "logs", "loss"), read_scalars(cached / "logs", "loss")
+    assert sorted(losses) == sorted(cached_losses) == [1, 2, 3, 4]
+    for step in losses:
+        assert losses[step] == pytest.approx(cached_losses[step], rel=1e-4)
+
+
+@pytest.mark.e2e
 def test_seed_changes_the_run(straight, tiny_sd, fill_data, tmp_path, flax_env):
     out, _ = straight
     other = tmp_path / "seed8"

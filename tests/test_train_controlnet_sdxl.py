@@ -117,6 +117,35 @@ def test_cached_and_uncached_runs_end_with_the_same_weights(tiny_sdxl, fill_data
 
 
 @pytest.mark.e2e
+def test_bucketed_cached_and_uncached_runs_end_with_the_same_weights(tiny_sdxl, mixed_data, tmp_path):
+    """Non-square rows in buckets, randomly cropped and flipped in one pair of runs: each sample's time_ids come
+    from its own bucket and crop, from the cache or from the image."""
+    common = dict(
+        max_train_steps=6,
+        aspect_ratio_buckets=True,
+        bucket_step=16,
+        validation_split=0,
+        max_grad_norm=1e9,
+        adam_epsilon=1e-3,
+        learning_rate=1e-3,
+    )
+    uncached = run_script(
+        SCRIPT,
+        xl_args(tiny_sdxl, mixed_data, tmp_path / "plain", tmp_path / "cache", cache_encodings="never", **common),
+    )
+    cached = run_script(
+        SCRIPT,
+        xl_args(tiny_sdxl, mixed_data, tmp_path / "cached", tmp_path / "cache", cache_encodings="always", **common),
+    )
+    assert "caching VAE posteriors (96x48): cached" in cached.stderr and "VAE posteriors (" not in uncached.stderr
+    assert "bucket 96x48" in uncached.stderr
+    a, b = load_weights(tmp_path / "plain"), load_weights(tmp_path / "cached")
+    assert a["controlnet_mid_block.weight"].abs().max() > 1e-5
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert read_scalars(tmp_path / "plain" / "logs", "loss") == read_scalars(tmp_path / "cached" / "logs", "loss")
+
+
+@pytest.mark.e2e
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_resume_is_exact(tiny_sdxl, fill_data, tmp_path, accumulation):
     common = dict(

@@ -117,6 +117,8 @@ OUR_FLAGS = {
     "torch_compile",
     "channels_last",
     "max_consecutive_nonfinite_steps",
+}
+GEOMETRY_FLAGS = {
     "aspect_ratio_buckets",
     "bucket_step",
     "min_bucket_aspect_ratio",
@@ -127,6 +129,7 @@ OUR_FLAGS = {
     "random_flip",
     "conditioning_interpolation",
 }
+OUR_FLAGS |= GEOMETRY_FLAGS
 
 
 def test_every_reference_flag_plus_ours():

@@ -126,6 +126,30 @@ def test_one_and_two_processes_end_alike_and_resume_across_the_change(script, mo
     assert "was trained with an effective batch of 2 and this run has 1" in errors[0]
 
 
+def test_bucketed_augmented_runs_end_alike_on_one_and_two_processes(tiny_sd, mixed_data, tmp_path):
+    """With aspect-ratio buckets and random crops and flips, every optimizer step's rows (all of one bucket) and
+    their crops are the same on 1 process x 2 rows as on 2 processes x 1 row."""
+    common = dict(
+        aspect_ratio_buckets=True,
+        bucket_step=16,
+        random_crop=True,
+        random_flip=True,
+        validation_split=0,
+        max_train_steps=4,
+        learning_rate=1e-3,
+        adam_epsilon=1e-3,
+    )
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_script("train_controlnet.py", base_args(tiny_sd, mixed_data["imagefolder"], one, train_batch_size=2, **common))
+    both = torchrun(base_args(tiny_sd, mixed_data["imagefolder"], two, train_batch_size=1, **common))
+    assert both.returncode == 0, both.stderr[-3000:]
+    a, b = load_weights(one), load_weights(two)
+    assert a["controlnet_mid_block.weight"].abs().max() > 1e-5
+    assert_close_weights(a, b)
+    losses_one, losses_two = read_scalars(one / "logs", "loss"), read_scalars(two / "logs", "loss")
+    assert [losses_one[s] for s in range(1, 5)] == pytest.approx([losses_two[s] for s in range(1, 5)], rel=1e-4)
+
+
 def test_two_processes_train_and_resume_exactly(tiny_sd, fill_data, tmp_path):
     common = dict(train_batch_size=1, validation_split=0)
     straight, split = tmp_path / "straight", tmp_path / "split"

@@ -168,6 +168,30 @@ CASES = {
         dict(mixed_precision="fp16"),
         "--mixed_precision fp16 (from the flag or the accelerate config) needs a CUDA GPU",
     ),
+    "bucket step not a multiple of 8": (
+        dict(aspect_ratio_buckets=True, bucket_step=12),
+        "--bucket_step must be a positive multiple of 8, got 12",
+    ),
+    "bucket step above the resolution": (
+        dict(aspect_ratio_buckets=True, bucket_step=128),
+        "--bucket_step 128 is above --resolution 64",
+    ),
+    "bucket aspect ratios that exclude the square": (
+        dict(aspect_ratio_buckets=True, min_bucket_aspect_ratio=1.5),
+        "0 < --min_bucket_aspect_ratio (1.5) <= 1 <= --max_bucket_aspect_ratio (2)",
+    ),
+    "random crops cached always": (
+        dict(random_crop=True, cache_encodings="always"),
+        "--cache_encodings always cannot cache the VAE posteriors of random crops or flips",
+    ),
+    "no bucket fills one step": (
+        dict(aspect_ratio_buckets=True, bucket_step=16, train_batch_size=13),
+        "no bucket holds one",
+    ),
+    "every image too small for its bucket": (
+        dict(aspect_ratio_buckets=True, resolution=256, bucket_max_upscale=1.5),
+        "--aspect_ratio_buckets: every image needs more than --bucket_max_upscale 1.5x upscaling",
+    ),
     "image that is a text file": (dict(train_data_dir="{text_image}"), "00005.png is not a readable image"),
     "wandb not installed": (dict(report_to="wandb"), "--report_to wandb needs wandb: pip install wandb"),
     "truncated checkpoint": (

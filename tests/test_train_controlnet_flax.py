@@ -437,11 +437,13 @@ REFERENCE_FLAX_DEFAULTS = {
 
 
 def test_every_reference_flax_flag_with_its_default():
+    from test_arguments import GEOMETRY_FLAGS  # the shared aspect-ratio bucket and augmentation flags
+
     from controlnet_training.flax_training.args import build_parser
 
     parser = build_parser("test")
     assert len(REFERENCE_FLAX_FLAGS) == 52  # the spec's 53 counts --help
-    assert {a.dest for a in parser._actions if a.dest != "help"} == REFERENCE_FLAX_FLAGS | ADDED_FLAGS
+    assert {a.dest for a in parser._actions if a.dest != "help"} == REFERENCE_FLAX_FLAGS | ADDED_FLAGS | GEOMETRY_FLAGS
     args = parser.parse_args(["--pretrained_model_name_or_path", "m", "--dataset_name", "d"])
     for name, value in REFERENCE_FLAX_DEFAULTS.items():
         assert getattr(args, name) == value, name
@@ -481,6 +483,14 @@ def bad_input_cases() -> dict[str, tuple[dict, str]]:
             "pytorch-only flag": (dict(use_8bit_adam=True), "unrecognized arguments: --use_8bit_adam"),
             "negative profile steps": (dict(profile_steps=-1), "--profile_steps must be >= 0"),
             "resolution the UNet cannot halve": (dict(resolution=72), "--resolution must be a multiple of 16"),
+            "bucket sides the UNet cannot halve": (
+                dict(aspect_ratio_buckets=True, bucket_step=8),
+                "--bucket_step must be a multiple of 16 for this model",
+            ),
+            "buckets of a stream": (
+                dict(streaming=True, max_train_samples=12, aspect_ratio_buckets=True, bucket_step=16),
+                "--aspect_ratio_buckets with --streaming is not supported yet",
+            ),
             "zero logging steps": (dict(logging_steps=0), "--logging_steps must be > 0"),
             "caching a stream": (
                 dict(streaming=True, max_train_samples=12, cache_encodings="always"),

@@ -67,6 +67,11 @@ def check_configs(args) -> dict:
             f"--resolution must be a multiple of {factor} for this model (the VAE and the UNet's down "
             f"blocks halve the image that many times), got {args.resolution}"
         )
+    if args.aspect_ratio_buckets and args.bucket_step % factor:
+        raise InputError(
+            f"--bucket_step must be a multiple of {factor} for this model (the VAE and the UNet's down blocks halve "
+            f"every bucket side that many times), got {args.bucket_step}"
+        )
     return config
 
 

@@ -125,6 +125,13 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
         help="Training size: shorter side resized to it, then centre-cropped. Divisible by 8.",
     )
     group.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
+    group.add_argument(
+        "--streaming",
+        action="store_true",
+        help="Stream the dataset instead of downloading it (needs --max_train_samples: rows per epoch, one pass "
+        "over the stream shuffled through a buffer). Each process reads its own share of the rows; an epoch keeps "
+        "only whole optimizer steps.",
+    )
     add_geometry_args(parser)
     return group
 
@@ -386,6 +393,7 @@ def check_args(args: argparse.Namespace) -> None:
             f"both downsample by 8), got {args.resolution}"
         )
     check_geometry_args(args)
+    check_streaming_args(args)
     if args.lr_scheduler not in LR_SCHEDULERS:
         raise InputError(f"--lr_scheduler {args.lr_scheduler} is not one of: {', '.join(LR_SCHEDULERS)}")
     if args.lr_scheduler == "polynomial" and args.learning_rate <= 1e-7:
@@ -402,6 +410,26 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError(
             f"give 1 --validation_image, 1 --validation_prompt, or equal numbers of both "
             f"(got {len(images)} images and {len(prompts)} prompts)"
+        )
+
+
+def check_streaming_args(args: argparse.Namespace) -> None:
+    """What a stream (no length, not read ahead) cannot do."""
+    if not args.streaming:
+        return
+    if args.max_train_samples is None:
+        raise InputError("--streaming needs --max_train_samples (the number of rows in an epoch of the stream)")
+    if args.cache_encodings == "always":
+        raise InputError("--cache_encodings always cannot cache a stream (--streaming): use auto or never")
+    if getattr(args, "validation_split", None):
+        raise InputError(
+            "--validation_split needs the dataset's length to hold rows out; a stream (--streaming) has none: "
+            "pass --validation_split 0"
+        )
+    if args.aspect_ratio_buckets:
+        raise InputError(
+            "--aspect_ratio_buckets with --streaming is not supported yet (buckets need every row's size up "
+            "front): drop one of them"
         )
 
 

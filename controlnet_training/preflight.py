@@ -268,7 +268,7 @@ def run_preflight(
         seed = state.broadcast(random.SystemRandom().randrange(2**31))
         logger.info("no --seed given: using %d (stored in checkpoints)", seed)
 
-    streaming = getattr(args, "streaming", False)
+    streaming = args.streaming
     with state.main_process_first():
         dataset = load_train_split(args, streaming=streaming)
         columns = resolve_columns(stream_columns(dataset) if streaming else dataset.column_names, args)

@@ -117,6 +117,7 @@ OUR_FLAGS = {
     "torch_compile",
     "channels_last",
     "max_consecutive_nonfinite_steps",
+    "streaming",
 }
 GEOMETRY_FLAGS = {
     "aspect_ratio_buckets",

@@ -150,6 +150,20 @@ def test_bucketed_augmented_runs_end_alike_on_one_and_two_processes(tiny_sd, mix
     assert [losses_one[s] for s in range(1, 5)] == pytest.approx([losses_two[s] for s in range(1, 5)], rel=1e-4)
 
 
+def test_a_stream_split_between_two_processes_trains_the_rows_of_one(tiny_sd, fill_data, tmp_path):
+    """--streaming: the stream (one shard) is split row by row between the processes, so 2 processes x 1 row train
+    the rows and draws of 1 process x 2 rows, step for step."""
+    common = dict(streaming=True, max_train_samples=8, validation_split=0, max_train_steps=4, learning_rate=1e-3)
+    common.update(adam_epsilon=1e-3)
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_script("train_controlnet.py", base_args(tiny_sd, fill_data["imagefolder"], one, train_batch_size=2, **common))
+    both = torchrun(base_args(tiny_sd, fill_data["imagefolder"], two, train_batch_size=1, **common))
+    assert both.returncode == 0, both.stderr[-3000:]
+    assert_close_weights(load_weights(one), load_weights(two))
+    losses_one, losses_two = read_scalars(one / "logs", "loss"), read_scalars(two / "logs", "loss")
+    assert [losses_one[s] for s in range(1, 5)] == pytest.approx([losses_two[s] for s in range(1, 5)], rel=1e-4)
+
+
 def test_two_processes_train_and_resume_exactly(tiny_sd, fill_data, tmp_path):
     common = dict(train_batch_size=1, validation_split=0)
     straight, split = tmp_path / "straight", tmp_path / "split"

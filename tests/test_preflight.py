@@ -192,6 +192,23 @@ CASES = {
         dict(aspect_ratio_buckets=True, resolution=256, bucket_max_upscale=1.5),
         "--aspect_ratio_buckets: every image needs more than --bucket_max_upscale 1.5x upscaling",
     ),
+    "streaming without max_train_samples": (dict(streaming=True), "--streaming needs --max_train_samples"),
+    "held-out rows of a stream": (
+        dict(streaming=True, max_train_samples=8, validation_split=2),
+        "--validation_split needs the dataset's length",
+    ),
+    "caching a stream": (
+        dict(streaming=True, max_train_samples=8, cache_encodings="always"),
+        "--cache_encodings always cannot cache a stream",
+    ),
+    "buckets of a stream": (
+        dict(streaming=True, max_train_samples=8, aspect_ratio_buckets=True, bucket_step=16),
+        "--aspect_ratio_buckets with --streaming is not supported yet",
+    ),
+    "a pass of the stream shorter than a step": (
+        dict(streaming=True, max_train_samples=3, train_batch_size=4),
+        "--max_train_samples 3 rows per pass of the stream are fewer than one optimizer step's 4",
+    ),
     "image that is a text file": (dict(train_data_dir="{text_image}"), "00005.png is not a readable image"),
     "wandb not installed": (dict(report_to="wandb"), "--report_to wandb needs wandb: pip install wandb"),
     "truncated checkpoint": (

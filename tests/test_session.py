@@ -18,13 +18,15 @@ def checkpoint(tmp_path, **state):
     return folder
 
 
-ARGS = SimpleNamespace(train_batch_size=1, gradient_accumulation_steps=2)
+ARGS = SimpleNamespace(train_batch_size=1, gradient_accumulation_steps=2, streaming=False)
 
 
 def test_any_process_count_with_the_same_global_batch(tmp_path):
     folder = checkpoint(tmp_path, processes=2, effective_batch=4, deepspeed=False)
     check_resume_topology(ARGS, folder, processes=2)
-    check_resume_topology(SimpleNamespace(train_batch_size=2, gradient_accumulation_steps=2), folder, processes=1)
+    check_resume_topology(
+        SimpleNamespace(train_batch_size=2, gradient_accumulation_steps=2, streaming=False), folder, processes=1
+    )
     with pytest.raises(InputError, match="effective batch of 4 and this run has 2 .1 per device x 1 processes"):
         check_resume_topology(ARGS, folder, processes=1)
 
@@ -34,7 +36,10 @@ def test_deepspeed_partitions_resume_only_on_as_many_processes_under_deepspeed(t
     check_resume_topology(ARGS, folder, processes=2, deepspeed=True)
     with pytest.raises(InputError, match="ZeRO optimizer partitions of 2 processes and this run has 1"):
         check_resume_topology(
-            SimpleNamespace(train_batch_size=2, gradient_accumulation_steps=2), folder, processes=1, deepspeed=True
+            SimpleNamespace(train_batch_size=2, gradient_accumulation_steps=2, streaming=False),
+            folder,
+            processes=1,
+            deepspeed=True,
         )
     with pytest.raises(InputError, match="was written under DeepSpeed and this run is without it"):
         check_resume_topology(ARGS, folder, processes=2)
@@ -42,3 +47,13 @@ def test_deepspeed_partitions_resume_only_on_as_many_processes_under_deepspeed(t
 
 def test_checkpoints_of_earlier_versions_are_not_refused(tmp_path):
     check_resume_topology(ARGS, checkpoint(tmp_path), processes=3, deepspeed=True)
+
+
+def test_a_stream_resumes_only_on_as_many_processes(tmp_path):
+    """split_dataset_by_node gives each process whole shards when their number divides the process count: the rows
+    of a step then depend on it."""
+    folder = checkpoint(tmp_path, processes=2, effective_batch=4, deepspeed=False)
+    streamed = SimpleNamespace(train_batch_size=2, gradient_accumulation_steps=2, streaming=True)
+    check_resume_topology(SimpleNamespace(**{**vars(streamed), "train_batch_size": 1}), folder, processes=2)
+    with pytest.raises(InputError, match="streamed its rows split between 2 processes and this run has 1"):
+        check_resume_topology(streamed, folder, processes=1)

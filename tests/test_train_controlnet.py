@@ -439,3 +439,29 @@ def test_bucketed_cached_and_uncached_runs_end_alike_and_validate_at_the_bucket_
     control = Image.open(tmp_path / "cached" / "image_control_0.png")
     assert control.size == (96, 48)  # the 2:1 validation image in the 2:1 bucket
     assert Image.open(tmp_path / "cached" / "images_0.png").size == (2 * 96, 48)  # and the image generated for it
+
+
+def test_a_streamed_run_resumes_exactly_by_sample_position(tiny_sd, fill_data, tmp_path):
+    """--streaming: 10 rows per pass at batch 2 (5 steps per epoch); 7 steps straight == 3 steps, then resume to 7
+    (mid-epoch: the resumed run skips the rows already trained; steps 6-7 are the second, reshuffled pass). Another
+    pass order than the first: the stream is reshuffled every epoch."""
+    common = dict(streaming=True, max_train_samples=10, validation_split=0, learning_rate=1e-3, random_flip=True)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    first = run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], straight, max_train_steps=7, **common))
+    assert "10 per pass (streamed)" in first.stderr
+    run_script(
+        SCRIPT,
+        base_args(tiny_sd, fill_data["imagefolder"], split, max_train_steps=3, checkpointing_steps=3, **common),
+    )
+    run_script(
+        SCRIPT,
+        base_args(
+            tiny_sd, fill_data["imagefolder"], split, max_train_steps=7, resume_from_checkpoint="latest", **common
+        ),
+    )
+    a, b = load_weights(straight), load_weights(split)
+    assert a["controlnet_mid_block.weight"].abs().max() > 1e-5
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    losses_a, losses_b = read_scalars(straight / "logs", "loss"), read_scalars(split / "logs", "loss")
+    assert sorted(losses_a) == list(range(1, 8))
+    assert [losses_a[s] for s in range(4, 8)] == [losses_b[s] for s in range(4, 8)]

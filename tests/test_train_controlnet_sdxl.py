@@ -146,6 +146,30 @@ def test_bucketed_cached_and_uncached_runs_end_with_the_same_weights(tiny_sdxl, 
 
 
 @pytest.mark.e2e
+def test_a_streamed_run_encodes_its_captions_at_every_step(tiny_sdxl, fill_data, tmp_path):
+    """A stream's captions are not known up front: the text encoders stay and encode each batch's captions."""
+    out = tmp_path / "out"
+    result = run_script(
+        SCRIPT,
+        xl_args(
+            tiny_sdxl,
+            fill_data,
+            out,
+            tmp_path / "cache",
+            streaming=True,
+            max_train_samples=8,
+            validation_split=0,
+            max_train_steps=5,
+            learning_rate=1e-3,
+            proportion_empty_prompts=0.3,
+        ),
+    )
+    assert "encoded at every step (streamed captions)" in result.stderr and "caching text" not in result.stderr
+    assert sorted(read_scalars(out / "logs", "loss")) == [1, 2, 3, 4, 5]
+    assert load_weights(out)["controlnet_mid_block.weight"].abs().max() > 1e-5
+
+
+@pytest.mark.e2e
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_resume_is_exact(tiny_sdxl, fill_data, tmp_path, accumulation):
     common = dict(

@@ -98,11 +98,6 @@ def build_parser(description: str) -> Parser:
     )
     data = add_data_args(parser)
     data.add_argument(
-        "--streaming",
-        action="store_true",
-        help="Stream the dataset instead of downloading it (needs --max_train_samples: rows per epoch).",
-    )
-    data.add_argument(
         "--load_from_disk",
         action="store_true",
         help="--train_data_dir is a folder written by save_to_disk (also detected automatically).",
@@ -144,8 +139,6 @@ def build_parser(description: str) -> Parser:
 def check_flax_args(args: argparse.Namespace) -> None:
     """The shared rules plus the Flax script's own. Raises InputError."""
     check_args(args)
-    if args.streaming and args.max_train_samples is None:
-        raise InputError("--streaming needs --max_train_samples (the number of rows in an epoch of the stream)")
     if args.load_from_disk:
         if args.train_data_dir is None:
             raise InputError("--load_from_disk needs --train_data_dir (a folder written by save_to_disk)")
@@ -154,8 +147,6 @@ def check_flax_args(args: argparse.Namespace) -> None:
                 f"--load_from_disk: {args.train_data_dir} is not a save_to_disk folder "
                 f"(no dataset_dict.json or state.json)"
             )
-    if args.streaming and args.cache_encodings == "always":
-        raise InputError("--cache_encodings always cannot cache a stream (--streaming): use auto or never")
     if args.report_to not in TRACKERS:
         raise InputError(f"--report_to {args.report_to}: the Flax trainer supports {', '.join(TRACKERS)}")
     if args.mixed_precision is None:  # not settable from the command line; programmatic callers

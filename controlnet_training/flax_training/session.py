@@ -84,11 +84,6 @@ def start_session(args, prog: str) -> Session:
         micro = args.train_batch_size * devices.count
         layout = BatchLayout(args.gradient_accumulation_steps, micro, devices.local_columns(micro))
         rows = args.max_train_samples if args.streaming else len(preflight.dataset)
-        if args.streaming and args.aspect_ratio_buckets:
-            raise InputError(
-                "--aspect_ratio_buckets with --streaming is not supported yet (buckets need every row's size up "
-                "front): drop one of them"
-            )
         transform = training_transform(args, preflight)
         steps = steps_per_epoch(rows, layout)
         if transform.buckets is not None:

@@ -95,8 +95,8 @@ def sd_conditioning(session, models, transform: PairedTransform) -> Conditioning
 
 
 def sdxl_conditioning(session, models, transform: PairedTransform) -> Conditioning:
-    """SDXL: prompt embeddings of both text encoders are always cached (then both leave the device); the VAE
-    posteriors with --cache_encodings. The added conditions: pooled embeddings and each row's own time_ids."""
+    """SDXL: prompt embeddings of both text encoders are cached (then both leave the device), except for a stream;
+    the VAE posteriors with --cache_encodings. The added conditions: pooled embeddings and each row's own time_ids."""
     args, device, weight_dtype = session.args, session.accelerator.device, session.weight_dtype
     base = Path(args.pretrained_model_name_or_path)
     key = {
@@ -111,7 +111,8 @@ def sdxl_conditioning(session, models, transform: PairedTransform) -> Conditioni
     def encode_captions(captions: list[str]) -> dict:
         return encode_prompts(captions, models.tokenizers, models.text_encoders)
 
-    texts = caption_cache(session, key, encode_captions)  # validation prompts in a cache apart
+    # A stream's captions are not known up front: then they are encoded at every step, the encoders kept.
+    texts = None if args.streaming else caption_cache(session, key, encode_captions)  # validation prompts apart
     prompts = text_cache(session, args.validation_prompt, key, encode_captions) if args.validation_prompt else None
     cached = session.caches_encodings and not transform.augments
     vae_folder = args.pretrained_vae_model_name_or_path or str(base / "vae")
@@ -120,11 +121,12 @@ def sdxl_conditioning(session, models, transform: PairedTransform) -> Conditioni
     def encode(batch: dict):
         mean, std = posterior(batch, models.vae)
         sizes = time_ids(batch["original_sizes"], batch["crops_top_left"], batch["target_sizes"])
+        embeds = batch if texts is not None else encode_captions(batch["captions"])
         added = {
-            "text_embeds": batch["pooled_prompt_embeds"].to(weight_dtype),
+            "text_embeds": embeds["pooled_prompt_embeds"].to(weight_dtype),
             "time_ids": sizes.to(device, weight_dtype),
         }
-        return mean, std, batch["prompt_embeds"].to(weight_dtype), added
+        return mean, std, embeds["prompt_embeds"].to(weight_dtype), added
 
     def prompt_inputs(prompt: str) -> dict[str, Any]:
         found = prompts.lookup([prompt])
@@ -142,8 +144,11 @@ def sdxl_conditioning(session, models, transform: PairedTransform) -> Conditioni
         },
         summary=[
             ("VAE", f"{args.pretrained_vae_model_name_or_path or 'base'} in {models.vae.dtype}"),
-            ("text embeddings", f"{len(texts.keys)} cached in {texts.path}"),
+            (
+                "text embeddings",
+                f"{len(texts.keys)} cached in {texts.path}" if texts else "encoded at every step (streamed captions)",
+            ),
             ("VAE posteriors", posterior_note(latents, transform)),
         ],
-        release=lambda: drop_encoders(models.vae if cached else None, models.text_encoders),
+        release=lambda: drop_encoders(models.vae if cached else None, models.text_encoders if texts else []),
     )

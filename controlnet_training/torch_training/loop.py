@@ -3,7 +3,7 @@ per micro-batch, logs read back only at logging steps, checkpoints, validation a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ from ..checkpoints import prune_checkpoints, save_checkpoint
 from ..logs import Progress, logger
 from ..step_plan import LoopSettings, NonFiniteGuard, StepPlan, stops_on_nonfinite
 from .step import TrainStep
+from .streaming import StreamLoader
 
 # validate(step, final, train loss since the previous validation) -> the control signal it measured, or None
 Validate = Callable[[int, bool, float | None], dict | None]
@@ -43,7 +44,7 @@ class DeviceMean:
 class TrainLoop:
     accelerator: Any
     step: TrainStep
-    dataloader: Any  # prepared by accelerate; its sampler's order is a function of (seed, epoch)
+    dataloader: Any  # prepared by accelerate (its sampler's order a function of (seed, epoch)), or a StreamLoader
     plan: StepPlan
     settings: LoopSettings
     validate: Validate | None = None
@@ -118,6 +119,20 @@ class TrainLoop:
         finally:
             progress.close()  # before any error message, so that the bar does not print after it
 
+    def epoch_batches(self, epoch: int, skip: int) -> Iterable[dict]:
+        """The epoch's micro-batches (of this process) after the first `skip`."""
+        if isinstance(self.dataloader, StreamLoader):
+            return self.dataloader.epoch(epoch, skip)
+        # The data order is a function of (seed, epoch). Set on the prepared loader itself: with several processes
+        # the skipping loader's set_epoch stops one wrapper short of the sampler (SkipBatchSampler ->
+        # BatchSamplerShard -> BatchSampler -> EpochSampler), and a resume into epoch >= 1 read epoch 0's order.
+        self.dataloader.set_epoch(epoch)
+        if not skip:
+            return self.dataloader
+        loader = self.accelerator.skip_first_batches(self.dataloader, skip)
+        loader.set_epoch(epoch)
+        return loader
+
     def _train(self, global_step: int, progress: Progress) -> int:
         accelerator, settings, plan = self.accelerator, self.settings, self.plan
         first_epoch, skip = plan.position(global_step)
@@ -130,14 +145,7 @@ class TrainLoop:
         since_log, norms = DeviceMean(), DeviceMean()
         nonfinite: list[tuple[int, torch.Tensor]] = []  # (step, device flag): read with the loss, not every step
         for epoch in range(first_epoch, plan.num_epochs):
-            # The data order is a function of (seed, epoch). Set on the prepared loader itself: with several
-            # processes the skipping loader's set_epoch stops one wrapper short of the sampler (SkipBatchSampler ->
-            # BatchSamplerShard -> BatchSampler -> EpochSampler), and a resume into epoch >= 1 read epoch 0's order.
-            self.dataloader.set_epoch(epoch)
-            loader = self.dataloader
-            if epoch == first_epoch and skip:
-                loader = accelerator.skip_first_batches(self.dataloader, skip)
-                loader.set_epoch(epoch)
+            loader = self.epoch_batches(epoch, skip if epoch == first_epoch else 0)
             group = DeviceMean()  # the micro-batch losses of one accumulation group
             for batch in loader:
                 loss, grad_norm = self.step(batch, epoch)

@@ -35,6 +35,7 @@ from .conditioning import Conditioning
 from .loop import TrainLoop
 from .models import make_optimizer
 from .step import StepSettings, TrainStep
+from .streaming import StreamLoader
 from .validation import Validator
 
 
@@ -184,8 +185,8 @@ class Session:
 
     @property
     def caches_encodings(self) -> bool:
-        """--cache_encodings (auto: when the run reads every row at least once)."""
-        return wants_cache(self.args, len(self.preflight.dataset), self.effective_batch)
+        """--cache_encodings (auto: when the run reads every row at least once); a stream is never cached."""
+        return not self.args.streaming and wants_cache(self.args, len(self.preflight.dataset), self.effective_batch)
 
 
 def deepspeed_cpu_backend() -> dict[str, str]:
@@ -236,6 +237,12 @@ def start_session(
         )
         transform = training_transform(args, preflight, interpolation)
         batch = effective_batch(args.train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps)
+        if args.streaming and args.max_train_samples < batch:
+            raise InputError(
+                f"--max_train_samples {args.max_train_samples} rows per pass of the stream are fewer than one "
+                f"optimizer step's {batch} (--train_batch_size {args.train_batch_size} x {accelerator.num_processes} "
+                f"processes x --gradient_accumulation_steps {args.gradient_accumulation_steps})"
+            )
         if transform.buckets is not None and transform.buckets.batches_per_epoch(batch) == 0:
             raise InputError(
                 f"--aspect_ratio_buckets: no bucket holds one optimizer step's {batch} rows (--train_batch_size "
@@ -276,6 +283,12 @@ def check_resume_topology(args, resume_from: Path | None, processes: int, deepsp
             f"--resume_from_checkpoint {resume_from.name} holds DeepSpeed ZeRO optimizer partitions of "
             f"{saved_processes} processes and this run has {processes}: launch with --num_processes "
             f"{saved_processes} (ZeRO cannot re-partition them)"
+        )
+    if args.streaming and saved_processes is not None and saved_processes != processes:
+        raise InputError(
+            f"--resume_from_checkpoint {resume_from.name} streamed its rows split between {saved_processes} "
+            f"processes and this run has {processes}: a stream's split depends on it; launch with "
+            f"--num_processes {saved_processes}"
         )
     saved = state.get("effective_batch")
     batch = effective_batch(args.train_batch_size, processes, args.gradient_accumulation_steps)
@@ -318,23 +331,38 @@ def prepare_training(session: Session, controlnet, transform: PairedTransform, c
         with_target=conditioning.needs_pixels,
     )
     collate = Collator(conditioning.tokenizers, latents=conditioning.latents, texts=conditioning.texts)
-    sampler = epoch_sampler(transform, len(dataset), preflight.seed, session.effective_batch)
-    dataloader = make_dataloader(dataset, args, collate, sampler)
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = make_optimizer(
         AdamWSettings.from_args(args), controlnet.parameters(), accelerator.device, accelerator.mixed_precision
     )
+    if args.streaming:  # this process's share of each pass, read here (accelerate does not split it again)
+        steps_per_epoch = args.max_train_samples // session.effective_batch
+        dataloader = StreamLoader(
+            preflight.dataset,
+            dataset.make_row,
+            collate,
+            args.train_batch_size,
+            steps_per_epoch * args.gradient_accumulation_steps,
+            accelerator.process_index,
+            accelerator.num_processes,
+            accelerator.device,
+        )
+        batches_per_process = len(dataloader)
+    else:
+        sampler = epoch_sampler(transform, len(dataset), preflight.seed, session.effective_batch)
+        dataloader = make_dataloader(dataset, args, collate, sampler)
+        batches_per_process = math.ceil(len(dataloader) / accelerator.num_processes)
     plan = plan_steps(
-        math.ceil(len(dataloader) / accelerator.num_processes),
-        args.gradient_accumulation_steps,
-        args.max_train_steps,
-        args.num_train_epochs,
+        batches_per_process, args.gradient_accumulation_steps, args.max_train_steps, args.num_train_epochs
     )
     lr_scheduler = make_lr_scheduler(args, optimizer, accelerator.num_processes, plan.max_train_steps)
-    controlnet, optimizer, dataloader, lr_scheduler = accelerator.prepare(
-        controlnet, optimizer, dataloader, lr_scheduler
-    )
+    if args.streaming:
+        controlnet, optimizer, lr_scheduler = accelerator.prepare(controlnet, optimizer, lr_scheduler)
+    else:
+        controlnet, optimizer, dataloader, lr_scheduler = accelerator.prepare(
+            controlnet, optimizer, dataloader, lr_scheduler
+        )
     args.max_train_steps, args.num_train_epochs = plan.max_train_steps, plan.num_epochs
 
     global_step = 0
@@ -347,7 +375,7 @@ def prepare_training(session: Session, controlnet, transform: PairedTransform, c
         "***** Running training *****\n%s",
         run_summary(
             [
-                ("examples", len(dataset)),
+                ("examples", f"{args.max_train_samples} per pass (streamed)" if args.streaming else len(dataset)),
                 *bucket_summary(transform, preflight, session.effective_batch),
                 ("batches per epoch (per process)", plan.batches_per_epoch),
                 ("epochs", plan.num_epochs),

@@ -258,7 +258,7 @@ def synthetic_batch(models: Models, batch_size: int, resolution: int, device, we
         original = torch.full((batch_size, 2), resolution, dtype=torch.long)
         batch["added_cond_kwargs"] = {
             "text_embeds": torch.randn(batch_size, pooled_dim, generator=generator).to(device, weight_dtype),
-            "time_ids": time_ids(original, torch.zeros_like(original), resolution).to(device, weight_dtype),
+            "time_ids": time_ids(original, torch.zeros_like(original), original).to(device, weight_dtype),
         }
     empty_cache(device)
     return batch

@@ -270,3 +270,38 @@ def test_square_rows_are_drawn_as_without_the_option(tmp_path):
     )["imagefolder"]
     sizes = {Image.open(several / "images" / f"{i:05d}.png").size for i in range(12)}
     assert sizes == {(45, 91), (64, 64), (91, 45)}
+
+
+def test_the_summary_names_the_images_too_small_for_any_bucket(tmp_path):
+    """Rows that would need more upscaling than allowed are left out of training and named in the summary; the
+    others are placed by their own size, read from the file headers."""
+    import json
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from controlnet_training.arguments import build_parser
+    from controlnet_training.data import Columns, bucket_summary, load_train_split, training_transform
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    sizes = {"wide.png": (256, 128), "tiny.png": (20, 20), "square.png": (128, 128), "small-tall.png": (30, 60)}
+    with open(folder / "metadata.jsonl", "w") as metadata:
+        for name, size in sizes.items():
+            Image.new("RGB", size).save(folder / name)
+            Image.new("RGB", size).save(folder / f"control-{name}")
+            metadata.write(json.dumps({"file_name": name, "conditioning_image": f"control-{name}", "text": "x"}) + "\n")
+    args = build_parser("test").parse_args(
+        ["--pretrained_model_name_or_path", "m", "--train_data_dir", str(folder), "--resolution", "128"]
+        + ["--aspect_ratio_buckets", "--bucket_step", "32", "--cache_dir", str(tmp_path / "cache")]
+    )
+    dataset = load_train_split(args)
+    preflight = SimpleNamespace(dataset=dataset, columns=Columns("image", "conditioning_image", "text"), seed=0)
+    transform = training_transform(args, preflight)
+    summary = dict(bucket_summary(transform, preflight, global_batch=1))
+    by_size = {size: name for name, size in sizes.items()}
+    in_row_order = [by_size[dataset[i]["image"].size] for i in range(len(dataset))]
+    too_small = [name for name in in_row_order if name in ("tiny.png", "small-tall.png")]
+    assert summary["too small for any bucket"] == f"2 rows left out (first: {', '.join(too_small)})"
+    assert summary["bucket 128x128"] == "1 rows, 1 steps per epoch"
+    assert any(key.startswith("bucket ") and key != "bucket 128x128" for key in summary)  # the wide row's bucket

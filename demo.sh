@@ -2,6 +2,8 @@
 # Offline demo on the CPU: install into ./.venv, build the synthetic fill dataset and a tiny SD base that has been
 # pre-trained on it (once, cached in fixtures/), then train a ControlNet on that base with validation and print
 # the control-adherence curve. Extra flags are passed to train_controlnet.py.
+#   DEMO_BUCKETS=1 ./demo.sh   the same on a non-square variant of the data (aspect ratios 1:2 to 2:1), trained in
+#                              aspect-ratio buckets, into demo-output-buckets
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
@@ -17,19 +19,26 @@ PY=.venv/bin/python
 [ -f fixtures/tiny-sd-pretrained/model_index.json ] || \
   $PY -m controlnet_training.fixtures pretrained fixtures/tiny-sd-pretrained --data fixtures/fill/imagefolder
 
-mapfile -t PROMPTS < fixtures/fill/validation/captions.txt
+DATA=fixtures/fill OUT=demo-output GEOMETRY=()
+if [ -n "${DEMO_BUCKETS:-}" ]; then
+  DATA=fixtures/fill-mixed OUT=demo-output-buckets GEOMETRY=(--aspect_ratio_buckets --bucket_step 16)
+  [ -f $DATA/imagefolder/metadata.jsonl ] || \
+    $PY -m controlnet_training.fixtures dataset $DATA --rows 512 --resolution 64 --aspect_ratios 0.5 0.75 1 1.333 2
+fi
+
+mapfile -t PROMPTS < $DATA/validation/captions.txt
 start=$(date +%s)
 $PY train_controlnet.py \
   --pretrained_model_name_or_path fixtures/tiny-sd-pretrained \
-  --train_data_dir fixtures/fill/imagefolder \
-  --output_dir demo-output \
+  --train_data_dir $DATA/imagefolder \
+  --output_dir $OUT "${GEOMETRY[@]}" \
   --resolution 64 --train_batch_size 8 --learning_rate 1e-3 \
   --max_train_steps 2000 --checkpointing_steps 1000 --checkpoints_total_limit 2 \
   --validation_steps 250 --validation_split 32 --num_validation_images 2 \
-  --validation_image fixtures/fill/validation/control_0.png fixtures/fill/validation/control_1.png \
+  --validation_image $DATA/validation/control_0.png $DATA/validation/control_1.png \
   --validation_prompt "${PROMPTS[0]}" "${PROMPTS[1]}" \
   --seed 0 --resume_from_checkpoint latest "$@"
 echo
 echo "ControlNet training took $(( ($(date +%s) - start) / 60 )) min $(( ($(date +%s) - start) % 60 )) s."
-$PY -m controlnet_training.control_signal demo-output
-echo "tensorboard: .venv/bin/tensorboard --logdir demo-output/logs"
+$PY -m controlnet_training.control_signal $OUT
+echo "tensorboard: .venv/bin/tensorboard --logdir $OUT/logs"

@@ -97,7 +97,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
         default="auto",
         help="Encode every training image (VAE posterior) and caption once, before training, into an "
         "on-disk cache reused across runs; the encoders then leave the device. auto: when the "
-        "run reads every row at least once. SDXL always caches its text embeddings.",
+        "run reads every row at least once. SDXL always caches its text embeddings (not a stream's). Random "
+        "crops and flips are encoded at every step.",
     )
     group.add_argument("--image_column", type=str, default="image", help="Column with the target image.")
     group.add_argument(

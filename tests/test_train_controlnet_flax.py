@@ -221,15 +221,24 @@ def test_cached_and_uncached_runs_end_with_the_same_weights(straight, tiny_sd, f
 
 @pytest.mark.e2e
 def test_aspect_ratio_buckets_compile_per_shape_and_cache_per_bucket(tiny_sd, mixed_data, tmp_path, flax_env):
-    """Non-square rows in buckets on 4 devices: one compiled step per bucket shape (logged) and the bucket table in
-    the summary; a run reading the posteriors cached per bucket ends where the uncached one does (up to the cache's
-    batched encoding). Which rows each step holds is the PyTorch trainers' (test_buckets), and resuming skips whole
-    steps of the same order as without buckets (test_resume_is_exact_and_the_same_seed_repeats_the_run)."""
+    """Non-square rows in buckets on 4 devices: one compiled step per bucket shape (logged), the bucket table in
+    the summary, validation images at the wide control image's bucket. A run reading the posteriors cached per
+    bucket ends where the uncached one does (up to the cache's batched encoding). Which rows each step holds is
+    the PyTorch trainers' (test_buckets), and resuming skips whole steps of the same order as without buckets
+    (test_resume_is_exact_and_the_same_seed_repeats_the_run)."""
     common = dict(aspect_ratio_buckets=True, bucket_step=16, max_train_steps=4, max_grad_norm=1e9, adam_epsilon=1e-3)
     uncached, cached = tmp_path / "uncached", tmp_path / "cached"
-    result = run(flax_args(tiny_sd, mixed_data["imagefolder"], uncached, cache_encodings="never", **common), flax_env)
+    validation = dict(validation_prompt=[PROMPT], validation_image=[mixed_data["validation"]], num_validation_images=4)
+    result = run(
+        flax_args(tiny_sd, mixed_data["imagefolder"], uncached, cache_encodings="never", **common, **validation),
+        flax_env,
+    )
     assert "bucket 48x96" in result.stderr and "bucket 96x48" in result.stderr, result.stderr[-3000:]
     assert "compiling the step for" in result.stderr
+    from PIL import Image
+
+    assert Image.open(uncached / "image_control_0.png").size == (96, 48)  # the wide control in the 2:1 bucket
+    assert Image.open(uncached / "images_0.png").size == (5 * 96, 48)  # and the 4 images generated at its shape
     result = run(
         flax_args(
             tiny_sd, mixed_data["imagefolder"], cached, cache_encodings="always", cache_dir=tmp_path / "c", **common

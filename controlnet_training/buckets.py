@@ -28,6 +28,17 @@ class BucketSettings:
     max_buckets: int = 16
     max_upscale: float = 2.0  # a row that would need more upscaling to cover its bucket is left out, and reported
 
+    @classmethod
+    def from_args(cls, args) -> BucketSettings:
+        return cls(
+            resolution=args.resolution,
+            step=args.bucket_step,
+            min_aspect_ratio=args.min_bucket_aspect_ratio,
+            max_aspect_ratio=args.max_bucket_aspect_ratio,
+            max_buckets=args.max_buckets,
+            max_upscale=args.bucket_max_upscale,
+        )
+
     def __post_init__(self):
         if self.step <= 0 or self.resolution < self.step:
             raise ValueError(f"bucket step {self.step} must be positive and at most the resolution {self.resolution}")

@@ -172,24 +172,13 @@ def image_sizes(dataset, column: str) -> list[tuple[int, int]]:
     return sizes
 
 
-def bucket_settings(args) -> BucketSettings:
-    return BucketSettings(
-        resolution=args.resolution,
-        step=args.bucket_step,
-        min_aspect_ratio=args.min_bucket_aspect_ratio,
-        max_aspect_ratio=args.max_bucket_aspect_ratio,
-        max_buckets=args.max_buckets,
-        max_upscale=args.bucket_max_upscale,
-    )
-
-
 def training_transform(args, preflight, interpolation: str = "bilinear") -> PairedTransform:
     """The transform the flags ask for (`preflight`: the checked training rows, their columns and the seed); with
     --aspect_ratio_buckets, every training row's bucket from its image's size (headers only)."""
     table = None
     if args.aspect_ratio_buckets:
         sizes = image_sizes(preflight.dataset, preflight.columns.image)
-        table = BucketTable.assign(sizes, bucket_settings(args))
+        table = BucketTable.assign(sizes, BucketSettings.from_args(args))
         if not any(len(table.rows(b)) for b in range(len(table.shapes))):
             raise InputError(
                 f"--aspect_ratio_buckets: every image needs more than --bucket_max_upscale "

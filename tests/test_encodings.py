@@ -124,3 +124,44 @@ def test_encoders_leave_and_the_decoder_still_decodes(tiny_sd):
     with torch.no_grad():
         image = vae.decode(torch.randn(1, vae.config.latent_channels, 8, 8)).sample
     assert image.shape[-1] == 64 and torch.isfinite(image).all()
+
+
+def test_bucketed_posteriors_are_cached_per_bucket_at_its_shape(mixed_data, tmp_path):
+    """With buckets the core keeps one posterior cache per bucket (a cache's rows share a shape); a batch is looked
+    up in its bucket's cache, and one spanning buckets is refused. Random crops and flips are never cached."""
+    import numpy as np
+
+    from controlnet_training.buckets import BucketSettings, BucketTable
+    from controlnet_training.data import image_sizes
+    from controlnet_training.encodings import BucketedLatents, latent_cache
+
+    session = make_session(mixed_data, tmp_path / "cache", rows=16)
+    sizes = image_sizes(session.preflight.dataset, "image")
+    table = BucketTable.assign(sizes, BucketSettings(64, step=16))
+    transform = PairedTransform(64, buckets=table)
+    encoded = []
+
+    def encode(pixels):  # a stand-in "VAE": the pixels' first channel, downsampled by 8
+        encoded.append(pixels.shape)
+        mean = pixels[:, :1, ::8, ::8]
+        return mean, np.ones_like(mean)
+
+    latents = latent_cache(session, transform, {"vae": "stand-in"}, encode)
+    assert isinstance(latents, BucketedLatents) and len(latents.caches) == 3
+    assert {shape[2:] for shape in encoded} == {(96, 48), (64, 64), (48, 96)}  # (H, W) of each bucket
+    rows = ControlNetDataset(session.preflight.dataset, session.preflight.columns, transform, seed=0)
+    for bucket in range(len(table.shapes)):
+        members = table.rows(bucket).tolist()
+        if not members:
+            continue
+        found = latents.lookup(members[:2])
+        expected = Collator([], as_torch=False)([rows[i] for i in members[:2]])["pixel_values"][:, :1, ::8, ::8]
+        np.testing.assert_array_equal(found["latent_mean"], expected)
+    wide, tall = table.rows(table.shapes.index((96, 48)))[0], table.rows(table.shapes.index((48, 96)))[0]
+    with pytest.raises(ValueError, match="spans buckets"):
+        latents.lookup([int(wide), int(tall)])
+    calls = len(encoded)
+    again = latent_cache(session, transform, {"vae": "stand-in"}, encode)
+    assert len(encoded) == calls and again.caches.keys() == latents.caches.keys()  # reused, not re-encoded
+    with pytest.raises(ValueError, match="cannot be cached"):
+        latent_cache(session, PairedTransform(64, buckets=table, random_flip=True), {"vae": "stand-in"}, encode)

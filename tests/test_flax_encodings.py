@@ -40,6 +40,7 @@ def host_encoders(tiny_sd, dtype) -> HostEncoders:
 def cache_session(fill_data, tmp_path):
     session = make_session(fill_data, tmp_path / "cache", rows=5)
     session.args.resolution = RESOLUTION
+    session.transform = PairedTransform(RESOLUTION)
     return session
 
 

@@ -378,15 +378,10 @@ def test_bucketed_augmented_runs_resume_exactly_and_print_the_bucket_table(tiny_
     resume to 6, bit for bit (the batches' buckets and rows and every crop and flip are functions of the seed, epoch
     and row). The start-of-run summary prints the bucket table."""
     common = dict(BUCKETS, random_crop=True, random_flip=True, proportion_empty_prompts=0.3, learning_rate=1e-3)
-    first, straight, _ = straight_and_resumed(tiny_sd, mixed_data["imagefolder"], tmp_path, 6, 3, **common)
+    first, _, _ = straight_and_resumed(tiny_sd, mixed_data["imagefolder"], tmp_path, 6, 3, **common)
     for line in ("bucket 48x96", "bucket 64x64", "bucket 96x48"):
         assert line in first.stderr, first.stderr[-3000:]
     assert "rows left out" not in first.stderr
-
-    # Without the augmentation the same seed trains other crops: the flags are not ignored.
-    plain = tmp_path / "plain"
-    run_script(SCRIPT, base_args(tiny_sd, mixed_data["imagefolder"], plain, max_train_steps=6, **BUCKETS))
-    assert read_scalars(plain / "logs", "loss") != read_scalars(straight / "logs", "loss")
 
 
 def test_bucketed_accumulation_matches_a_larger_batch(tiny_sd, mixed_data, tmp_path):

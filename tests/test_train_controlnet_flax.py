@@ -220,40 +220,38 @@ def test_cached_and_uncached_runs_end_with_the_same_weights(straight, tiny_sd, f
 
 
 @pytest.mark.e2e
-def test_aspect_ratio_buckets_compile_per_shape_and_cache_per_bucket(tiny_sd, mixed_data, tmp_path, flax_env):
+def test_aspect_ratio_buckets_compile_once_per_shape_and_validate_at_the_bucket(
+    tiny_sd, mixed_data, tmp_path, flax_env
+):
     """Non-square rows in buckets on 4 devices: one compiled step per bucket shape (logged), the bucket table in
-    the summary, validation images at the wide control image's bucket. A run reading the posteriors cached per
-    bucket ends where the uncached one does (up to the cache's batched encoding). Which rows each step holds is
-    the PyTorch trainers' (test_buckets), and resuming skips whole steps of the same order as without buckets
-    (test_resume_is_exact_and_the_same_seed_repeats_the_run)."""
-    common = dict(aspect_ratio_buckets=True, bucket_step=16, max_train_steps=4, max_grad_norm=1e9, adam_epsilon=1e-3)
-    uncached, cached = tmp_path / "uncached", tmp_path / "cached"
-    validation = dict(validation_prompt=[PROMPT], validation_image=[mixed_data["validation"]], num_validation_images=4)
+    the summary, validation images at the wide control image's bucket. Which rows each step holds is the PyTorch
+    trainers' (test_buckets); resuming skips whole steps of the same order as without buckets
+    (test_resume_is_exact_and_the_same_seed_repeats_the_run); the posterior caches per bucket are the core's,
+    shared with the PyTorch trainers (test_train_controlnet.py -k bucketed_cached, test_encodings)."""
+    out = tmp_path / "out"
     result = run(
-        flax_args(tiny_sd, mixed_data["imagefolder"], uncached, cache_encodings="never", **common, **validation),
+        flax_args(
+            tiny_sd,
+            mixed_data["imagefolder"],
+            out,
+            aspect_ratio_buckets=True,
+            bucket_step=16,
+            max_train_steps=4,
+            cache_encodings="never",
+            validation_prompt=[PROMPT],
+            validation_image=[mixed_data["validation"]],
+            num_validation_images=4,
+        ),
         flax_env,
     )
     assert "bucket 48x96" in result.stderr and "bucket 96x48" in result.stderr, result.stderr[-3000:]
     assert "compiling the step for" in result.stderr
+    assert sorted(read_scalars(out / "logs", "loss")) == [1, 2, 3, 4]
+    assert np.abs(weights(out)["controlnet_mid_block.weight"]).max() > 1e-4  # it trained
     from PIL import Image
 
-    assert Image.open(uncached / "image_control_0.png").size == (96, 48)  # the wide control in the 2:1 bucket
-    assert Image.open(uncached / "images_0.png").size == (5 * 96, 48)  # and the 4 images generated at its shape
-    result = run(
-        flax_args(
-            tiny_sd, mixed_data["imagefolder"], cached, cache_encodings="always", cache_dir=tmp_path / "c", **common
-        ),
-        flax_env,
-    )
-    assert "caching VAE posteriors (48x96): cached" in result.stderr, result.stderr[-3000:]
-    a, b = weights(uncached), weights(cached)
-    assert np.abs(a["controlnet_mid_block.weight"]).max() > 1e-4  # it trained
-    for key in a:
-        np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
-    losses, cached_losses = read_scalars(uncached / "logs", "loss"), read_scalars(cached / "logs", "loss")
-    assert sorted(losses) == sorted(cached_losses) == [1, 2, 3, 4]
-    for step in losses:
-        assert losses[step] == pytest.approx(cached_losses[step], rel=1e-4)
+    assert Image.open(out / "image_control_0.png").size == (96, 48)  # the wide control in the 2:1 bucket
+    assert Image.open(out / "images_0.png").size == (5 * 96, 48)  # and the 4 images generated at its shape
 
 
 @pytest.mark.e2e

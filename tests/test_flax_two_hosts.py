@@ -18,7 +18,9 @@ from test_train_controlnet_flax import SCRIPT, flax_args, straight, weights  # n
 
 from conftest import ROOT, THREADS, XLA_THREADS, free_port, read_scalars
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("processes")]
+# Alone: beside another test worker (or two busy loops) one host reaches JAX's shutdown barrier more than its 300 s
+# timeout after the other, and both abort after a finished run (reproduced three times; not yet traced).
+pytestmark = [pytest.mark.e2e, pytest.mark.alone]
 
 
 def test_two_hosts_train_as_one(

@@ -139,14 +139,20 @@ def _describe(value: Any, column: str, row: int) -> str:
     return f"image file {path}" if path else f"row {row} of column '{column}'"
 
 
-def check_images(dataset, columns: Columns) -> None:
-    """Open and verify every image without decoding pixels, so a bad file fails now and not hours in."""
+def undecoded(dataset, columns: list[str]):
+    """Only `columns`, their images left as files or bytes (PIL can then read a header without decoding pixels)."""
     import datasets
 
-    raw = dataset.select_columns([columns.image, columns.conditioning_image])
-    for column in (columns.image, columns.conditioning_image):
+    raw = dataset.select_columns(columns)
+    for column in columns:
         if isinstance(raw.features[column], datasets.Image):
             raw = raw.cast_column(column, datasets.Image(decode=False))
+    return raw
+
+
+def check_images(dataset, columns: Columns) -> None:
+    """Open and verify every image without decoding pixels, so a bad file fails now and not hours in."""
+    raw = undecoded(dataset, [columns.image, columns.conditioning_image])
     for row, values in enumerate(raw):
         for column, value in values.items():
             try:
@@ -160,13 +166,8 @@ def check_images(dataset, columns: Columns) -> None:
 
 def image_sizes(dataset, column: str) -> list[tuple[int, int]]:
     """(width, height) of every row's image, read from the file headers (no pixels are decoded)."""
-    import datasets
-
-    raw = dataset.select_columns([column])
-    if isinstance(raw.features[column], datasets.Image):
-        raw = raw.cast_column(column, datasets.Image(decode=False))
     sizes = []
-    for value in raw[column]:
+    for value in undecoded(dataset, [column])[column]:
         with _open_image(value) as image:
             sizes.append(image.size)
     return sizes
@@ -198,13 +199,8 @@ def training_transform(args, preflight, interpolation: str = "bilinear") -> Pair
 
 def image_names(dataset, column: str, rows: Sequence[int]) -> list[str]:
     """File names of some rows' images (for messages), or "row N" where a row has no file."""
-    import datasets
-
-    raw = dataset.select_columns([column]).select(list(rows))
-    if isinstance(raw.features[column], datasets.Image):
-        raw = raw.cast_column(column, datasets.Image(decode=False))
     names = []
-    for row, value in zip(rows, raw[column], strict=True):
+    for row, value in zip(rows, undecoded(dataset.select(list(rows)), [column])[column], strict=True):
         path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
         names.append(Path(path).name if path else f"row {row}")
     return names
@@ -449,6 +445,15 @@ class BucketSampler(EpochSampler):
 
     def __len__(self) -> int:
         return self.table.batches_per_epoch(self.global_batch) * self.global_batch
+
+
+def check_buckets_fill_a_step(transform: PairedTransform, global_batch: int, made_of: str) -> None:
+    """With buckets, at least one bucket must hold a whole optimizer step (`made_of`: how the batch is made up)."""
+    if transform.buckets is not None and transform.buckets.batches_per_epoch(global_batch) == 0:
+        raise InputError(
+            f"--aspect_ratio_buckets: no bucket holds one optimizer step's {global_batch} rows ({made_of}): lower "
+            f"the batch, or --max_buckets for fuller buckets"
+        )
 
 
 def epoch_sampler(transform: PairedTransform, num_rows: int, seed: int, global_batch: int) -> EpochSampler:

@@ -16,7 +16,15 @@ import jax
 from .. import hub
 from ..arguments import InputError, exit_on_input_error
 from ..checkpoints import save_final
-from ..data import Collator, ControlNetDataset, PairedTransform, bucket_summary, epoch_sampler, training_transform
+from ..data import (
+    Collator,
+    ControlNetDataset,
+    PairedTransform,
+    bucket_summary,
+    check_buckets_fill_a_step,
+    epoch_sampler,
+    training_transform,
+)
 from ..encodings import Workers, cache_root, wants_cache
 from ..logs import report_outputs, run_summary, setup_logging
 from ..preflight import SD_MODEL_FILES, Preflight, run_preflight
@@ -88,12 +96,12 @@ def start_session(args, prog: str) -> Session:
         steps = steps_per_epoch(rows, layout)
         if transform.buckets is not None:
             steps = transform.buckets.batches_per_epoch(layout.global_batch)
-        if steps == 0 and transform.buckets is not None:
-            raise InputError(
-                f"no bucket holds one global batch of {layout.global_batch} rows (--train_batch_size "
-                f"{args.train_batch_size} × {devices.count} devices × --gradient_accumulation_steps "
-                f"{args.gradient_accumulation_steps}): lower the batch, or --max_buckets for fuller buckets"
-            )
+        check_buckets_fill_a_step(
+            transform,
+            layout.global_batch,
+            f"--train_batch_size {args.train_batch_size} × {devices.count} devices × --gradient_accumulation_steps "
+            f"{args.gradient_accumulation_steps}",
+        )
         if steps == 0:
             raise InputError(
                 f"{rows} training rows are fewer than one global batch of {layout.global_batch} "

@@ -24,6 +24,7 @@ from ..data import (
     EpochSampler,
     PairedTransform,
     bucket_summary,
+    check_buckets_fill_a_step,
     epoch_sampler,
     training_transform,
 )
@@ -243,12 +244,12 @@ def start_session(
                 f"optimizer step's {batch} (--train_batch_size {args.train_batch_size} x {accelerator.num_processes} "
                 f"processes x --gradient_accumulation_steps {args.gradient_accumulation_steps})"
             )
-        if transform.buckets is not None and transform.buckets.batches_per_epoch(batch) == 0:
-            raise InputError(
-                f"--aspect_ratio_buckets: no bucket holds one optimizer step's {batch} rows (--train_batch_size "
-                f"{args.train_batch_size} x {accelerator.num_processes} processes x --gradient_accumulation_steps "
-                f"{args.gradient_accumulation_steps}): lower the batch, or --max_buckets for fuller buckets"
-            )
+        check_buckets_fill_a_step(
+            transform,
+            batch,
+            f"--train_batch_size {args.train_batch_size} x {accelerator.num_processes} processes x "
+            f"--gradient_accumulation_steps {args.gradient_accumulation_steps}",
+        )
     except InputError as error:
         exit_on_input_error(prog, error)
     from accelerate.utils import set_seed

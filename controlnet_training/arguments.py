@@ -131,7 +131,10 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
         action="store_true",
         help="Stream the dataset instead of downloading it (needs --max_train_samples: rows per epoch, one pass "
         "over the stream shuffled through a buffer). Each process reads its own share of the rows; an epoch keeps "
-        "only whole optimizer steps.",
+        "only whole optimizer steps. With --aspect_ratio_buckets every process reads the whole pass (image headers "
+        "only, for the rows of others), a row joins its bucket's buffer as it is read and a full buffer is the next "
+        "step: at most buckets x (effective batch - 1) rows wait, and an epoch is the steps a pass surely fills, "
+        "(--max_train_samples - buckets x (effective batch - 1)) // effective batch.",
     )
     add_geometry_args(parser)
     return group
@@ -426,11 +429,6 @@ def check_streaming_args(args: argparse.Namespace) -> None:
         raise InputError(
             "--validation_split needs the dataset's length to hold rows out; a stream (--streaming) has none: "
             "pass --validation_split 0"
-        )
-    if args.aspect_ratio_buckets:
-        raise InputError(
-            "--aspect_ratio_buckets with --streaming is not supported yet (buckets need every row's size up "
-            "front): drop one of them"
         )
 
 

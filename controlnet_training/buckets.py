@@ -8,13 +8,18 @@ holds is a function of (seed, epoch, position) only, so exact resume, accumulati
 as with square data. A bucket's last rows of an epoch that do not fill a global batch are left out of that epoch
 (each epoch draws another order, so no row is left out for good).
 
+A stream has no table (its rows' sizes are not known ahead): StreamBuckets groups the rows of a pass into steps of
+one bucket each as they arrive, through one bounded buffer per bucket.
+
 The transform (data.PairedTransform) and the samplers (data.BucketSampler) build on this module.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -78,6 +83,13 @@ def nearest_bucket(width: int, height: int, shapes: list[tuple[int, int]]) -> in
     return min(range(len(shapes)), key=lambda i: (abs(math.log(shapes[i][0] / shapes[i][1]) - ratio), -i))
 
 
+def bucket_for(width: int, height: int, shapes: list[tuple[int, int]], max_upscale: float) -> int:
+    """The nearest bucket's index, or -1 when covering it would need more than `max_upscale`."""
+    bucket = nearest_bucket(width, height, shapes)
+    bucket_w, bucket_h = shapes[bucket]
+    return bucket if max(bucket_w / width, bucket_h / height) <= max_upscale else -1
+
+
 def cover_crop_box(
     width: int, height: int, bucket: tuple[int, int], left_fraction: float = 0.5, top_fraction: float = 0.5
 ) -> tuple[int, int, int, int, int, int]:
@@ -102,13 +114,8 @@ class BucketTable:
     def assign(cls, sizes: list[tuple[int, int]], settings: BucketSettings) -> BucketTable:
         """`sizes`: each row's (width, height)."""
         shapes = bucket_shapes(settings)
-        buckets = np.empty(len(sizes), dtype=np.int64)
-        for row, (width, height) in enumerate(sizes):
-            bucket = nearest_bucket(width, height, shapes)
-            bucket_w, bucket_h = shapes[bucket]
-            upscale = max(bucket_w / width, bucket_h / height)
-            buckets[row] = bucket if upscale <= settings.max_upscale else -1
-        return cls(shapes, buckets)
+        buckets = [bucket_for(width, height, shapes, settings.max_upscale) for width, height in sizes]
+        return cls(shapes, np.array(buckets, dtype=np.int64))
 
     def rows(self, bucket: int) -> np.ndarray:
         return np.flatnonzero(self.bucket_of_row == bucket)
@@ -146,3 +153,47 @@ class BucketTable:
             first = left_out_names or [f"row {i}" for i in left_out[:3]]
             rows.append(("too small for any bucket", f"{len(left_out)} rows left out (first: {', '.join(first)})"))
         return rows
+
+
+def stream_steps_per_epoch(rows: int, buckets: int, global_batch: int) -> int:
+    """The optimizer steps that a pass of `rows` rows fills whatever its order: each of the `buckets` buffers can be
+    left holding up to global_batch - 1 rows when the pass ends."""
+    return max(0, rows - buckets * (global_batch - 1)) // global_batch
+
+
+@dataclass
+class StreamBuckets:
+    """A stream's buckets: a row joins its bucket's buffer as it is read, and a buffer that holds `global_batch`
+    rows becomes the next optimizer step. So every step is of one bucket, at most buckets × (global_batch - 1) rows
+    wait at any time, and which rows a step holds is a function of the pass's order only (a resume replays it
+    without decoding). What a pass leaves in the buffers is dropped (the next pass is reshuffled)."""
+
+    shapes: list[tuple[int, int]]
+    max_upscale: float
+    global_batch: int
+    left_out: int = 0  # rows of the last pass too small for their bucket
+
+    @classmethod
+    def from_settings(cls, settings: BucketSettings, global_batch: int) -> StreamBuckets:
+        return cls(bucket_shapes(settings), settings.max_upscale, global_batch)
+
+    def steps_per_epoch(self, rows: int) -> int:
+        return stream_steps_per_epoch(rows, len(self.shapes), self.global_batch)
+
+    def steps(
+        self, rows: Iterable[tuple[int, tuple[int, int], Any]], keep: Callable[[int], bool] = lambda slot: True
+    ) -> Iterator[tuple[int, list[tuple[int, Any]]]]:
+        """(bucket, [(position, row)] × global_batch) for each step of a pass of (position, (width, height), row);
+        a row whose slot in its step `keep` rejects is held as None (another process decodes it)."""
+        buffers: list[list[tuple[int, Any]]] = [[] for _ in self.shapes]
+        self.left_out = 0
+        for position, (width, height), row in rows:
+            bucket = bucket_for(width, height, self.shapes, self.max_upscale)
+            if bucket < 0:
+                self.left_out += 1
+                continue
+            buffer = buffers[bucket]
+            buffer.append((position, row if keep(len(buffer)) else None))
+            if len(buffer) == self.global_batch:
+                yield bucket, buffer
+                buffers[bucket] = []

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from .arguments import InputError
-from .buckets import BucketSettings, BucketTable, cover_crop_box, nearest_bucket
+from .buckets import BucketSettings, BucketTable, StreamBuckets, bucket_shapes, cover_crop_box, nearest_bucket
 
 INTERPOLATION = {
     "nearest": Image.Resampling.NEAREST,
@@ -175,9 +175,12 @@ def image_sizes(dataset, column: str) -> list[tuple[int, int]]:
 
 def training_transform(args, preflight, interpolation: str = "bilinear") -> PairedTransform:
     """The transform the flags ask for (`preflight`: the checked training rows, their columns and the seed); with
-    --aspect_ratio_buckets, every training row's bucket from its image's size (headers only)."""
+    --aspect_ratio_buckets, every training row's bucket from its image's size (headers only), or for a stream the
+    bucket shapes only."""
     table = None
-    if args.aspect_ratio_buckets:
+    if args.aspect_ratio_buckets and args.streaming:  # sizes unknown ahead: rows find their bucket as read
+        table = BucketTable(bucket_shapes(BucketSettings.from_args(args)), np.zeros(0, dtype=np.int64))
+    elif args.aspect_ratio_buckets:
         sizes = image_sizes(preflight.dataset, preflight.columns.image)
         table = BucketTable.assign(sizes, BucketSettings.from_args(args))
         if not any(len(table.rows(b)) for b in range(len(table.shapes))):
@@ -252,6 +255,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+Shape = tuple[int, int] | None  # (width, height) of a bucket
 
 
 @dataclass(frozen=True)
@@ -375,22 +381,23 @@ class PairedTransform:
         # whose last bits differ from those of the same values laid out contiguously.
         return np.ascontiguousarray(np.asarray(image, dtype=np.float32).transpose(2, 0, 1)) / 255.0
 
-    def placement(self, width: int, height: int, row: int = 0, epoch: int = 0) -> Placement:
-        """Where an image of this size goes as row `row` of epoch `epoch`."""
-        return self.place(width, height, self.shape_of(row), self.draws(epoch, row))
+    def placement(self, width: int, height: int, row: int = 0, epoch: int = 0, shape: Shape = None) -> Placement:
+        """Where an image of this size goes as row `row` of epoch `epoch` (`shape`: its bucket's, for a streamed
+        row, which no table holds)."""
+        return self.place(width, height, shape or self.shape_of(row), self.draws(epoch, row))
 
-    def target(self, image: Image.Image, row: int = 0, epoch: int = 0) -> np.ndarray:
-        placement = self.placement(*image.size, row, epoch)
+    def target(self, image: Image.Image, row: int = 0, epoch: int = 0, shape: Shape = None) -> np.ndarray:
+        placement = self.placement(*image.size, row, epoch, shape)
         return self.to_array(self.apply(image, placement, self.interpolation)) * 2.0 - 1.0
 
-    def control(self, conditioning: Image.Image, row: int = 0, epoch: int = 0) -> np.ndarray:
-        placement = self.placement(*conditioning.size, row, epoch)
+    def control(self, conditioning: Image.Image, row: int = 0, epoch: int = 0, shape: Shape = None) -> np.ndarray:
+        placement = self.placement(*conditioning.size, row, epoch, shape)
         return self.to_array(self.apply(conditioning, placement, self.control_interpolation or self.interpolation))
 
     def __call__(
-        self, image: Image.Image, conditioning: Image.Image, row: int = 0, epoch: int = 0
+        self, image: Image.Image, conditioning: Image.Image, row: int = 0, epoch: int = 0, shape: Shape = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        return self.target(image, row, epoch), self.control(conditioning, row, epoch)
+        return self.target(image, row, epoch, shape), self.control(conditioning, row, epoch, shape)
 
 
 def pick_caption(value: Any, rng: random.Random, proportion_empty: float) -> str:
@@ -447,13 +454,41 @@ class BucketSampler(EpochSampler):
         return self.table.batches_per_epoch(self.global_batch) * self.global_batch
 
 
-def check_buckets_fill_a_step(transform: PairedTransform, global_batch: int, made_of: str) -> None:
-    """With buckets, at least one bucket must hold a whole optimizer step (`made_of`: how the batch is made up)."""
-    if transform.buckets is not None and transform.buckets.batches_per_epoch(global_batch) == 0:
+def optimizer_steps_per_epoch(args, transform: PairedTransform, num_rows: int | None, global_batch: int) -> int:
+    """Whole optimizer steps in an epoch: of the rows, of the buckets' rows, of --max_train_samples rows of a
+    stream, or of those a bucketed stream's pass surely fills (`num_rows`: None for a stream)."""
+    if args.streaming:
+        buckets = stream_buckets(args, global_batch)
+        if buckets is None:
+            return args.max_train_samples // global_batch
+        return buckets.steps_per_epoch(args.max_train_samples)
+    if transform.buckets is not None:
+        return transform.buckets.batches_per_epoch(global_batch)
+    return num_rows // global_batch
+
+
+def check_an_epoch_fills_a_step(args, transform: PairedTransform, global_batch: int, made_of: str) -> None:
+    """A stream's pass, or with buckets the buckets, must fill at least one whole optimizer step (`made_of`: how the
+    step's rows are made up)."""
+    if not (args.streaming or transform.buckets is not None):
+        return
+    if optimizer_steps_per_epoch(args, transform, None, global_batch) > 0:
+        return
+    step = f"one optimizer step's {global_batch} rows ({made_of})"
+    if not args.streaming:
         raise InputError(
-            f"--aspect_ratio_buckets: no bucket holds one optimizer step's {global_batch} rows ({made_of}): lower "
-            f"the batch, or --max_buckets for fuller buckets"
+            f"--aspect_ratio_buckets: no bucket holds {step}: lower the batch, or --max_buckets for fuller buckets"
         )
+    if not args.aspect_ratio_buckets:
+        raise InputError(
+            f"--max_train_samples {args.max_train_samples} rows per pass of the stream are fewer than {step}"
+        )
+    buckets = len(transform.buckets.shapes)
+    raise InputError(
+        f"--max_train_samples {args.max_train_samples} rows per pass of a bucketed stream may not fill {step}: each "
+        f"of its {buckets} buckets can be left holding {global_batch - 1} rows; give --max_train_samples at least "
+        f"{buckets * (global_batch - 1) + global_batch}, or lower --max_buckets"
+    )
 
 
 def epoch_sampler(transform: PairedTransform, num_rows: int, seed: int, global_batch: int) -> EpochSampler:
@@ -464,12 +499,39 @@ def epoch_sampler(transform: PairedTransform, num_rows: int, seed: int, global_b
 
 
 def bucket_summary(transform: PairedTransform, preflight, global_batch: int) -> list[tuple[str, object]]:
-    """The start-of-run summary's bucket table (shape, rows, optimizer steps per epoch) and the rows left out."""
+    """The start-of-run summary's bucket table (shape, rows, optimizer steps per epoch) and the rows left out; for
+    a stream, the shapes and the steps a pass surely fills."""
     table = transform.buckets
     if table is None:
         return []
+    if not len(table.bucket_of_row):
+        shapes = ", ".join(f"{w}x{h}" for w, h in table.shapes)
+        return [("buckets (streamed)", f"{len(table.shapes)}: {shapes}; a row joins its bucket as it is read")]
     names = image_names(preflight.dataset, preflight.columns.image, table.left_out[:3].tolist())
     return table.summary(global_batch, names)
+
+
+def stream_buckets(args, global_batch: int) -> StreamBuckets | None:
+    """A bucketed stream's per-bucket buffers (None without --aspect_ratio_buckets)."""
+    if not args.aspect_ratio_buckets:
+        return None
+    return StreamBuckets.from_settings(BucketSettings.from_args(args), global_batch)
+
+
+def bucketed_pass(
+    stream, image_column: str, buckets: StreamBuckets, keep
+) -> Iterator[tuple[tuple[int, int], list[tuple[int, Any]]]]:
+    """A pass of a bucketed stream as optimizer steps: (bucket shape, [(position, raw row or None)]); each row's
+    size is read from its image's header (its pixels are decoded later, only by the process that trains it)."""
+
+    def sized_rows():
+        for position, raw in enumerate(stream):
+            with _open_image(raw[image_column]) as image:
+                size = image.size
+            yield position, size, raw
+
+    for bucket, rows in buckets.steps(sized_rows(), keep):
+        yield buckets.shapes[bucket], rows
 
 
 class ControlNetDataset:
@@ -499,11 +561,12 @@ class ControlNetDataset:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         return self.make_row(self.rows[index], epoch, index)
 
-    def make_row(self, row: dict[str, Any], epoch: int, index: int) -> dict[str, Any]:
-        """One training row from a raw dataset row (also for streamed rows: `index` = position in the pass)."""
+    def make_row(self, row: dict[str, Any], epoch: int, index: int, shape: Shape = None) -> dict[str, Any]:
+        """One training row from a raw dataset row (also for streamed rows: `index` = position in the pass, `shape`
+        its bucket's)."""
         caption = pick_caption(row[self.columns.caption], row_rng(self.seed, epoch, index), self.proportion_empty)
-        control = self.transform.control(_open_image(row[self.columns.conditioning_image]), index, epoch)
-        width, height = self.transform.shape_of(index)
+        control = self.transform.control(_open_image(row[self.columns.conditioning_image]), index, epoch, shape)
+        width, height = shape or self.transform.shape_of(index)
         item = {
             "conditioning_pixel_values": control,
             "caption": caption,
@@ -512,9 +575,9 @@ class ControlNetDataset:
         }
         if self.with_target:
             image = _open_image(row[self.columns.image])
-            placement = self.transform.placement(*image.size, index, epoch)
+            placement = self.transform.placement(*image.size, index, epoch, shape)
             item.update(
-                pixel_values=self.transform.target(image, index, epoch),
+                pixel_values=self.transform.target(image, index, epoch, shape),
                 original_size=np.array([image.height, image.width]),
                 crop_top_left=np.array(placement.crop_top_left),
             )

@@ -305,3 +305,127 @@ def test_the_summary_names_the_images_too_small_for_any_bucket(tmp_path):
     assert summary["too small for any bucket"] == f"2 rows left out (first: {', '.join(too_small)})"
     assert summary["bucket 128x128"] == "1 rows, 1 steps per epoch"
     assert any(key.startswith("bucket ") and key != "bucket 128x128" for key in summary)  # the wide row's bucket
+
+
+# ------------------------------------------------------------------------------------------------ streams
+def test_a_stream_fills_steps_of_one_bucket_within_bounded_buffers_in_any_order():
+    """StreamBuckets: each step is `global_batch` rows of one bucket, at most buckets × (global_batch - 1) rows
+    wait at any time, and a pass fills at least `steps_per_epoch` steps whatever its order (shuffled, or sorted
+    by aspect ratio: the worst case for the buffers)."""
+    from controlnet_training.buckets import StreamBuckets
+
+    sizes = sizes_of_several_ratios(60) + [(40, 40)] * 3  # 3 rows too small for any bucket
+    buckets = StreamBuckets.from_settings(BucketSettings(512, max_upscale=2.0), global_batch=4)
+    orders = [np.arange(63), np.random.default_rng(0).permutation(63), np.argsort([w / h for w, h in sizes])]
+
+    def measured(order, steps: list, waiting: list):
+        """The pass's rows, noting before each read how many rows wait (read, in no step, not left out)."""
+        for read, position in enumerate(order):
+            waiting.append(read - len(steps) * 4 - buckets.left_out)
+            yield int(position), sizes[position], f"row {position}"
+
+    for order in orders:
+        steps, waiting = [], []
+        for step in buckets.steps(measured(order, steps, waiting), keep=lambda slot: slot % 2 == 0):
+            steps.append(step)
+        assert buckets.left_out == 3
+        assert len(steps) >= buckets.steps_per_epoch(60) > 0
+        assert max(waiting) <= len(buckets.shapes) * 3
+        positions = [p for _, step in steps for p, _ in step]
+        assert len(positions) == len(set(positions))
+        table = BucketTable.assign(sizes, BucketSettings(512, max_upscale=2.0))
+        for bucket, step in steps:
+            assert len(step) == 4 and {int(table.bucket_of_row[p]) for p, _ in step} == {bucket}
+            assert [row for _, row in step] == [f"row {step[0][0]}", None, f"row {step[2][0]}", None]
+
+
+def streamed_rows(mixed_folder, tmp_path, *flags: str):
+    """The mixed_data fixture as the trainers stream it (cut to 16 rows a pass, reshuffled per epoch), with the
+    transform and rows the flags make."""
+    from types import SimpleNamespace
+
+    from controlnet_training.arguments import build_parser
+    from controlnet_training.data import (
+        Columns,
+        ControlNetDataset,
+        load_train_split,
+        select_samples,
+        training_transform,
+    )
+
+    args = build_parser("test").parse_args(
+        ["--pretrained_model_name_or_path", "m", "--train_data_dir", str(mixed_folder), "--resolution", "64"]
+        + ["--streaming", "--max_train_samples", "16", "--cache_dir", str(tmp_path / "cache"), *flags]
+    )
+    stream = select_samples(load_train_split(args, streaming=True), 16, seed=5)
+    preflight = SimpleNamespace(dataset=stream, columns=Columns("image", "conditioning_image", "text"), seed=5)
+    transform = training_transform(args, preflight)
+    return args, stream, transform, ControlNetDataset(stream, preflight.columns, transform, 5)
+
+
+def collate_pixels(rows):
+    return {"index": [r["index"] for r in rows], "pixel_values": np.stack([r["pixel_values"] for r in rows])}
+
+
+def keyed_rows(indices, pixels) -> list[tuple[int, bytes]]:
+    """A step's rows as sorted (index, pixel bytes): comparable whatever the split that served them."""
+    pixels = np.asarray(pixels).reshape(len(indices), -1)
+    return sorted((int(i), p.tobytes()) for i, p in zip(indices, pixels, strict=True))
+
+
+@pytest.mark.parametrize("bucketed", [False, True], ids=["square", "buckets"])
+def test_a_stream_serves_the_same_steps_to_any_split_and_framework_and_resumes_into_them(
+    mixed_data, tmp_path, bucketed
+):
+    """A stream's optimizer steps hold the same rows and pixels for 1 process × batch 2, 2 processes × batch 1
+    and accumulation 2 × batch 1, in the PyTorch and the Flax trainers (two Flax hosts with a row each); with
+    buckets every step is of one bucket; and skipping micro-batches (a resume) gives the rest of the epoch."""
+    import torch
+
+    from controlnet_training.data import optimizer_steps_per_epoch, stream_buckets
+    from controlnet_training.flax_training.data import BatchLayout, StreamBatches
+    from controlnet_training.torch_training.streaming import StreamLoader
+
+    flags = ["--aspect_ratio_buckets", "--bucket_step", "16", "--max_buckets", "3"] if bucketed else []
+    args, stream, transform, rows = streamed_rows(mixed_data["imagefolder"], tmp_path, *flags, "--random_flip")
+    steps = optimizer_steps_per_epoch(args, transform, None, 2)
+    assert steps == ((16 - 3) // 2 if bucketed else 8)
+
+    def torch_collate(batch):
+        return {key: torch.as_tensor(np.asarray(value)) for key, value in collate_pixels(batch).items()}
+
+    def torch_steps(micro: int, processes: int, accumulation: int, skip: int = 0) -> list:
+        per_rank, global_batch = [], micro * processes * accumulation
+        for rank in range(processes):
+            loader = StreamLoader(
+                stream, rows.make_row, torch_collate, micro,
+                optimizer_steps_per_epoch(args, transform, None, global_batch) * accumulation, rank, processes,
+                torch.device("cpu"), stream_buckets(args, global_batch), "image",
+            )  # fmt: skip
+            per_rank.append(list(loader.epoch(1, skip)))
+        merged = []
+        for step in range(len(per_rank[0]) // accumulation):
+            micros = [m for r in per_rank for m in r[step * accumulation : (step + 1) * accumulation]]
+            assert len({m["pixel_values"].shape for m in micros}) == 1  # one bucket
+            indices = [i for m in micros for i in m["index"].tolist()]
+            merged.append(keyed_rows(indices, torch.cat([m["pixel_values"] for m in micros]).numpy()))
+        return merged
+
+    straight = torch_steps(2, 1, 1)
+    assert len(straight) == steps
+    if bucketed:
+        assert len({len(pixels) for step in straight for _, pixels in step}) > 1  # several bucket shapes
+    assert torch_steps(1, 2, 1) == straight
+    assert torch_steps(1, 1, 2) == straight
+    assert torch_steps(1, 2, 1, skip=2) == straight[2:]
+    assert torch_steps(1, 1, 2, skip=4) == straight[2:]
+    assert torch_steps(2, 2, 1) == torch_steps(4, 1, 1) == torch_steps(1, 2, 2)  # steps of 4 rows
+
+    def flax_steps(layout: BatchLayout) -> list:
+        batches = StreamBatches(stream, rows.make_row, layout, collate_pixels, steps, stream_buckets(args, 2), "image")
+        return [keyed_rows(b["index"].ravel(), b["pixel_values"]) for b in batches(steps + 1, 2 * steps)]
+
+    assert flax_steps(BatchLayout(1, 2, slice(0, 2))) == straight[1:]  # resumed at the epoch's second step
+    assert flax_steps(BatchLayout(2, 1, slice(0, 1))) == straight[1:]
+    hosts = zip(flax_steps(BatchLayout(1, 2, slice(0, 1))), flax_steps(BatchLayout(1, 2, slice(1, 2))), strict=True)
+    assert [sorted(a + b) for a, b in hosts] == straight[1:]

@@ -17,7 +17,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from ..data import ControlNetDataset, EpochSampler
+from ..buckets import StreamBuckets
+from ..data import ControlNetDataset, EpochSampler, bucketed_pass
 
 logger = logging.getLogger("controlnet_training")
 
@@ -49,11 +50,6 @@ class BatchLayout:
     def positions(self) -> np.ndarray:
         """(accumulation, local) positions, within a step's global batch, of the rows this host loads."""
         return np.arange(self.accumulation)[:, None] * self.micro + np.arange(self.columns.start, self.columns.stop)
-
-
-def steps_per_epoch(rows: int, layout: BatchLayout) -> int:
-    """Whole global batches per epoch (the last partial one is dropped, as the reference does)."""
-    return rows // layout.global_batch
 
 
 def _shaped(batch: dict, layout: BatchLayout) -> dict[str, np.ndarray]:
@@ -118,45 +114,59 @@ class MapBatches:
 class StreamBatches:
     """Host batches of a streamed dataset: each epoch is one pass over the stream (reshuffled by `set_epoch`, cut
     to --max_train_samples rows); a row's index is its position in the pass. Every host reads the stream, and
-    decodes only its own rows; resuming skips the rows of the steps already done without decoding them."""
+    decodes only its own rows; resuming skips the rows of the steps already done without decoding them. With
+    buckets, a step is the next one a bucket's buffer fills (buckets.StreamBuckets), as in the PyTorch trainers."""
 
     def __init__(
         self,
         stream,
-        make_row: Callable[[dict, int, int], dict],
+        make_row: Callable[..., dict],
         layout: BatchLayout,
         collate: Callable,
-        rows_per_epoch: int,
+        steps_per_epoch: int,
+        buckets: StreamBuckets | None = None,
+        image_column: str = "image",
     ):
         self.stream, self.make_row, self.layout, self.collate = stream, make_row, layout, collate
-        self.rows_per_epoch = rows_per_epoch
-        self.steps_per_epoch = steps_per_epoch(rows_per_epoch, layout)
+        self.steps_per_epoch = steps_per_epoch
+        self.buckets, self.image_column = buckets, image_column
+
+    def pass_steps(self, slots: dict[int, int]) -> Iterator[tuple[tuple[int, int] | None, list[tuple[int, Any]]]]:
+        """The pass's steps: (bucket shape or None, [(position, raw row or None)] × global batch)."""
+        if self.buckets is not None:
+            yield from bucketed_pass(self.stream, self.image_column, self.buckets, lambda slot: slot in slots)
+            return
+        size = self.layout.global_batch
+        step: list[tuple[int, Any]] = []
+        for position, raw in enumerate(self.stream):
+            step.append((position, raw if position % size in slots else None))
+            if len(step) == size:
+                yield None, step
+                step = []
 
     def __call__(self, first_step: int, last_step: int) -> Iterator[dict[str, np.ndarray]]:
-        positions = self.layout.positions().ravel()
-        wanted = {int(p): i for i, p in enumerate(positions)}
+        slots = {int(p): i for i, p in enumerate(self.layout.positions().ravel())}
         step = first_step
         while step < last_step:
             epoch, skip = divmod(step, self.steps_per_epoch)
             self.stream.set_epoch(epoch)
-            rows: list[Any] = [None] * len(positions)
-            end = min(last_step - epoch * self.steps_per_epoch, self.steps_per_epoch) * self.layout.global_batch
-            seen = skip * self.layout.global_batch
-            for position, row in enumerate(self.stream):
-                if position < seen:
-                    continue
-                slot = wanted.get(position % self.layout.global_batch)
-                if slot is not None:
-                    rows[slot] = self.make_row(row, epoch, position)
-                if position % self.layout.global_batch == self.layout.global_batch - 1:
-                    yield _shaped(self.collate(rows), self.layout)
+            done = 0
+            for shape, rows in self.pass_steps(slots):
+                if done >= skip:
+                    mine = [None] * len(slots)
+                    for slot, (position, raw) in enumerate(rows):
+                        if slot in slots:
+                            mine[slots[slot]] = self.make_row(raw, epoch, position, shape)
+                    yield _shaped(self.collate(mine), self.layout)
                     step += 1
-                if position + 1 >= end:
+                done += 1
+                if done == self.steps_per_epoch or step == last_step:
                     break
             else:
+                left_out = f" ({self.buckets.left_out} rows too small for their bucket)" if self.buckets else ""
                 raise RuntimeError(
-                    f"the stream ended after {position + 1} rows in epoch {epoch}, fewer than "
-                    f"--max_train_samples {self.rows_per_epoch}: lower --max_train_samples"
+                    f"the stream's pass in epoch {epoch} filled only {done} of its {self.steps_per_epoch} steps"
+                    f"{left_out}: lower --max_train_samples"
                 )
 
 

@@ -21,8 +21,10 @@ from ..data import (
     ControlNetDataset,
     PairedTransform,
     bucket_summary,
-    check_buckets_fill_a_step,
+    check_an_epoch_fills_a_step,
     epoch_sampler,
+    optimizer_steps_per_epoch,
+    stream_buckets,
     training_transform,
 )
 from ..encodings import Workers, cache_root, wants_cache
@@ -31,7 +33,7 @@ from ..preflight import SD_MODEL_FILES, Preflight, run_preflight
 from ..step_plan import StepPlan, plan_steps
 from ..validation import save_images
 from . import checkpoints
-from .data import BatchLayout, MapBatches, StreamBatches, steps_per_epoch
+from .data import BatchLayout, MapBatches, StreamBatches
 from .encodings import CachedCollator, Encodings
 from .models import LoadedModels, check_configs, controlnet_shapes
 from .runtime import Devices, all_hosts_see, barrier, jax_processes, make_devices, replicate, resolve_output_dir
@@ -91,22 +93,17 @@ def start_session(args, prog: str) -> Session:
         devices = make_devices()
         micro = args.train_batch_size * devices.count
         layout = BatchLayout(args.gradient_accumulation_steps, micro, devices.local_columns(micro))
-        rows = args.max_train_samples if args.streaming else len(preflight.dataset)
         transform = training_transform(args, preflight)
-        steps = steps_per_epoch(rows, layout)
-        if transform.buckets is not None:
-            steps = transform.buckets.batches_per_epoch(layout.global_batch)
-        check_buckets_fill_a_step(
-            transform,
-            layout.global_batch,
+        made_of = (
             f"--train_batch_size {args.train_batch_size} × {devices.count} devices × --gradient_accumulation_steps "
-            f"{args.gradient_accumulation_steps}",
+            f"{args.gradient_accumulation_steps}"
         )
+        check_an_epoch_fills_a_step(args, transform, layout.global_batch, made_of)
+        rows = None if args.streaming else len(preflight.dataset)
+        steps = optimizer_steps_per_epoch(args, transform, rows, layout.global_batch)
         if steps == 0:
             raise InputError(
-                f"{rows} training rows are fewer than one global batch of {layout.global_batch} "
-                f"(--train_batch_size {args.train_batch_size} × {devices.count} devices × "
-                f"--gradient_accumulation_steps {args.gradient_accumulation_steps})"
+                f"{rows} training rows are fewer than one global batch of {layout.global_batch} ({made_of})"
             )
     except InputError as error:
         exit_on_input_error(prog, error)
@@ -137,7 +134,15 @@ def make_batches(session: Session, tokenizer, encodings: Encodings | None) -> Ma
     )
     collate = Collator([tokenizer], as_torch=False) if encodings is None else CachedCollator(encodings)
     if args.streaming:
-        return StreamBatches(preflight.dataset, rows.make_row, session.layout, collate, args.max_train_samples)
+        return StreamBatches(
+            preflight.dataset,
+            rows.make_row,
+            session.layout,
+            collate,
+            session.plan.updates_per_epoch,
+            stream_buckets(args, session.layout.global_batch),
+            preflight.columns.image,
+        )
     sampler = epoch_sampler(session.transform, len(rows), preflight.seed, session.layout.global_batch)
     return MapBatches(rows, session.layout, collate, sampler, args.dataloader_num_workers)
 

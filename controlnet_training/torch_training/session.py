@@ -24,8 +24,10 @@ from ..data import (
     EpochSampler,
     PairedTransform,
     bucket_summary,
-    check_buckets_fill_a_step,
+    check_an_epoch_fills_a_step,
     epoch_sampler,
+    optimizer_steps_per_epoch,
+    stream_buckets,
     training_transform,
 )
 from ..encodings import Workers, wants_cache
@@ -238,13 +240,8 @@ def start_session(
         )
         transform = training_transform(args, preflight, interpolation)
         batch = effective_batch(args.train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps)
-        if args.streaming and args.max_train_samples < batch:
-            raise InputError(
-                f"--max_train_samples {args.max_train_samples} rows per pass of the stream are fewer than one "
-                f"optimizer step's {batch} (--train_batch_size {args.train_batch_size} x {accelerator.num_processes} "
-                f"processes x --gradient_accumulation_steps {args.gradient_accumulation_steps})"
-            )
-        check_buckets_fill_a_step(
+        check_an_epoch_fills_a_step(
+            args,
             transform,
             batch,
             f"--train_batch_size {args.train_batch_size} x {accelerator.num_processes} processes x "
@@ -338,7 +335,7 @@ def prepare_training(session: Session, controlnet, transform: PairedTransform, c
         AdamWSettings.from_args(args), controlnet.parameters(), accelerator.device, accelerator.mixed_precision
     )
     if args.streaming:  # this process's share of each pass, read here (accelerate does not split it again)
-        steps_per_epoch = args.max_train_samples // session.effective_batch
+        steps_per_epoch = optimizer_steps_per_epoch(args, transform, None, session.effective_batch)
         dataloader = StreamLoader(
             preflight.dataset,
             dataset.make_row,
@@ -348,6 +345,8 @@ def prepare_training(session: Session, controlnet, transform: PairedTransform, c
             accelerator.process_index,
             accelerator.num_processes,
             accelerator.device,
+            stream_buckets(args, session.effective_batch),
+            preflight.columns.image,
         )
         batches_per_process = len(dataloader)
     else:

@@ -201,9 +201,9 @@ CASES = {
         dict(streaming=True, max_train_samples=8, cache_encodings="always"),
         "--cache_encodings always cannot cache a stream",
     ),
-    "buckets of a stream": (
-        dict(streaming=True, max_train_samples=8, aspect_ratio_buckets=True, bucket_step=16),
-        "--aspect_ratio_buckets with --streaming is not supported yet",
+    "a bucketed stream that may fill no step": (
+        dict(streaming=True, max_train_samples=8, aspect_ratio_buckets=True, bucket_step=16, train_batch_size=4),
+        "--max_train_samples 8 rows per pass of a bucketed stream may not fill one optimizer step's",
     ),
     "a pass of the stream shorter than a step": (
         dict(streaming=True, max_train_samples=3, train_batch_size=4),

@@ -51,9 +51,11 @@ def test_checkpoints_of_earlier_versions_are_not_refused(tmp_path):
 
 def test_a_stream_resumes_only_on_as_many_processes(tmp_path):
     """split_dataset_by_node gives each process whole shards when their number divides the process count: the rows
-    of a step then depend on it."""
+    of a step then depend on it. A bucketed stream is read whole by every process, so its steps do not."""
     folder = checkpoint(tmp_path, processes=2, effective_batch=4, deepspeed=False)
     streamed = SimpleNamespace(train_batch_size=2, gradient_accumulation_steps=2, streaming=True)
+    streamed.aspect_ratio_buckets = False
     check_resume_topology(SimpleNamespace(**{**vars(streamed), "train_batch_size": 1}), folder, processes=2)
     with pytest.raises(InputError, match="streamed its rows split between 2 processes and this run has 1"):
         check_resume_topology(streamed, folder, processes=1)
+    check_resume_topology(SimpleNamespace(**{**vars(streamed), "aspect_ratio_buckets": True}), folder, processes=1)

@@ -437,9 +437,12 @@ def test_bucketed_cached_and_uncached_runs_end_alike_and_validate_at_the_bucket_
     assert Image.open(tmp_path / "cached" / "images_0.png").size == (2 * 96, 48)  # and the image generated for it
 
 
-def test_a_streamed_run_resumes_exactly_by_sample_position(tiny_sd, fill_data, tmp_path):
-    """--streaming: 10 rows per pass at batch 2 (5 steps per epoch); 7 steps straight == 3 steps, then resume to 7
-    (mid-epoch: the resumed run skips the rows already trained; steps 6-7 are the second, reshuffled pass)."""
-    common = dict(streaming=True, max_train_samples=10, validation_split=0, learning_rate=1e-3, random_flip=True)
-    first, _, _ = straight_and_resumed(tiny_sd, fill_data["imagefolder"], tmp_path, 7, 3, **common)
-    assert "10 per pass (streamed)" in first.stderr
+def test_a_bucketed_stream_resumes_exactly_by_sample_position(tiny_sd, mixed_data, tmp_path):
+    """--streaming with buckets: 16 rows per pass at batch 2 in 3 buckets, so an epoch is the (16 - 3) // 2 = 6
+    steps any pass fills; 7 steps straight == 3 steps, then resume to 7 (mid-epoch: the resumed run replays the
+    buffers to the rows already trained without decoding them; step 7 is the second, reshuffled pass)."""
+    common = dict(BUCKETS, max_buckets=3, streaming=True, max_train_samples=16, learning_rate=1e-3)
+    first, _, _ = straight_and_resumed(tiny_sd, mixed_data["imagefolder"], tmp_path, 7, 3, random_flip=True, **common)
+    summary = " ".join(first.stderr.split())
+    assert "16 per pass (streamed)" in summary and "buckets (streamed) : 3: 48x96, 64x64, 96x48" in summary
+    assert "batches per epoch (per process) : 6" in summary

@@ -220,22 +220,28 @@ def test_cached_and_uncached_runs_end_with_the_same_weights(straight, tiny_sd, f
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("streamed", [False, True], ids=["map", "stream"])
 def test_aspect_ratio_buckets_compile_once_per_shape_and_validate_at_the_bucket(
-    tiny_sd, mixed_data, tmp_path, flax_env
+    tiny_sd, mixed_data, tmp_path, flax_env, streamed
 ):
     """Non-square rows in buckets on 4 devices: one compiled step per bucket shape (logged), the bucket table in
     the summary, validation images at the wide control image's bucket. Which rows each step holds is the PyTorch
     trainers' (test_buckets); resuming skips whole steps of the same order as without buckets
     (test_resume_is_exact_and_the_same_seed_repeats_the_run); the posterior caches per bucket are the core's,
-    shared with the PyTorch trainers (test_train_controlnet.py -k bucketed_cached, test_encodings)."""
+    shared with the PyTorch trainers (test_train_controlnet.py -k bucketed_cached, test_encodings). A stream
+    (16 rows a pass in 3 buckets: an epoch is the (16 - 3 × 3) // 4 = 1 step any pass fills) finds each row's
+    bucket as it is read."""
     out = tmp_path / "out"
+    stream = dict(streaming=True, max_train_samples=16) if streamed else {}
     result = run(
         flax_args(
             tiny_sd,
             mixed_data["imagefolder"],
             out,
+            **stream,
             aspect_ratio_buckets=True,
             bucket_step=16,
+            max_buckets=3,  # the fixture's three ratios: fewer shapes to compile
             max_train_steps=4,
             cache_encodings="never",
             validation_prompt=[PROMPT],
@@ -244,7 +250,10 @@ def test_aspect_ratio_buckets_compile_once_per_shape_and_validate_at_the_bucket(
         ),
         flax_env,
     )
-    assert "bucket 48x96" in result.stderr and "bucket 96x48" in result.stderr, result.stderr[-3000:]
+    if streamed:
+        assert "buckets (streamed) : 3: 48x96, 64x64, 96x48" in " ".join(result.stderr.split()), result.stderr[-3000:]
+    else:
+        assert "bucket 48x96" in result.stderr and "bucket 96x48" in result.stderr, result.stderr[-3000:]
     assert "compiling the step for" in result.stderr
     assert sorted(read_scalars(out / "logs", "loss")) == [1, 2, 3, 4]
     assert np.abs(weights(out)["controlnet_mid_block.weight"]).max() > 1e-4  # it trained

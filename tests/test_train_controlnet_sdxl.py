@@ -146,18 +146,22 @@ def test_bucketed_cached_and_uncached_runs_end_with_the_same_weights(tiny_sdxl, 
 
 
 @pytest.mark.e2e
-def test_a_streamed_run_encodes_its_captions_at_every_step(tiny_sdxl, fill_data, tmp_path):
-    """A stream's captions are not known up front: the text encoders stay and encode each batch's captions."""
+def test_a_bucketed_stream_encodes_its_captions_at_every_step(tiny_sdxl, mixed_data, tmp_path):
+    """A stream's captions are not known up front: the text encoders stay and encode each batch's captions. Its
+    non-square rows find their buckets as they are read (each sample's time_ids: test_sdxl)."""
     out = tmp_path / "out"
     result = run_script(
         SCRIPT,
         xl_args(
             tiny_sdxl,
-            fill_data,
+            mixed_data,
             out,
             tmp_path / "cache",
             streaming=True,
-            max_train_samples=8,
+            max_train_samples=16,
+            aspect_ratio_buckets=True,
+            bucket_step=16,
+            max_buckets=3,
             validation_split=0,
             max_train_steps=5,
             learning_rate=1e-3,
@@ -165,6 +169,7 @@ def test_a_streamed_run_encodes_its_captions_at_every_step(tiny_sdxl, fill_data,
         ),
     )
     assert "encoded at every step (streamed captions)" in result.stderr and "caching text" not in result.stderr
+    assert "buckets (streamed)" in result.stderr
     assert sorted(read_scalars(out / "logs", "loss")) == [1, 2, 3, 4, 5]
     assert load_weights(out)["controlnet_mid_block.weight"].abs().max() > 1e-5
 

@@ -282,7 +282,8 @@ def check_resume_topology(args, resume_from: Path | None, processes: int, deepsp
             f"{saved_processes} processes and this run has {processes}: launch with --num_processes "
             f"{saved_processes} (ZeRO cannot re-partition them)"
         )
-    if args.streaming and saved_processes is not None and saved_processes != processes:
+    split = args.streaming and not args.aspect_ratio_buckets  # a bucketed stream is read whole by every process
+    if split and saved_processes is not None and saved_processes != processes:
         raise InputError(
             f"--resume_from_checkpoint {resume_from.name} streamed its rows split between {saved_processes} "
             f"processes and this run has {processes}: a stream's split depends on it; launch with "

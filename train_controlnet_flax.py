@@ -39,6 +39,7 @@ from controlnet_training.flax_training.step import (
 )
 from controlnet_training.flax_training.trackers import Trackers
 from controlnet_training.flax_training.validation import Validator
+from controlnet_training.objective import Objective
 from controlnet_training.step_plan import LoopSettings
 
 TAGS = [
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     tx = make_optimizer(AdamWSettings.from_args(args), args.max_grad_norm, schedule)
     state, global_step = initial_state(session, loaded, tx)
-    loss = make_loss(loaded.models, conditioning.encode, args.snr_gamma)
+    loss = make_loss(loaded.models, conditioning.encode, args.snr_gamma, Objective.from_args(args))
     train_step = make_train_step(loss, tx, schedule, devices.replicated)
 
     validator = None

@@ -271,6 +271,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGrou
         help="ControlNet and UNet in channels_last memory format (CUDA only; may help convolutions "
         "in eager mode, torch.compile chooses layouts itself).",
     )
+    from .objective import add_objective_args  # (objective.py imports InputError from here)
+
+    add_objective_args(parser)
     return group
 
 
@@ -354,6 +357,9 @@ def build_parser(description: str) -> Parser:
     add_checkpoint_args(parser)
     add_validation_args(parser)
     add_logging_args(parser)
+    from .export import add_export_args  # (export.py imports InputError from here)
+
+    add_export_args(parser)
     return parser
 
 
@@ -398,6 +404,9 @@ def check_args(args: argparse.Namespace) -> None:
         )
     check_geometry_args(args)
     check_streaming_args(args)
+    from .objective import check_objective_args
+
+    check_objective_args(args)
     if args.lr_scheduler not in LR_SCHEDULERS:
         raise InputError(f"--lr_scheduler {args.lr_scheduler} is not one of: {', '.join(LR_SCHEDULERS)}")
     if args.lr_scheduler == "polynomial" and args.learning_rate <= 1e-7:

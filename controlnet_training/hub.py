@@ -6,11 +6,13 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from .export import SINGLE_FILE, WeightsFile, weights_files
 from .validation import ValidationLog
 
 UPLOAD_PATTERNS = [
     "config.json",
     "diffusion_pytorch_model.safetensors",
+    SINGLE_FILE,
     "README.md",
     "images_*.png",
     "image_control_*.png",
@@ -44,6 +46,39 @@ def control_section(heldout_loss: float, control_gain: float, heldout_rows: int,
     )
 
 
+TORCH_DTYPES = {"fp32": "torch.float32", "fp16": "torch.float16", "bf16": "torch.bfloat16"}
+LOADS_WITH = {
+    "diffusers": "diffusers `ControlNetModel.from_pretrained`",
+    "single_file": "ComfyUI, AUTOMATIC1111 sd-webui-controlnet, diffusers `from_single_file` (SD 1.x/2.x)",
+}
+
+
+def _loading_snippet(row: WeightsFile, repo_id: str) -> str:
+    torch_dtype = TORCH_DTYPES.get(row.dtype, "torch.float32")
+    if row.loads_with == "diffusers":
+        return (
+            f"\n{row.path} (diffusers):\n\n```python\nimport torch\nfrom diffusers import ControlNetModel\n\n"
+            f'controlnet = ControlNetModel.from_pretrained("{repo_id}", torch_dtype={torch_dtype})\n```\n'
+        )
+    return (
+        f"\n{row.path} (one file, original ControlNet layout):\n\n"
+        f"- ComfyUI: copy it to `ComfyUI/models/controlnet/` and pick it in the **Load ControlNet Model** node.\n"
+        f"- AUTOMATIC1111: copy it to `stable-diffusion-webui/extensions/sd-webui-controlnet/models/` (or "
+        f"`stable-diffusion-webui/models/ControlNet/`) and choose it in the ControlNet panel.\n"
+    )
+
+
+def weights_section(output_dir: str | Path, repo_id: str) -> str:
+    """A markdown section for the model card: every weights file now in output_dir (file, layout, dtype, what
+    loads it) and how to load each; empty when there is none."""
+    rows = weights_files(output_dir)
+    if not rows:
+        return ""
+    table = "| file | layout | dtype | loads with |\n|---|---|---|---|\n"
+    table += "".join(f"| `{r.path}` | {r.layout} | {r.dtype} | {LOADS_WITH[r.loads_with]} |\n" for r in rows)
+    return "\n## Weights files\n\n" + table + "".join(_loading_snippet(r, repo_id) for r in rows)
+
+
 def write_model_card(
     output_dir: str | Path,
     repo_id: str,
@@ -66,6 +101,7 @@ def write_model_card(
         description += "\nValidation images (control image first, then the generated images):\n"
         for i, log in enumerate(logs):
             description += f"\nprompt: {log.prompt}\n![images_{i}](./images_{i}.png)\n"
+    description += weights_section(output_dir, repo_id)
     description += extra
     if from_hub:  # keeps an existing card of the repo, else renders diffusers' training template
         card = load_or_create_model_card(

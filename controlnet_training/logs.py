@@ -95,6 +95,7 @@ class Progress:
 def report_outputs(output_dir: str | Path, logging_dir: str | Path, peak_memory_bytes: int | None = None) -> str:
     output_dir = Path(output_dir)
     from .checkpoints import list_checkpoints
+    from .export import SINGLE_FILE
 
     checkpoints = [path.name for _, path in list_checkpoints(output_dir)]
     lines = [
@@ -102,6 +103,8 @@ def report_outputs(output_dir: str | Path, logging_dir: str | Path, peak_memory_
         f"checkpoints  : {output_dir}/{{{','.join(checkpoints)}}}" if checkpoints else "checkpoints  : none",
         f"tracker logs : {logging_dir}",
     ]
+    if (output_dir / SINGLE_FILE).exists():
+        lines.insert(1, f"single file  : {output_dir / SINGLE_FILE} (original ControlNet layout)")
     images = sorted(output_dir.glob("images_*.png"))
     if images:
         lines.append(f"validation   : {', '.join(str(p) for p in images)}")

@@ -102,6 +102,12 @@ OUR_DEFAULTS = {
     "torch_compile": False,
     "channels_last": False,
     "max_consecutive_nonfinite_steps": 3,
+    "loss_type": "l2",
+    "noise_offset": 0.0,
+    "input_perturbation": 0.0,
+    "timestep_bias_strategy": "none",
+    "save_dtype": "fp32",
+    "export_single_file": False,
 }
 
 
@@ -130,7 +136,21 @@ GEOMETRY_FLAGS = {
     "random_flip",
     "conditioning_interpolation",
 }
-OUR_FLAGS |= GEOMETRY_FLAGS
+OBJECTIVE_FLAGS = {
+    "noise_offset",
+    "input_perturbation",
+    "loss_type",
+    "huber_schedule",
+    "huber_c",
+    "timestep_bias_strategy",
+    "timestep_bias_multiplier",
+    "timestep_bias_portion",
+    "timestep_bias_begin",
+    "timestep_bias_end",
+}
+EXPORT_FLAGS = {"save_dtype", "export_single_file"}
+SHARED_FLAGS = GEOMETRY_FLAGS | OBJECTIVE_FLAGS | EXPORT_FLAGS  # ours, in all three trainers
+OUR_FLAGS |= SHARED_FLAGS
 
 
 def test_every_reference_flag_plus_ours():

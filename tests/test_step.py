@@ -137,3 +137,8 @@ def test_step_settings_from_the_parsed_flags():
         "--pretrained_model_name_or_path m --train_data_dir d --snr_gamma 5 --max_grad_norm 0.5".split(),
     )
     assert StepSettings.from_args(args) == StepSettings(snr_gamma=5.0, max_grad_norm=0.5, set_grads_to_none=False)
+    flags = "--loss_type smooth_l1 --huber_c 0.2 --noise_offset 0.1 --timestep_bias_strategy later"
+    args = parse_args(build_parser("t"), f"--pretrained_model_name_or_path m --train_data_dir d {flags}".split())
+    objective = StepSettings.from_args(args).objective
+    assert (objective.loss_type, objective.huber_c, objective.noise_offset) == ("smooth_l1", 0.2, 0.1)
+    assert objective.timestep_bias_strategy == "later" and objective.input_perturbation == 0.0

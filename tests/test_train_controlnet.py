@@ -81,6 +81,8 @@ def test_resume_is_exact(tiny_sd, fill_data, tmp_path, accumulation, eight_bit):
     12 rows at batch 2 (or 1 × accumulation 2) put step 4 in the middle of the first epoch, so the resumed run
     must skip the batches it has already seen, and steps 7-8 run in the second epoch. bitsandbytes' 8-bit AdamW
     runs on the CPU: its quantised state (uint8 moments and their scales) is checkpointed and restored exactly.
+    The accumulation case also trains with every objective option (Huber loss on a schedule, noise offset, input
+    perturbation, biased timesteps), each drawn per row.
     """
     batch = 2 // accumulation
     # One case with the encodings cached, one encoding at every step (auto would cache only the 8-step runs).
@@ -92,8 +94,19 @@ def test_resume_is_exact(tiny_sd, fill_data, tmp_path, accumulation, eight_bit):
         cache_encodings="always" if accumulation == 1 else "never",
         use_8bit_adam=eight_bit,
     )
+    if accumulation == 2:
+        common.update(
+            loss_type="huber",
+            noise_offset=0.05,
+            input_perturbation=0.1,
+            timestep_bias_strategy="later",
+            timestep_bias_multiplier=2.0,
+        )
     straight, split = tmp_path / "straight", tmp_path / "split"
-    run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], straight, max_train_steps=8, **common))
+    result = run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], straight, max_train_steps=8, **common))
+    if accumulation == 2:
+        expected = "huber (c 0.1, snr schedule), noise offset 0.05, input perturbation 0.1, timesteps biased later x2"
+        assert expected in result.stderr
     run_script(
         SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], split, max_train_steps=4, checkpointing_steps=4, **common)
     )
@@ -211,10 +224,29 @@ def test_output_loads_in_diffusers_pipeline_and_finetunes(tiny_sd, fill_data, tm
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
     from PIL import Image
 
-    first = tmp_path / "first"
-    run_script(SCRIPT, base_args(tiny_sd, fill_data["parquet"], first, max_train_steps=2))
+    first = tmp_path / "first"  # final weights in fp16, and the original-layout single file beside them
+    run_script(
+        SCRIPT,
+        base_args(
+            tiny_sd,
+            fill_data["parquet"],
+            first,
+            max_train_steps=2,
+            checkpointing_steps=2,
+            save_dtype="fp16",
+            export_single_file=True,
+        ),
+    )
     assert json.loads((first / "config.json").read_text())["_class_name"] == "ControlNetModel"
-    controlnet = ControlNetModel.from_pretrained(first)
+    assert {t.dtype for t in load_weights(first).values()} == {torch.float16}
+    checkpoint = load_weights(first / "checkpoint-2" / "controlnet")  # checkpoints keep full precision
+    assert {t.dtype for t in checkpoint.values()} == {torch.float32}
+    assert all(torch.equal(t.half(), load_weights(first)[k]) for k, t in checkpoint.items())
+    single = ControlNetModel.from_single_file(str(first / "controlnet.safetensors"), config=str(first))
+    assert all(torch.equal(t.half().float(), single.state_dict()[k].float()) for k, t in checkpoint.items())
+    card = (first / "README.md").read_text()
+    assert "| `controlnet.safetensors` | original ControlNet (control_model.*) | fp16 |" in card
+    controlnet = ControlNetModel.from_pretrained(first)  # read as float32
     pipeline = StableDiffusionControlNetPipeline.from_pretrained(tiny_sd, controlnet=controlnet, safety_checker=None)
     control = Image.open(fill_data["validation"] / "control_0.png")
     image = pipeline(
@@ -228,7 +260,8 @@ def test_output_loads_in_diffusers_pipeline_and_finetunes(tiny_sd, fill_data, tm
     )
     before, after = load_weights(first), load_weights(second)
     assert before.keys() == after.keys()
-    assert any(not torch.equal(before[k], after[k]) for k in before), "fine-tuning did not change the weights"
+    changed = [k for k in before if not torch.equal(before[k], after[k].half())]  # the first run saved fp16
+    assert changed, "fine-tuning did not change the weights"
 
 
 @pytest.mark.parametrize(

@@ -79,6 +79,7 @@ def straight(tiny_sd, fill_data, tmp_path_factory, flax_env) -> tuple[Path, subp
             validation_steps=3,
             validation_prompt=[PROMPT],
             validation_image=[fill_data["validation"] / "control_0.png"],
+            export_single_file=True,  # beside the fp32 diffusers weights, which the other tests compare
         ),
         flax_env,
     )
@@ -156,6 +157,16 @@ def test_export_loads_in_pytorch_and_matches_flax(straight):
         got = np.asarray(flax_out).transpose(0, 3, 1, 2)  # our residuals are NHWC
         assert np.abs(got - expected).max() <= 1e-4
     assert max(np.abs(t.numpy()).max() for _, t in pairs) > 1e-2  # trained: the residuals are not ~0
+
+    # --export_single_file: the same tensors under the original names, read back by diffusers' single-file loader
+    from controlnet_training.export import file_dtype, read_weights, to_original_layout
+
+    assert file_dtype(out / "controlnet.safetensors") == "fp32"
+    assert same(read_weights(out / "controlnet.safetensors"), to_original_layout(weights(out), load_config(out)))
+    single = TorchControlNet.from_single_file(str(out / "controlnet.safetensors"), config=str(out))
+    assert all(torch.equal(t, single.state_dict()[k]) for k, t in torch_model.state_dict().items())
+    card = (out / "README.md").read_text()
+    assert "| `controlnet.safetensors` | original ControlNet (control_model.*) | fp32 |" in card
 
 
 @pytest.mark.e2e
@@ -324,7 +335,8 @@ def test_accumulation_matches_larger_batch(straight, tiny_sd, fill_data, tmp_pat
 @pytest.mark.e2e
 def test_streaming_bf16_remat_schedule_and_exact_resume(tiny_sd, fill_data, tmp_path, flax_env):
     """--streaming (12 rows per pass: 3 steps per epoch), bf16 compute with float32 master weights, remat, a
-    linear schedule with warmup. Resuming from the step-2 checkpoint (mid-epoch: the stream is skipped to row 8)
+    linear schedule with warmup, and every objective option (smooth-L1 loss on a schedule, noise offset, input
+    perturbation, biased timesteps). Resuming from the step-2 checkpoint (mid-epoch: the stream is skipped to row 8)
     in another folder ends with the straight run's weights and losses."""
     import shutil
 
@@ -337,9 +349,18 @@ def test_streaming_bf16_remat_schedule_and_exact_resume(tiny_sd, fill_data, tmp_
         lr_warmup_steps=1,
         learning_rate=1e-4,
         max_train_steps=4,
+        loss_type="smooth_l1",
+        huber_schedule="exponential",
+        noise_offset=0.05,
+        input_perturbation=0.1,
+        timestep_bias_strategy="range",
+        timestep_bias_begin=500,
+        timestep_bias_multiplier=3.0,
     )
     straight_out, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run(flax_args(tiny_sd, fill_data["parquet"], straight_out, checkpointing_steps=2, **common), flax_env)
+    result = run(flax_args(tiny_sd, fill_data["parquet"], straight_out, checkpointing_steps=2, **common), flax_env)
+    expected = "smooth_l1 (c 0.1, exponential schedule), noise offset 0.05, input perturbation 0.1, timesteps biased"
+    assert expected in result.stderr
     shutil.copytree(straight_out / "checkpoint-2", tmp_path / "kept")
     run(flax_args(tiny_sd, fill_data["parquet"], resumed, resume_from_checkpoint=tmp_path / "kept", **common), flax_env)
     a = weights(straight_out)
@@ -453,13 +474,13 @@ REFERENCE_FLAX_DEFAULTS = {
 
 
 def test_every_reference_flax_flag_with_its_default():
-    from test_arguments import GEOMETRY_FLAGS  # the shared aspect-ratio bucket and augmentation flags
+    from test_arguments import SHARED_FLAGS  # buckets, augmentation, objective: ours, in every trainer
 
     from controlnet_training.flax_training.args import build_parser
 
     parser = build_parser("test")
     assert len(REFERENCE_FLAX_FLAGS) == 52  # the spec's 53 counts --help
-    assert {a.dest for a in parser._actions if a.dest != "help"} == REFERENCE_FLAX_FLAGS | ADDED_FLAGS | GEOMETRY_FLAGS
+    assert {a.dest for a in parser._actions if a.dest != "help"} == REFERENCE_FLAX_FLAGS | ADDED_FLAGS | SHARED_FLAGS
     args = parser.parse_args(["--pretrained_model_name_or_path", "m", "--dataset_name", "d"])
     for name, value in REFERENCE_FLAX_DEFAULTS.items():
         assert getattr(args, name) == value, name

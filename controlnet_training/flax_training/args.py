@@ -19,6 +19,7 @@ from ..arguments import (
 )
 from ..arguments import parse_args as parse_checked  # the shared parse-then-check, with the Flax checks
 from ..data import is_saved_to_disk
+from ..export import add_export_args
 
 # Shared flags that only make sense with PyTorch/accelerate (or need the PyTorch control signal).
 PYTORCH_ONLY = (
@@ -128,6 +129,7 @@ def build_parser(description: str) -> Parser:
         help="Several hosts (a TPU pod slice, a GPU cluster): call jax.distributed.initialize(). "
         "Implied when JAX_COORDINATOR_ADDRESS is set.",
     )
+    add_export_args(parser)
     remove_flags(parser, PYTORCH_ONLY)
     parser.set_defaults(**FLAX_DEFAULTS)
     for action in parser._actions:

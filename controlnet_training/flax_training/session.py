@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 
-from .. import hub
+from .. import export, hub
 from ..arguments import InputError, exit_on_input_error
 from ..checkpoints import save_final
 from ..data import (
@@ -29,6 +29,7 @@ from ..data import (
 )
 from ..encodings import Workers, cache_root, wants_cache
 from ..logs import report_outputs, run_summary, setup_logging
+from ..objective import Objective
 from ..preflight import SD_MODEL_FILES, Preflight, run_preflight
 from ..step_plan import StepPlan, plan_steps
 from ..validation import save_images
@@ -215,6 +216,7 @@ def log_summary(session: Session, global_step: int, encodings: Encodings | None)
                 ("mixed precision", args.mixed_precision),
                 ("gradient checkpointing", args.gradient_checkpointing),
                 ("min-SNR gamma", args.snr_gamma),
+                ("loss", Objective.from_args(args).summary()),
                 ("cached encodings", encodings.texts.path.parent if encodings else "no (encoded at every step)"),
                 ("seed", session.preflight.seed),
                 (
@@ -257,10 +259,12 @@ def finish_session(
     args = session.args
     barrier("finish")
     if session.is_main_process:  # through a hidden folder; a full disk ends the run with one line
-        save_final(
+        save_final(  # the fp32 diffusers folder, then --save_dtype and --export_single_file (export.py)
             args.output_dir,
-            lambda folder: export_controlnet(folder, state.params, loaded.controlnet_config),
-            expected_bytes=sum(leaf.nbytes for leaf in jax.tree.leaves(state.params)),
+            export.final_exports(
+                lambda folder: export_controlnet(folder, state.params, loaded.controlnet_config), args
+            ),
+            expected_bytes=export.final_bytes(sum(leaf.nbytes for leaf in jax.tree.leaves(state.params)), args),
         )
     logs = []
     if validator is not None:

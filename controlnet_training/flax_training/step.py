@@ -24,6 +24,7 @@ from flax import struct
 from ..arguments import AdamWSettings
 from ..flax_models.schedule import NoiseSchedule, add_noise, min_snr_weights, prediction_target, snr
 from ..flax_models.vae import AutoencoderKL
+from ..objective import Objective
 
 TRAIN_STREAM, INIT_STREAM, VALIDATION_STREAM = 0, 1, 2  # independent key streams of one seed
 POLYNOMIAL_LR_END = 1e-7  # diffusers' polynomial schedule decays to this
@@ -123,49 +124,97 @@ def make_optimizer(
     )
 
 
+OFFSET_DRAW, PERTURBATION_DRAW = 1, 2  # keys folded into a row's key for the optional draws
+
+
 def row_draws(
-    key: jax.Array, epoch: jax.Array, rows: jax.Array, latent_shape: tuple[int, ...], num_train_timesteps: int
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(posterior noise, diffusion noise, timestep) of each row, from the row's own key."""
+    key: jax.Array,
+    epoch: jax.Array,
+    rows: jax.Array,
+    latent_shape: tuple[int, ...],
+    num_train_timesteps: int,
+    timestep_weights: np.ndarray | None = None,
+    offset: bool = False,
+    perturbation: bool = False,
+) -> tuple[jax.Array, ...]:
+    """(posterior noise, diffusion noise, timestep, offset or None, perturbation or None) of each row, from the
+    row's own key; timesteps from `timestep_weights` when given, else uniform. The optional draws come from keys of
+    their own, so runs without them keep their draws."""
 
     def draw(row):
-        posterior_key, noise_key, timestep_key = jax.random.split(
-            jax.random.fold_in(jax.random.fold_in(key, epoch), row), 3
-        )
+        row_key = jax.random.fold_in(jax.random.fold_in(key, epoch), row)
+        posterior_key, noise_key, timestep_key = jax.random.split(row_key, 3)
+        if timestep_weights is None:
+            timestep = jax.random.randint(timestep_key, (), 0, num_train_timesteps)
+        else:
+            timestep = jax.random.choice(timestep_key, num_train_timesteps, p=jnp.asarray(timestep_weights))
         return (
             jax.random.normal(posterior_key, latent_shape),
             jax.random.normal(noise_key, latent_shape),
-            jax.random.randint(timestep_key, (), 0, num_train_timesteps),
+            timestep,
+            jax.random.normal(jax.random.fold_in(row_key, OFFSET_DRAW), (latent_shape[0], 1, 1)) if offset else None,
+            jax.random.normal(jax.random.fold_in(row_key, PERTURBATION_DRAW), latent_shape) if perturbation else None,
         )
 
     return jax.vmap(draw)(rows)
 
 
+def element_loss(pred: jax.Array, target: jax.Array, loss_type: str, huber_c: jax.Array | None) -> jax.Array:
+    """The per-element loss in float32; `huber_c` is one c per sample (huber, smooth_l1)."""
+    difference = pred.astype(jnp.float32) - target.astype(jnp.float32)
+    if loss_type == "l2":
+        return jnp.square(difference)
+    c = huber_c.astype(jnp.float32).reshape((-1,) + (1,) * (difference.ndim - 1))
+    pseudo_huber = jnp.square(difference) / (jnp.sqrt(jnp.square(difference) + jnp.square(c)) + c)  # sqrt(d²+c²) - c
+    return 2 * c * pseudo_huber if loss_type == "huber" else 2 * pseudo_huber
+
+
 def diffusion_loss(
-    pred: jax.Array, target: jax.Array, timesteps: jax.Array, schedule: NoiseSchedule, snr_gamma: float | None
+    pred: jax.Array,
+    target: jax.Array,
+    timesteps: jax.Array,
+    schedule: NoiseSchedule,
+    snr_gamma: float | None,
+    loss_type: str = "l2",
+    huber_c: jax.Array | None = None,
 ) -> jax.Array:
-    """Mean squared error in float32; with `snr_gamma`, each sample's C,H,W-mean error is weighted by its Min-SNR
-    weight before the batch mean (the reference broadcast the weights along the latent width instead)."""
-    per_sample = jnp.mean(
-        jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)), axis=tuple(range(1, pred.ndim))
-    )
+    """The loss in float32; with `snr_gamma`, each sample's C,H,W-mean loss is weighted by its Min-SNR weight
+    before the batch mean (the reference broadcast the weights along the latent width instead)."""
+    per_sample = jnp.mean(element_loss(pred, target, loss_type, huber_c), axis=tuple(range(1, pred.ndim)))
     if snr_gamma is None:
         return jnp.mean(per_sample)
     weights = min_snr_weights(snr(schedule, timesteps), snr_gamma, schedule.prediction_type)
     return jnp.mean(per_sample * weights)
 
 
-def make_loss(models: Models, encode: Encode, snr_gamma: float | None) -> Callable:
+def make_loss(models: Models, encode: Encode, snr_gamma: float | None, objective: Objective = Objective()) -> Callable:
+    """The loss of a micro-batch under the objective's options (objective.py), as the PyTorch trainers'
+    torch_training/loss.py Denoising: the offset is part of the noise and the target, the perturbation only of the
+    input."""
     schedule = models.schedule
+    timestep_weights = objective.timestep_weights(schedule.num_train_timesteps)
+    huber_table = None
+    if objective.loss_type != "l2":
+        huber_table = objective.huber_c_table(np.asarray(schedule.alphas_cumprod))
 
     def loss_fn(params: dict, frozen: dict, micro: dict, epoch: jax.Array, seed: jax.Array) -> jax.Array:
         key = jax.random.fold_in(jax.random.key(seed), TRAIN_STREAM)
         mean, std, hidden = encode(frozen, micro)
-        posterior_noise, noise, timesteps = row_draws(
-            key, epoch, micro["index"], mean.shape[1:], schedule.num_train_timesteps
+        posterior_noise, noise, timesteps, offset, perturbation = row_draws(
+            key,
+            epoch,
+            micro["index"],
+            mean.shape[1:],
+            schedule.num_train_timesteps,
+            timestep_weights,
+            offset=objective.noise_offset > 0,
+            perturbation=objective.input_perturbation > 0,
         )
         latents = mean + std * posterior_noise  # a sample of the VAE posterior, as the reference
-        noisy = add_noise(schedule, latents, noise, timesteps)
+        if offset is not None:
+            noise = noise + objective.noise_offset * offset
+        input_noise = noise if perturbation is None else noise + objective.input_perturbation * perturbation
+        noisy = add_noise(schedule, latents, input_noise, timesteps)
         down, mid = models.controlnet.apply(params, noisy, timesteps, hidden, micro["conditioning_pixel_values"])
         dtype = models.unet.dtype
         pred = models.unet.apply(
@@ -176,9 +225,9 @@ def make_loss(models: Models, encode: Encode, snr_gamma: float | None) -> Callab
             down_block_additional_residuals=tuple(r.astype(dtype) for r in down),
             mid_block_additional_residual=mid.astype(dtype),
         )
-        return diffusion_loss(
-            pred, prediction_target(schedule, latents, noise, timesteps), timesteps, schedule, snr_gamma
-        )
+        huber_c = None if huber_table is None else jnp.asarray(huber_table)[timesteps]
+        target = prediction_target(schedule, latents, noise, timesteps)
+        return diffusion_loss(pred, target, timesteps, schedule, snr_gamma, objective.loss_type, huber_c)
 
     return loss_fn
 

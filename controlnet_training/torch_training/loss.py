@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
 from ..arguments import InputError
+from ..objective import Objective
 
 
 def stream_seed(*keys: int) -> int:
@@ -19,6 +21,14 @@ def stream_seed(*keys: int) -> int:
     return value
 
 
+class RowDraws(NamedTuple):
+    posterior_noise: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    offset: torch.Tensor | None = None  # (B, C, 1, 1): --noise_offset's per-channel constants
+    perturbation: torch.Tensor | None = None  # --input_perturbation's extra noise
+
+
 def sample_draws(
     seed: int,
     epoch: int,
@@ -26,20 +36,42 @@ def sample_draws(
     latent_shape: Sequence[int],
     num_train_timesteps: int,
     device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(posterior noise, diffusion noise, timesteps) for each row, each drawn from its own (seed, epoch, row) stream.
+    timestep_weights: torch.Tensor | None = None,
+    offset: bool = False,
+    perturbation: bool = False,
+) -> RowDraws:
+    """(posterior noise, diffusion noise, timesteps[, offset, perturbation]) for each row, each drawn from its own
+    (seed, epoch, row) stream; timesteps from `timestep_weights` when given, else uniform.
 
     Keying the draws by row rather than by step makes them independent of batch size, gradient accumulation,
-    the number of processes and resumption: the same row in the same epoch always gets the same noise.
+    the number of processes and resumption: the same row in the same epoch always gets the same noise. The
+    optional draws come last, so runs without them keep their draws.
     """
-    posterior_noise, noise, timesteps = [], [], []
+    rows = []
     generator = torch.Generator(device=device)
     for index in indices:
         generator.manual_seed(stream_seed(seed, epoch, index))
-        posterior_noise.append(torch.randn(tuple(latent_shape), generator=generator, device=device))
-        noise.append(torch.randn(tuple(latent_shape), generator=generator, device=device))
-        timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=generator, device=device))
-    return torch.stack(posterior_noise), torch.stack(noise), torch.cat(timesteps)
+        row = [
+            torch.randn(tuple(latent_shape), generator=generator, device=device),
+            torch.randn(tuple(latent_shape), generator=generator, device=device),
+            torch.randint(0, num_train_timesteps, (1,), generator=generator, device=device)
+            if timestep_weights is None
+            else torch.multinomial(timestep_weights, 1, generator=generator),
+        ]
+        if offset:
+            row.append(torch.randn((latent_shape[0], 1, 1), generator=generator, device=device))
+        if perturbation:
+            row.append(torch.randn(tuple(latent_shape), generator=generator, device=device))
+        rows.append(row)
+    columns = [torch.stack(column) if k != 2 else torch.cat(column) for k, column in enumerate(zip(*rows, strict=True))]
+    posterior_noise, noise, timesteps, *optional = columns
+    return RowDraws(
+        posterior_noise,
+        noise,
+        timesteps,
+        optional.pop(0) if offset else None,
+        optional.pop(0) if perturbation else None,
+    )
 
 
 def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -67,12 +99,75 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> to
     return snr.clamp(max=gamma)
 
 
+def element_loss(model_pred: torch.Tensor, target: torch.Tensor, loss_type: str, huber_c: torch.Tensor | None):
+    """The per-element loss in fp32; `huber_c` is one c per sample (huber, smooth_l1)."""
+    difference = model_pred.float() - target.float()
+    if loss_type == "l2":
+        return difference.square()
+    c = huber_c.float().view(-1, *([1] * (difference.ndim - 1)))
+    squared = difference.square()
+    pseudo_huber = squared / (torch.sqrt(squared + c.square()) + c)  # sqrt(d² + c²) - c without cancellation
+    return 2 * c * pseudo_huber if loss_type == "huber" else 2 * pseudo_huber
+
+
 def diffusion_loss(
-    model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, scheduler, snr_gamma: float | None
+    model_pred: torch.Tensor,
+    target: torch.Tensor,
+    timesteps: torch.Tensor,
+    scheduler,
+    snr_gamma: float | None,
+    loss_type: str = "l2",
+    huber_c: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean squared error in fp32; with `snr_gamma` each sample's C,H,W-mean error is weighted before the batch mean."""
-    if snr_gamma is None:
+    """The loss in fp32; with `snr_gamma` each sample's C,H,W-mean loss is weighted before the batch mean.
+    `huber_c`: c of each sample (huber, smooth_l1)."""
+    if snr_gamma is None and loss_type == "l2":
         return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    per_sample = element_loss(model_pred, target, loss_type, huber_c).mean(dim=tuple(range(1, model_pred.ndim)))
+    if snr_gamma is None:
+        return per_sample.mean()
     weights = min_snr_weights(compute_snr(scheduler, timesteps), snr_gamma, scheduler.config.prediction_type)
     return (per_sample * weights).mean()
+
+
+class Denoising:
+    """The noise, inputs, target and loss of a step under the objective's options (objective.py) and Min-SNR."""
+
+    def __init__(self, scheduler, objective: Objective, snr_gamma: float | None, device: torch.device):
+        self.scheduler, self.objective, self.snr_gamma = scheduler, objective, snr_gamma
+        weights = objective.timestep_weights(scheduler.config.num_train_timesteps)
+        self.timestep_weights = None if weights is None else torch.tensor(weights, dtype=torch.float32, device=device)
+        self.huber_c = None
+        if objective.loss_type != "l2":
+            self.huber_c = torch.tensor(objective.huber_c_table(scheduler.alphas_cumprod.numpy()), device=device)
+
+    def draws(self, seed: int, epoch: int, indices: Sequence[int], latent_shape, device) -> RowDraws:
+        return sample_draws(
+            seed,
+            epoch,
+            indices,
+            latent_shape,
+            self.scheduler.config.num_train_timesteps,
+            device,
+            timestep_weights=self.timestep_weights,
+            offset=self.objective.noise_offset > 0,
+            perturbation=self.objective.input_perturbation > 0,
+        )
+
+    def noisy_and_target(self, latents: torch.Tensor, draws: RowDraws) -> tuple[torch.Tensor, torch.Tensor]:
+        """The noised latents the models see, and what they must predict. The offset is part of the noise (and so
+        of the target); the perturbation only of the input, so the target keeps the unperturbed noise."""
+        noise, timesteps = draws.noise, draws.timesteps.to(latents.device)
+        if draws.offset is not None:
+            noise = noise + self.objective.noise_offset * draws.offset
+        input_noise = noise
+        if draws.perturbation is not None:
+            input_noise = noise + self.objective.input_perturbation * draws.perturbation
+        noisy = self.scheduler.add_noise(latents, input_noise, timesteps)
+        return noisy, prediction_target(self.scheduler, latents, noise, timesteps)
+
+    def loss(self, model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        huber_c = None if self.huber_c is None else self.huber_c[timesteps.to(self.huber_c.device)]
+        return diffusion_loss(
+            model_pred, target, timesteps, self.scheduler, self.snr_gamma, self.objective.loss_type, huber_c
+        )

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .. import hub, validation
+from .. import export, hub, validation
 from ..arguments import AdamWSettings, InputError, exit_on_input_error
 from ..checkpoints import read_state, save_final
 from ..control_signal import plot_metrics
@@ -32,6 +32,7 @@ from ..data import (
 )
 from ..encodings import Workers, wants_cache
 from ..logs import logger, report_outputs, run_summary, setup_logging, tracker_config
+from ..objective import Objective
 from ..preflight import Preflight, Processes, run_preflight
 from ..step_plan import LoopSettings, StepPlan, effective_batch, plan_steps
 from .conditioning import Conditioning
@@ -389,6 +390,7 @@ def prepare_training(session: Session, controlnet, transform: PairedTransform, c
                 ("mixed precision", f"{accelerator.mixed_precision} (frozen models in {session.weight_dtype})"),
                 ("gradient checkpointing", args.gradient_checkpointing),
                 ("min-SNR gamma", args.snr_gamma),
+                ("loss", Objective.from_args(args).summary()),
                 ("seed", preflight.seed),
                 *conditioning.summary,
                 ("resuming from", f"{preflight.resume_from} (step {global_step})" if preflight.resume_from else "no"),
@@ -446,10 +448,10 @@ def finish_session(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:  # through a hidden folder; a full disk ends the run with one line
         controlnet = accelerator.unwrap_model(training.controlnet)
-        save_final(
+        save_final(  # the fp32 diffusers folder, then --save_dtype and --export_single_file (export.py)
             args.output_dir,
-            controlnet.save_pretrained,
-            expected_bytes=sum(p.numel() * p.element_size() for p in controlnet.parameters()),
+            export.final_exports(controlnet.save_pretrained, args),
+            expected_bytes=export.final_bytes(sum(p.numel() * p.element_size() for p in controlnet.parameters()), args),
         )
     signal = validator(global_step, True, loop.train_loss_since_validation()) if validator is not None else None
     if accelerator.is_main_process:

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from .loss import diffusion_loss, prediction_target, sample_draws
+from ..objective import Objective
+from .loss import Denoising
 from .models import controlled_prediction
 
 # encode(batch) -> (posterior mean, posterior std, encoder_hidden_states, added_cond_kwargs); latents are in the
@@ -24,13 +25,19 @@ Encode = Callable[[dict], tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict |
 
 @dataclass(frozen=True)
 class StepSettings:
-    snr_gamma: float | None = None  # Min-SNR weighting (None: plain MSE)
+    snr_gamma: float | None = None  # Min-SNR weighting (None: unweighted)
     max_grad_norm: float = 1.0
     set_grads_to_none: bool = True
+    objective: Objective = field(default_factory=Objective)  # noise offset, loss type, timestep bias, ...
 
     @classmethod
     def from_args(cls, args) -> StepSettings:
-        return cls(snr_gamma=args.snr_gamma, max_grad_norm=args.max_grad_norm, set_grads_to_none=args.set_grads_to_none)
+        return cls(
+            snr_gamma=args.snr_gamma,
+            max_grad_norm=args.max_grad_norm,
+            set_grads_to_none=args.set_grads_to_none,
+            objective=Objective.from_args(args),
+        )
 
 
 @dataclass
@@ -50,31 +57,26 @@ class TrainStep:
 
     def __post_init__(self):
         self.params = [p for p in self.controlnet.parameters() if p.requires_grad]
+        self.denoising = Denoising(
+            self.noise_scheduler, self.settings.objective, self.settings.snr_gamma, self.accelerator.device
+        )
 
     def loss(self, batch: dict, epoch: int) -> torch.Tensor:
         mean, std, encoder_hidden_states, added_cond_kwargs = self.encode(batch)
-        posterior_noise, noise, timesteps = sample_draws(
-            self.seed,
-            epoch,
-            batch["index"],
-            mean.shape[1:],
-            self.noise_scheduler.config.num_train_timesteps,
-            mean.device,
-        )
-        latents = mean.float() + std.float() * posterior_noise  # a sample of the VAE posterior, as the reference
-        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps).to(self.weight_dtype)
+        draws = self.denoising.draws(self.seed, epoch, batch["index"], mean.shape[1:], mean.device)
+        latents = mean.float() + std.float() * draws.posterior_noise  # a sample of the VAE posterior
+        noisy_latents, target = self.denoising.noisy_and_target(latents, draws)
         model_pred = controlled_prediction(
             self.controlnet,
             self.unet,
-            noisy_latents,
-            timesteps,
+            noisy_latents.to(self.weight_dtype),
+            draws.timesteps,
             encoder_hidden_states,
             batch["conditioning_pixel_values"],
             added_cond_kwargs,
             self.weight_dtype,
         )
-        target = prediction_target(self.noise_scheduler, latents, noise, timesteps)
-        return diffusion_loss(model_pred, target, timesteps, self.noise_scheduler, self.settings.snr_gamma)
+        return self.denoising.loss(model_pred, target, draws.timesteps)
 
     def __call__(self, batch: dict, epoch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forward, backward and, at the end of an accumulation group, gradient clipping, the optimizer and

@@ -357,8 +357,10 @@ def build_parser(description: str) -> Parser:
     add_checkpoint_args(parser)
     add_validation_args(parser)
     add_logging_args(parser)
-    from .export import add_export_args  # (export.py imports InputError from here)
+    from .ema import add_ema_args  # (ema.py and export.py import InputError from here)
+    from .export import add_export_args
 
+    add_ema_args(parser)
     add_export_args(parser)
     return parser
 
@@ -404,9 +406,11 @@ def check_args(args: argparse.Namespace) -> None:
         )
     check_geometry_args(args)
     check_streaming_args(args)
+    from .ema import check_ema_args
     from .objective import check_objective_args
 
     check_objective_args(args)
+    check_ema_args(args)
     if args.lr_scheduler not in LR_SCHEDULERS:
         raise InputError(f"--lr_scheduler {args.lr_scheduler} is not one of: {', '.join(LR_SCHEDULERS)}")
     if args.lr_scheduler == "polynomial" and args.learning_rate <= 1e-7:

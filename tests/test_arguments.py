@@ -149,7 +149,17 @@ OBJECTIVE_FLAGS = {
     "timestep_bias_end",
 }
 EXPORT_FLAGS = {"save_dtype", "export_single_file"}
-SHARED_FLAGS = GEOMETRY_FLAGS | OBJECTIVE_FLAGS | EXPORT_FLAGS  # ours, in all three trainers
+EMA_FLAGS = {
+    "use_ema",
+    "ema_decay",
+    "ema_power",
+    "ema_update_after_step",
+    "ema_update_every",
+    "ema_on_cpu",
+    "validate_with_ema",
+    "save_raw_weights",
+}
+SHARED_FLAGS = GEOMETRY_FLAGS | OBJECTIVE_FLAGS | EXPORT_FLAGS | EMA_FLAGS  # ours, in all three trainers
 OUR_FLAGS |= SHARED_FLAGS
 
 

@@ -19,6 +19,7 @@ from ..arguments import (
 )
 from ..arguments import parse_args as parse_checked  # the shared parse-then-check, with the Flax checks
 from ..data import is_saved_to_disk
+from ..ema import add_ema_args
 from ..export import add_export_args
 
 # Shared flags that only make sense with PyTorch/accelerate (or need the PyTorch control signal).
@@ -31,6 +32,7 @@ PYTORCH_ONLY = (
     "validation_split",
     "torch_compile",
     "channels_last",
+    "ema_on_cpu",
 )
 TRACKERS = ("tensorboard", "wandb", "all", "none")
 
@@ -129,6 +131,7 @@ def build_parser(description: str) -> Parser:
         help="Several hosts (a TPU pod slice, a GPU cluster): call jax.distributed.initialize(). "
         "Implied when JAX_COORDINATOR_ADDRESS is set.",
     )
+    add_ema_args(parser)
     add_export_args(parser)
     remove_flags(parser, PYTORCH_ONLY)
     parser.set_defaults(**FLAX_DEFAULTS)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Offline demo on the CPU: install into ./.venv, build the synthetic fill dataset and a tiny SD base that has been
 # pre-trained on it (once, cached in fixtures/), then train a ControlNet on that base with validation and print
-# the control-adherence curve. Extra flags are passed to train_controlnet.py.
+# the control-adherence curve, of the weights and of their EMA. Extra flags are passed to train_controlnet.py.
 #   DEMO_BUCKETS=1 ./demo.sh   the same on a non-square variant of the data (aspect ratios 1:2 to 2:1), trained in
 #                              aspect-ratio buckets, into demo-output-buckets
 set -euo pipefail
@@ -37,7 +37,7 @@ $PY train_controlnet.py \
   --validation_steps 250 --validation_split 32 --num_validation_images 2 \
   --validation_image $DATA/validation/control_0.png $DATA/validation/control_1.png \
   --validation_prompt "${PROMPTS[0]}" "${PROMPTS[1]}" \
-  --seed 0 --resume_from_checkpoint latest "$@"
+  --use_ema --seed 0 --resume_from_checkpoint latest "$@"
 echo
 echo "ControlNet training took $(( ($(date +%s) - start) / 60 )) min $(( ($(date +%s) - start) % 60 )) s."
 $PY -m controlnet_training.control_signal $OUT

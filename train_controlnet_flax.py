@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import sys
 
-from controlnet_training.arguments import AdamWSettings
 from controlnet_training.data import load_tokenizer
+from controlnet_training.ema import EMASettings
 from controlnet_training.flax_training.args import parse_args
 from controlnet_training.flax_training.conditioning import make_conditioning
 from controlnet_training.flax_training.encodings import HostEncoders
@@ -40,6 +40,7 @@ from controlnet_training.flax_training.step import (
 from controlnet_training.flax_training.trackers import Trackers
 from controlnet_training.flax_training.validation import Validator
 from controlnet_training.objective import Objective
+from controlnet_training.optimizers import OptimizerSettings
 from controlnet_training.step_plan import LoopSettings
 
 TAGS = [
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     conditioning = make_conditioning(session, encoders, model_folders(args), loaded.frozen, validating)
     frozen = replicate(conditioning.frozen, devices.replicated)
 
-    # Optimizer and schedule, the train state (fresh or resumed), the jitted step.
+    # Optimizer and schedule, the train state (fresh or resumed; with --use_ema the average too), the jitted step.
     schedule = lr_schedule(
         args.lr_scheduler,
         args.learning_rate,
@@ -81,15 +82,23 @@ def main(argv: list[str] | None = None) -> None:
         args.lr_num_cycles,
         args.lr_power,
     )
-    tx = make_optimizer(AdamWSettings.from_args(args), args.max_grad_norm, schedule)
+    tx = make_optimizer(OptimizerSettings.from_args(args), args.max_grad_norm, schedule)
     state, global_step = initial_state(session, loaded, tx)
     loss = make_loss(loaded.models, conditioning.encode, args.snr_gamma, Objective.from_args(args))
-    train_step = make_train_step(loss, tx, schedule, devices.replicated)
+    train_step = make_train_step(loss, tx, schedule, devices.replicated, EMASettings.from_args(args))
 
     validator = None
     if validating:
         validator = Validator(
-            args, session.transform, loaded.models, frozen, encoders.embed, loaded.scheduler_config, devices.count, seed
+            args,
+            session.transform,
+            loaded.models,
+            frozen,
+            encoders.embed,
+            loaded.scheduler_config,
+            devices.count,
+            seed,
+            with_ema=args.validate_with_ema,
         )
     del encoders  # and its device copies of the encoders
     loaded.frozen = None  # the host copies: the devices hold what training needs

@@ -272,8 +272,10 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGrou
         "in eager mode, torch.compile chooses layouts itself).",
     )
     from .objective import add_objective_args  # (objective.py imports InputError from here)
+    from .optimizers import add_optimizer_args  # (optimizers.py imports InputError and AdamWSettings from here)
 
     add_objective_args(parser)
+    add_optimizer_args(parser)
     return group
 
 
@@ -408,9 +410,11 @@ def check_args(args: argparse.Namespace) -> None:
     check_streaming_args(args)
     from .ema import check_ema_args
     from .objective import check_objective_args
+    from .optimizers import check_optimizer_args
 
     check_objective_args(args)
     check_ema_args(args)
+    check_optimizer_args(args)
     if args.lr_scheduler not in LR_SCHEDULERS:
         raise InputError(f"--lr_scheduler {args.lr_scheduler} is not one of: {', '.join(LR_SCHEDULERS)}")
     if args.lr_scheduler == "polynomial" and args.learning_rate <= 1e-7:

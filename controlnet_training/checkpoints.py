@@ -164,7 +164,7 @@ def save_final(output_dir: str | os.PathLike, write: Callable[[Path], None], exp
     # weights before config.json: an interrupted move leaves new weights beside the same model's config
     for path in sorted(tmp.iterdir(), key=lambda p: (p.name == "config.json", p.name)):
         target = output_dir / path.name
-        if target.is_dir() and not path.is_dir():
+        if target.is_dir():  # (a folder, e.g. raw/, replaces a folder of an earlier run whole)
             shutil.rmtree(target)
         os.replace(path, target)
     tmp.rmdir()

@@ -51,7 +51,11 @@ def plot_metrics(output_dir: str | Path) -> Path | None:
     loss_ax.plot(steps, [r["heldout_loss"] for r in records], marker="o", label="held-out loss (own control)")
     loss_ax.set_ylabel("denoising loss")
     loss_ax.legend()
-    gain_ax.plot(steps, [r["control_gain"] for r in records], marker="o", color="tab:green")
+    gain_ax.plot(steps, [r["control_gain"] for r in records], marker="o", color="tab:green", label="weights")
+    if "control_gain_ema" in records[-1]:  # --use_ema
+        loss_ax.plot(steps, [r.get("heldout_loss_ema") for r in records], marker="x", label="held-out loss (EMA)")
+        gain_ax.plot(steps, [r.get("control_gain_ema") for r in records], marker="x", color="tab:olive", label="EMA")
+        gain_ax.legend()
     gain_ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
     gain_ax.set_ylabel("control gain")
     gain_ax.set_xlabel("optimizer step")
@@ -71,15 +75,23 @@ def main(argv: list[str] | None = None) -> None:
     records = read_metrics(output_dir)
     if not records:
         raise SystemExit(f"no {METRICS_FILE} in {output_dir} (the run had no held-out rows)")
-    print(f"{'step':>7} {'train loss':>11} {'held-out loss':>14} {'control gain':>13}")
+    ema = "control_gain_ema" in records[-1]  # --use_ema: the average's columns too
+    header = f"{'step':>7} {'train loss':>11} {'held-out loss':>14} {'control gain':>13}"
+    print(header + (f" {'held-out (EMA)':>15} {'gain (EMA)':>11}" if ema else ""))
     for r in records:
         train = "" if r.get("train_loss") is None else f"{r['train_loss']:.5f}"
-        print(f"{r['step']:>7} {train:>11} {r['heldout_loss']:>14.5f} {r['control_gain']:>13.4f}")
+        line = f"{r['step']:>7} {train:>11} {r['heldout_loss']:>14.5f} {r['control_gain']:>13.4f}"
+        if ema and "control_gain_ema" in r:
+            line += f" {r['heldout_loss_ema']:>15.5f} {r['control_gain_ema']:>11.4f}"
+        print(line)
     first, last = records[0], records[-1]
-    print(
+    summary = (
         f"control gain {first['control_gain']:.4f} at step {first['step']} -> {last['control_gain']:.4f} "
-        f"at step {last['step']}; plot: {Path(output_dir) / PLOT_FILE}"
+        f"at step {last['step']}"
     )
+    if ema:
+        summary += f" (EMA weights: {last['control_gain_ema']:.4f})"
+    print(f"{summary}; plot: {Path(output_dir) / PLOT_FILE}")
 
 
 if __name__ == "__main__":

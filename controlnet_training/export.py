@@ -34,6 +34,7 @@ from .arguments import InputError
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 CONFIG = "config.json"
 SINGLE_FILE = "controlnet.safetensors"  # output_dir/controlnet.safetensors: the original-layout export
+RAW_FOLDER = "raw"  # output_dir/raw: with --use_ema --save_raw_weights, the weights that were averaged
 PREFIX = "control_model."
 DTYPES = ("fp32", "fp16", "bf16")
 _SAFETENSORS_DTYPES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "F64": "fp64"}
@@ -245,6 +246,8 @@ def final_exports(write: Callable[[Path], Any], args: argparse.Namespace) -> Cal
             export_single_file(folder, Path(folder) / SINGLE_FILE, dtype)
         if dtype != "fp32":
             export_diffusers(folder, folder, dtype)
+            if (Path(folder) / RAW_FOLDER).is_dir():
+                export_diffusers(Path(folder) / RAW_FOLDER, Path(folder) / RAW_FOLDER, dtype)
 
     return write_all
 
@@ -273,6 +276,10 @@ def weights_files(output_dir: str | os.PathLike) -> list[WeightsFile]:
     if (output_dir / DIFFUSERS_WEIGHTS).is_file() and (output_dir / CONFIG).is_file():
         dtype = file_dtype(output_dir / DIFFUSERS_WEIGHTS)
         found.append(WeightsFile(f"{DIFFUSERS_WEIGHTS} + {CONFIG}", "diffusers", dtype, "diffusers"))
+    raw = output_dir / RAW_FOLDER
+    if (raw / DIFFUSERS_WEIGHTS).is_file() and (raw / CONFIG).is_file():
+        dtype = file_dtype(raw / DIFFUSERS_WEIGHTS)
+        found.append(WeightsFile(f"{RAW_FOLDER}/ (raw weights, not averaged)", "diffusers", dtype, "diffusers"))
     if (output_dir / SINGLE_FILE).is_file():
         found.append(
             WeightsFile(

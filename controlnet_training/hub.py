@@ -6,13 +6,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .export import SINGLE_FILE, WeightsFile, weights_files
+from .export import RAW_FOLDER, SINGLE_FILE, WeightsFile, weights_files
 from .validation import ValidationLog
 
 UPLOAD_PATTERNS = [
     "config.json",
     "diffusion_pytorch_model.safetensors",
     SINGLE_FILE,
+    f"{RAW_FOLDER}/*",
     "README.md",
     "images_*.png",
     "image_control_*.png",
@@ -56,9 +57,10 @@ LOADS_WITH = {
 def _loading_snippet(row: WeightsFile, repo_id: str) -> str:
     torch_dtype = TORCH_DTYPES.get(row.dtype, "torch.float32")
     if row.loads_with == "diffusers":
+        subfolder = f', subfolder="{RAW_FOLDER}"' if row.path.startswith(RAW_FOLDER) else ""
         return (
             f"\n{row.path} (diffusers):\n\n```python\nimport torch\nfrom diffusers import ControlNetModel\n\n"
-            f'controlnet = ControlNetModel.from_pretrained("{repo_id}", torch_dtype={torch_dtype})\n```\n'
+            f'controlnet = ControlNetModel.from_pretrained("{repo_id}"{subfolder}, torch_dtype={torch_dtype})\n```\n'
         )
     return (
         f"\n{row.path} (one file, original ControlNet layout):\n\n"

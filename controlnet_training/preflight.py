@@ -29,6 +29,7 @@ from .data import (
     select_samples,
     stream_columns,
 )
+from .optimizers import check_optimizer_packages
 from .validation import check_validation_images
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ def check_optional_packages(args) -> None:
         )
     if getattr(args, "use_8bit_adam", False) and importlib.util.find_spec("bitsandbytes") is None:
         raise InputError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
+    check_optimizer_packages(args)  # --optimizer adafactor / prodigy (PyTorch trainers)
     trackers = {"tensorboard", "wandb", "comet_ml"} if args.report_to == "all" else {args.report_to}
     if "wandb" in trackers and args.hub_token is not None:
         raise InputError(

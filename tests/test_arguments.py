@@ -159,7 +159,14 @@ EMA_FLAGS = {
     "validate_with_ema",
     "save_raw_weights",
 }
-SHARED_FLAGS = GEOMETRY_FLAGS | OBJECTIVE_FLAGS | EXPORT_FLAGS | EMA_FLAGS  # ours, in all three trainers
+OPTIMIZER_FLAGS = {
+    "optimizer",
+    "prodigy_beta3",
+    "prodigy_decouple",
+    "prodigy_use_bias_correction",
+    "prodigy_safeguard_warmup",
+}
+SHARED_FLAGS = GEOMETRY_FLAGS | OBJECTIVE_FLAGS | EXPORT_FLAGS | EMA_FLAGS | OPTIMIZER_FLAGS  # ours, in all three
 OUR_FLAGS |= SHARED_FLAGS
 
 

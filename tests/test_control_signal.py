@@ -145,17 +145,46 @@ def test_heldout_split():
 
 
 @pytest.mark.e2e
-def test_short_run_writes_log_plot_and_card(tiny_sd, fill_data, tmp_path):
-    run_script(
+def test_short_run_writes_log_plot_and_card(tiny_sd, fill_data, tmp_path, capsys):
+    """Also with --use_ema: the signal of the average beside the raw weights', images from the average, and the
+    average as the final weights with the raw ones in raw/."""
+    from conftest import load_weights
+
+    result = run_script(
         "train_controlnet.py",
         base_args(
-            tiny_sd, fill_data["imagefolder"], tmp_path, max_train_steps=3, validation_steps=2, validation_split=4
+            tiny_sd,
+            fill_data["imagefolder"],
+            tmp_path,
+            max_train_steps=3,
+            validation_steps=2,
+            validation_split=4,
+            learning_rate=1e-3,
+            use_ema=True,
+            ema_decay=0.5,
+            validate_with_ema=True,
+            save_raw_weights=True,
+            validation_prompt=["red circle"],
+            validation_image=[fill_data["validation"] / "control_0.png"],
+            num_validation_images=1,
         ),
     )
     records = [json.loads(line) for line in (tmp_path / "control_metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 2, 3]
     assert records[0]["control_gain"] == 1.0 and records[0]["train_loss"] is None
     assert all(r["heldout_loss"] > 0 and r["train_loss"] > 0 for r in records[1:])
+    assert records[0]["heldout_loss_ema"] == records[0]["heldout_loss"]  # the average starts as the weights
+    assert records[-1]["heldout_loss_ema"] != records[-1]["heldout_loss"]
+    log = " ".join(result.stderr.split())
+    assert "(EMA: " in log and "1 pair(s), EMA weights" in log and "EMA : decay 0.5" in log
+    average, raw = load_weights(tmp_path), load_weights(tmp_path / "raw")
+    assert average.keys() == raw.keys() and any(not torch.equal(average[k], raw[k]) for k in raw)
+    assert "raw/ (raw weights, not averaged)" in (tmp_path / "README.md").read_text()
+    from controlnet_training.control_signal import main
+
+    main([str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "gain (EMA)" in printed and f"(EMA weights: {records[-1]['control_gain_ema']:.4f})" in printed
     assert (tmp_path / "control_metrics.png").stat().st_size > 10_000
     card = (tmp_path / "README.md").read_text()
     assert f"control gain {records[-1]['control_gain']:.4f}" in card and "On 4 held-out rows" in card

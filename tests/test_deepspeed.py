@@ -268,9 +268,10 @@ def test_zero2_offload_matches_ddp_and_loads_in_the_pipeline(zero2_offload, ddp_
 
 @pytest.mark.e2e
 def test_sdxl_zero2_without_offload_trains_checkpoints_and_resumes_exactly(tiny_sdxl, fill_data, tmp_path, op_errors):
-    """SDXL, and ZeRO-2 without optimizer offload: torch's AdamW steps the ZeRO partitions, so the resume is exact."""
+    """SDXL, and ZeRO-2 without optimizer offload: torch's AdamW steps the ZeRO partitions, so the resume is exact;
+    with an EMA, whose checkpointed average continues exactly too (final weights: the average; raw/: the raw)."""
     needs(op_errors, "ShareMemCommBuilder")
-    run = {**RUN, "max_train_steps": 2}
+    run = {**RUN, "max_train_steps": 2, "use_ema": True, "ema_decay": 0.5, "save_raw_weights": True}
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     summary = check(
         launch(
@@ -301,8 +302,10 @@ def test_sdxl_zero2_without_offload_trains_checkpoints_and_resumes_exactly(tiny_
     a, b = read_scalars(straight / "logs", "loss"), read_scalars(resumed / "logs", "loss")
     assert sorted(b) == [2] and b[2] == a[2]
     assert max_difference(load_weights(resumed), load_weights(straight)) == 0
+    assert max_difference(load_weights(resumed / "raw"), load_weights(straight / "raw")) == 0
+    assert max_difference(load_weights(straight / "raw"), load_weights(straight)) > 0
     # and it trained: the zero-initialised output convolution moved
-    assert load_weights(straight)["controlnet_mid_block.weight"].abs().max() > 1e-4
+    assert load_weights(straight / "raw")["controlnet_mid_block.weight"].abs().max() > 1e-4
 
 
 def ds_config_env(monkeypatch) -> None:

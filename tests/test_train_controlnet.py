@@ -82,7 +82,7 @@ def test_resume_is_exact(tiny_sd, fill_data, tmp_path, accumulation, eight_bit):
     must skip the batches it has already seen, and steps 7-8 run in the second epoch. bitsandbytes' 8-bit AdamW
     runs on the CPU: its quantised state (uint8 moments and their scales) is checkpointed and restored exactly.
     The accumulation case also trains with every objective option (Huber loss on a schedule, noise offset, input
-    perturbation, biased timesteps), each drawn per row.
+    perturbation, biased timesteps), each drawn per row; the cached case with Prodigy instead of AdamW.
     """
     batch = 2 // accumulation
     # One case with the encodings cached, one encoding at every step (auto would cache only the 8-step runs).
@@ -94,6 +94,8 @@ def test_resume_is_exact(tiny_sd, fill_data, tmp_path, accumulation, eight_bit):
         cache_encodings="always" if accumulation == 1 else "never",
         use_8bit_adam=eight_bit,
     )
+    if accumulation == 1 and not eight_bit:
+        common.update(optimizer="prodigy", learning_rate=1.0)  # (its state: the step size estimate d, too)
     if accumulation == 2:
         common.update(
             loss_type="huber",
@@ -104,6 +106,8 @@ def test_resume_is_exact(tiny_sd, fill_data, tmp_path, accumulation, eight_bit):
         )
     straight, split = tmp_path / "straight", tmp_path / "split"
     result = run_script(SCRIPT, base_args(tiny_sd, fill_data["imagefolder"], straight, max_train_steps=8, **common))
+    if accumulation == 1 and not eight_bit:
+        assert "optimizer : Prodigy" in " ".join(result.stderr.split())
     if accumulation == 2:
         expected = "huber (c 0.1, snr schedule), noise offset 0.05, input perturbation 0.1, timesteps biased later x2"
         assert expected in result.stderr

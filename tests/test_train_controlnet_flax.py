@@ -336,8 +336,9 @@ def test_accumulation_matches_larger_batch(straight, tiny_sd, fill_data, tmp_pat
 def test_streaming_bf16_remat_schedule_and_exact_resume(tiny_sd, fill_data, tmp_path, flax_env):
     """--streaming (12 rows per pass: 3 steps per epoch), bf16 compute with float32 master weights, remat, a
     linear schedule with warmup, and every objective option (smooth-L1 loss on a schedule, noise offset, input
-    perturbation, biased timesteps). Resuming from the step-2 checkpoint (mid-epoch: the stream is skipped to row 8)
-    in another folder ends with the straight run's weights and losses."""
+    perturbation, biased timesteps), and the EMA of the weights (--use_ema --save_raw_weights). Resuming from the
+    step-2 checkpoint (mid-epoch: the stream is skipped to row 8) in another folder ends with the straight run's
+    weights, average and losses. The final weights are the average, the raw ones are in raw/."""
     import shutil
 
     common = dict(
@@ -356,16 +357,26 @@ def test_streaming_bf16_remat_schedule_and_exact_resume(tiny_sd, fill_data, tmp_
         timestep_bias_strategy="range",
         timestep_bias_begin=500,
         timestep_bias_multiplier=3.0,
+        use_ema=True,
+        ema_decay=0.9,
+        save_raw_weights=True,
     )
     straight_out, resumed = tmp_path / "straight", tmp_path / "resumed"
     result = run(flax_args(tiny_sd, fill_data["parquet"], straight_out, checkpointing_steps=2, **common), flax_env)
     expected = "smooth_l1 (c 0.1, exponential schedule), noise offset 0.05, input perturbation 0.1, timesteps biased"
     assert expected in result.stderr
+    assert "EMA                    : decay 0.9 (warm-up power 0.667), every 1 step(s) after step 0" in result.stderr
     shutil.copytree(straight_out / "checkpoint-2", tmp_path / "kept")
     run(flax_args(tiny_sd, fill_data["parquet"], resumed, resume_from_checkpoint=tmp_path / "kept", **common), flax_env)
     a = weights(straight_out)
     assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in a.values())
     assert same(a, weights(resumed))
+    raw = weights(straight_out / "raw")  # --save_raw_weights: a diffusers folder of the weights that were averaged
+    assert (straight_out / "raw" / "config.json").is_file() and same(raw, weights(resumed / "raw"))
+    assert raw.keys() == a.keys() and not same(raw, a)  # the root holds the average
+    assert same(raw, weights(straight_out / "checkpoint-4" / "controlnet"))  # checkpoints export the raw weights
+    ema = restore_train_state(straight_out / "checkpoint-4")["ema"]
+    assert int(ema["updates"]) == 4
     lrs = read_scalars(straight_out / "logs", "lr")
     assert [lrs[s] for s in (1, 2, 3, 4)] == pytest.approx([1e-4, 2 / 3 * 1e-4, 1 / 3 * 1e-4, 0.0])
     epochs = read_scalars(straight_out / "logs", "epoch")

@@ -8,7 +8,6 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
@@ -37,7 +36,7 @@ class TrainLoop:
     trackers: Trackers
     checkpoint: Callable[[TrainState, int], None]
     seed: int
-    validate: Callable[[int, Any], list] | None = None
+    validate: Callable[[int, TrainState], list] | None = None  # (step, state): the images
     profile_steps: int = 0  # --profile_steps: trace this many steps after the first (compiling) one
 
     def __post_init__(self):
@@ -116,7 +115,7 @@ class TrainLoop:
                 if checkpoint:
                     self.checkpoint(state, global_step)
                 if validate:  # the last step gets the final validation
-                    self.trackers.log_images(self.validate(global_step, state.params), global_step, final=False)
+                    self.trackers.log_images(self.validate(global_step, state), global_step, final=False)
                 progress.pause_ended()
             if last:
                 break

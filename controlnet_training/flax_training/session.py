@@ -27,9 +27,11 @@ from ..data import (
     stream_buckets,
     training_transform,
 )
+from ..ema import EMASettings
 from ..encodings import Workers, cache_root, wants_cache
 from ..logs import report_outputs, run_summary, setup_logging
 from ..objective import Objective
+from ..optimizers import OptimizerSettings
 from ..preflight import SD_MODEL_FILES, Preflight, run_preflight
 from ..step_plan import StepPlan, plan_steps
 from ..validation import save_images
@@ -38,7 +40,7 @@ from .data import BatchLayout, MapBatches, StreamBatches
 from .encodings import CachedCollator, Encodings
 from .models import LoadedModels, check_configs, controlnet_shapes
 from .runtime import Devices, all_hosts_see, barrier, jax_processes, make_devices, replicate, resolve_output_dir
-from .step import TrainState, abstract_state, create_state
+from .step import TrainState, abstract_state, create_state, with_new_ema
 from .trackers import Trackers
 from .validation import export_controlnet
 
@@ -149,13 +151,21 @@ def make_batches(session: Session, tokenizer, encodings: Encodings | None) -> Ma
 
 
 def initial_state(session: Session, loaded: LoadedModels, tx) -> tuple[TrainState, int]:
-    """A fresh train state, or the one of --resume_from_checkpoint (exact: params, optimizer state, step)."""
+    """A fresh train state, or the one of --resume_from_checkpoint (exact: params, optimizer state, step, and the
+    EMA with --use_ema)."""
     replicated = session.devices.replicated
     resume_from = session.preflight.resume_from
+    use_ema = session.args.use_ema
     if resume_from is None:
-        return create_state(replicate(loaded.controlnet_params, replicated), tx, replicated), 0
-    target = abstract_state(controlnet_shapes(loaded.models.controlnet), tx, replicated)
+        return create_state(replicate(loaded.controlnet_params, replicated), tx, replicated, ema=use_ema), 0
+    target = abstract_state(controlnet_shapes(loaded.models.controlnet), tx, replicated, ema=use_ema)
     state, info = checkpoints.restore(resume_from, target)
+    if use_ema and state.ema is None:
+        logger.warning("%s holds no EMA (trained without --use_ema): the average starts from its weights", resume_from)
+        state = with_new_ema(state, replicated)
+    elif not use_ema and state.ema is not None:
+        logger.warning("%s holds an EMA of the weights: without --use_ema it is not continued", resume_from)
+        state = state.replace(ema=None)
     if info.get("global_batch", session.layout.global_batch) != session.layout.global_batch:
         logger.warning(
             "the checkpoint was trained with a global batch of %d, this run uses %d: the data order "
@@ -213,10 +223,12 @@ def log_summary(session: Session, global_step: int, encodings: Encodings | None)
                 ("epochs", plan.num_epochs),
                 ("optimizer steps", plan.max_train_steps),
                 ("learning rate", f"{args.learning_rate:g} ({args.lr_scheduler}, warmup {args.lr_warmup_steps})"),
+                ("optimizer", OptimizerSettings.from_args(args).summary()),
                 ("mixed precision", args.mixed_precision),
                 ("gradient checkpointing", args.gradient_checkpointing),
                 ("min-SNR gamma", args.snr_gamma),
                 ("loss", Objective.from_args(args).summary()),
+                ("EMA", ema_summary(args)),
                 ("cached encodings", encodings.texts.path.parent if encodings else "no (encoded at every step)"),
                 ("seed", session.preflight.seed),
                 (
@@ -226,6 +238,29 @@ def log_summary(session: Session, global_step: int, encodings: Encodings | None)
             ]
         ),
     )
+
+
+def ema_summary(args) -> str:
+    settings = EMASettings.from_args(args)
+    if settings is None:
+        return "off"
+    images = "EMA" if args.validate_with_ema else "raw"
+    return f"{settings.summary()}; validation images with the {images} weights"
+
+
+def final_writer(state: TrainState, config: dict, save_raw: bool) -> Callable[[Path], None]:
+    """write(folder): the final ControlNet in diffusers layout; with the EMA, the average (and with
+    --save_raw_weights the raw weights too, in folder/raw)."""
+
+    def write(folder: Path) -> None:
+        if state.ema is None:
+            export_controlnet(folder, state.params, config)
+            return
+        export_controlnet(folder, state.ema.params, config)
+        if save_raw:
+            export_controlnet(Path(folder) / export.RAW_FOLDER, state.params, config)
+
+    return write
 
 
 def memory_profile(output_dir: str, name: str) -> None:
@@ -259,18 +294,18 @@ def finish_session(
     args = session.args
     barrier("finish")
     if session.is_main_process:  # through a hidden folder; a full disk ends the run with one line
+        save_raw = state.ema is not None and args.save_raw_weights
+        weight_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state.params))
         save_final(  # the fp32 diffusers folder, then --save_dtype and --export_single_file (export.py)
             args.output_dir,
-            export.final_exports(
-                lambda folder: export_controlnet(folder, state.params, loaded.controlnet_config), args
-            ),
-            expected_bytes=export.final_bytes(sum(leaf.nbytes for leaf in jax.tree.leaves(state.params)), args),
+            export.final_exports(final_writer(state, loaded.controlnet_config, save_raw), args),
+            expected_bytes=export.final_bytes(weight_bytes, args) * (1 + save_raw),
         )
     logs = []
     if validator is not None:
         if args.profile_validation:
             jax.profiler.start_trace(args.output_dir)
-        logs = validator(global_step, state.params)
+        logs = validator(global_step, state)
         if args.profile_validation:
             jax.profiler.stop_trace()
         trackers.log_images(logs, global_step, final=True)
@@ -287,6 +322,7 @@ def finish_session(
                 "resolution": args.resolution,
                 "mixed precision": args.mixed_precision,
                 "min-SNR gamma": args.snr_gamma,
+                "EMA": ema_summary(args),
                 "seed": session.preflight.seed,
                 "trainer": "JAX/Flax (train_controlnet_flax.py)",
             }

@@ -6,6 +6,11 @@ constant); the train state is donated. Every random draw of a row (VAE posterior
 from fold_in(fold_in(key(seed), epoch), row), so a run is independent of batch size, accumulation, device count
 and resumption. The seed and the epoch are arguments, not constants, so one compiled step serves every seed
 (and the persistent compilation cache can reuse it).
+
+With --use_ema the state also holds the float32 moving average of the ControlNet's params and its update count
+(EMA), updated inside the step after the optimizer update, on the schedule of ema.py (ema_updates_at and
+ema_weight_at: the same formulas in jnp, of the step number and the count, so nothing recompiles per step).
+Without it the state's EMA is None and the step is the one it was.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import optax
 from flax import struct
 
 from ..arguments import AdamWSettings
+from ..ema import EMASettings
 from ..flax_models.schedule import NoiseSchedule, add_noise, min_snr_weights, prediction_target, snr
 from ..flax_models.vae import AutoencoderKL
 from ..objective import Objective
@@ -35,12 +41,69 @@ def seed_array(seed: int) -> np.uint32:
     return np.uint32(seed % 2**32)
 
 
+class EMA(struct.PyTreeNode):
+    """--use_ema: the moving average of the ControlNet's params (float32, the params' tree) and the number of updates
+    made (int32; the next update's decay depends on it)."""
+
+    params: Any
+    updates: jax.Array
+
+
 class TrainState(struct.PyTreeNode):
     """Everything an optimizer step changes; what a checkpoint holds (with the data position beside it)."""
 
     step: jax.Array
     params: Any  # {"params": ControlNet tree}, float32
     opt_state: Any
+    ema: EMA | None = None  # --use_ema
+
+    def fields(self) -> dict:
+        """The state as the dict a checkpoint holds: no "ema" entry without the EMA (the layout of checkpoints
+        written before there was one, so either kind restores into either)."""
+        fields = {"step": self.step, "params": self.params, "opt_state": self.opt_state}
+        if self.ema is not None:
+            fields["ema"] = self.ema
+        return fields
+
+
+def ema_updates_at(settings: EMASettings, global_step: jax.Array) -> jax.Array:
+    """EMASettings.updates_at in jnp: whether the average takes the weights after optimizer step `global_step`."""
+    after = jnp.asarray(global_step, jnp.int32) - settings.update_after_step
+    return (after > 0) & (after % settings.update_every == 0)
+
+
+def ema_weight_at(settings: EMASettings, updates_done: jax.Array) -> jax.Array:
+    """1 - EMASettings.decay_at in jnp (float32): the weight of the new params in the update that follows
+    `updates_done` earlier ones; 1 for the first (a copy). Computed as max(1 - decay, (1 + n)^-power), not as 1 minus
+    a float32 decay, which would lose the weight's low digits (1 - float32(0.9999) is 1.0002e-4)."""
+    n = jnp.asarray(updates_done, jnp.float32)
+    return jnp.where(n <= 0, 1.0, jnp.maximum(jnp.float32(1.0 - settings.decay), (1.0 + n) ** -settings.power))
+
+
+def ema_decay_at(settings: EMASettings, updates_done: jax.Array) -> jax.Array:
+    """EMASettings.decay_at in jnp (float32)."""
+    return 1.0 - ema_weight_at(settings, updates_done)
+
+
+def new_ema(params: Any) -> EMA:
+    """An average that starts at `params` (in float32), with no update made: the first update copies."""
+    return EMA(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params), jnp.zeros((), jnp.int32))
+
+
+def ema_update(settings: EMASettings, ema: EMA, params: Any, global_step: jax.Array, finite: jax.Array) -> EMA:
+    """The average after optimizer step `global_step` (1-based): a lerp towards `params` with ema_weight_at's weight
+    where ema_updates_at says so and the step was finite (a skipped step leaves the average and its count as they
+    were). The lerp is torch's (as torch_training/ema.py's _foreach_lerp_), so a weight of 1 copies exactly."""
+    take = ema_updates_at(settings, global_step) & finite
+    weight = ema_weight_at(settings, ema.updates)
+
+    def lerp(average: jax.Array, new: jax.Array) -> jax.Array:
+        new = new.astype(jnp.float32)
+        difference = new - average
+        moved = jnp.where(weight < 0.5, average + weight * difference, new - difference * (1.0 - weight))
+        return jnp.where(take, moved, average)
+
+    return EMA(jax.tree.map(lerp, ema.params, params), ema.updates + take.astype(jnp.int32))
 
 
 @dataclass(frozen=True)
@@ -115,13 +178,40 @@ def lr_schedule(
 def make_optimizer(
     settings: AdamWSettings, max_grad_norm: float, schedule: optax.Schedule
 ) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW with decoupled weight decay (torch.optim.AdamW's update)."""
-    return optax.chain(
-        optax.clip_by_global_norm(max_grad_norm),
-        optax.adamw(
+    """Global-norm clipping, then the optimizer of `settings` (an OptimizerSettings; a plain AdamWSettings is
+    AdamW) at the rate of `schedule`: AdamW with decoupled weight decay (torch.optim.AdamW's update), Adafactor
+    (as transformers' with relative_step, scale_parameter and warmup_init off: no momentum, update RMS clipped at
+    1, weight decay times the rate) or Prodigy (optax.contrib; decoupled weight decay, bias correction on)."""
+    from ..optimizers import optimizer_name, warn_prodigy_learning_rate
+
+    name = optimizer_name(settings)
+    if name == "adamw":
+        optimizer = optax.adamw(
             schedule, b1=settings.beta1, b2=settings.beta2, eps=settings.epsilon, weight_decay=settings.weight_decay
-        ),
-    )
+        )
+    elif name == "adafactor":
+        decay = settings.weight_decay
+        optimizer = optax.adafactor(
+            schedule,
+            multiply_by_parameter_scale=False,
+            clipping_threshold=1.0,
+            weight_decay_rate=(lambda count: decay * schedule(count)) if decay else None,
+        )
+    elif name == "prodigy":
+        if not (settings.prodigy_decouple and settings.prodigy_use_bias_correction):
+            raise ValueError("optax's Prodigy always decouples weight decay and corrects bias")
+        warn_prodigy_learning_rate(settings.learning_rate)
+        optimizer = optax.contrib.prodigy(
+            schedule,
+            betas=(settings.beta1, settings.beta2),
+            beta3=settings.prodigy_beta3,
+            eps=settings.epsilon,
+            weight_decay=settings.weight_decay,
+            safeguard_warmup=settings.prodigy_safeguard_warmup,
+        )
+    else:
+        raise ValueError(f"unknown optimizer {name}")
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm), optimizer)
 
 
 OFFSET_DRAW, PERTURBATION_DRAW = 1, 2  # keys folded into a row's key for the optional draws
@@ -237,10 +327,12 @@ def make_train_step(
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     replicated: jax.sharding.NamedSharding,
+    ema: EMASettings | None = None,
 ) -> Callable:
     """step(state, frozen, batch, epoch, seed) -> (state, metrics); batch fields are (accumulation, micro, ...) arrays
     split over the devices along axis 1. Gradients are summed over the micro-batches in a scan and divided by
-    their number, so accumulation 2 × batch b is the update of batch 2b. XLA inserts the cross-device mean."""
+    their number, so accumulation 2 × batch b is the update of batch 2b. XLA inserts the cross-device mean. With
+    `ema` (the state must then hold one) the average follows the updated params (ema_update)."""
 
     def step(
         state: TrainState, frozen: dict, batch: dict, epoch: jax.Array, seed: jax.Array
@@ -265,25 +357,36 @@ def make_train_step(
         # step and its schedule still advance); the loop reports it when it reads the metrics.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-        new_state = TrainState(
-            state.step + 1,
-            keep(optax.apply_updates(state.params, updates), state.params),
-            keep(opt_state, state.opt_state),
-        )
+        new_step = state.step + 1
+        params = keep(optax.apply_updates(state.params, updates), state.params)
+        average = state.ema if ema is None else ema_update(ema, state.ema, params, new_step, finite)
+        new_state = TrainState(new_step, params, keep(opt_state, state.opt_state), average)
         # lr: the rate of the next update, as the PyTorch trainers log it
         return new_state, {"loss": loss, "grad_norm": grad_norm, "lr": schedule(new_state.step), "finite": finite}
 
     return jax.jit(step, donate_argnums=(0,), out_shardings=replicated)
 
 
-def create_state(params: dict, tx: optax.GradientTransformation, replicated: jax.sharding.NamedSharding) -> TrainState:
-    """A fresh, replicated train state (params must already be replicated global arrays)."""
-    return jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)), out_shardings=replicated)(params)
+def _fresh_state(params: Any, tx: optax.GradientTransformation, ema: bool) -> TrainState:
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), new_ema(params) if ema else None)
+
+
+def create_state(
+    params: dict, tx: optax.GradientTransformation, replicated: jax.sharding.NamedSharding, ema: bool = False
+) -> TrainState:
+    """A fresh, replicated train state (params must already be replicated global arrays); with `ema`, an average
+    that starts at the params."""
+    return jax.jit(lambda p: _fresh_state(p, tx, ema), out_shardings=replicated)(params)
+
+
+def with_new_ema(state: TrainState, replicated: jax.sharding.NamedSharding) -> TrainState:
+    """`state` with an average that starts at its params (resuming with --use_ema from a checkpoint without one)."""
+    return jax.jit(lambda s: s.replace(ema=new_ema(s.params)), out_shardings=replicated)(state)
 
 
 def abstract_state(
-    params_shapes: Any, tx: optax.GradientTransformation, replicated: jax.sharding.NamedSharding
+    params_shapes: Any, tx: optax.GradientTransformation, replicated: jax.sharding.NamedSharding, ema: bool = False
 ) -> TrainState:
     """Shapes, dtypes and shardings of the train state, for restoring a checkpoint into."""
-    shapes = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p)), params_shapes)
+    shapes = jax.eval_shape(lambda p: _fresh_state(p, tx, ema), params_shapes)
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)

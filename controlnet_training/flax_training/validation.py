@@ -20,7 +20,7 @@ from ..flax_models import convert
 from ..flax_models.sampling import sample_controlnet
 from ..validation import ValidationLog, load_control_image, validation_pairs
 from .runtime import to_host
-from .step import VALIDATION_STREAM, Models, seed_array
+from .step import VALIDATION_STREAM, Models, TrainState, seed_array
 
 logger = logging.getLogger("controlnet_training")
 
@@ -40,7 +40,8 @@ def local_view(tree: Any, sharding: NamedSharding) -> Any:
 
 class Validator:
     """`frozen` needs the UNet and the VAE (its decoder); the prompts are embedded up front by `embed(prompts)` (the
-    text encoder need not stay on the devices)."""
+    text encoder need not stay on the devices). With `with_ema` (--validate_with_ema) the images come from the
+    averaged weights."""
 
     def __init__(
         self,
@@ -52,7 +53,9 @@ class Validator:
         scheduler_config: dict,
         num_devices: int,
         seed: int,
+        with_ema: bool = False,
     ):
+        self.with_ema = with_ema
         self.models, self.frozen, self.scheduler_config = models, frozen, scheduler_config
         self.pairs = validation_pairs(args.validation_prompt, args.validation_image)
         self.transform = transform  # validation images at the nearest bucket's shape with buckets
@@ -70,10 +73,12 @@ class Validator:
         """The prompt's hidden states repeated for the batch, on this host's devices."""
         return jax.device_put(np.repeat(self.embeddings[prompt][None], self.count, axis=0), self.batch)
 
-    def __call__(self, step: int, params: Any) -> list[ValidationLog]:
-        """Images for every (prompt, control image) pair with the ControlNet `params`; [] off process 0."""
+    def __call__(self, step: int, state: TrainState) -> list[ValidationLog]:
+        """Images for every (prompt, control image) pair with the state's ControlNet params, or its EMA's; [] off
+        process 0."""
         if jax.process_index() != 0:
             return []
+        params, weights = (state.ema.params, "EMA") if self.with_ema else (state.params, "raw")
         frozen = local_view(self.frozen, self.replicated)
         controlnet_params = local_view(params, self.replicated)
         negative = self.embed("")
@@ -104,7 +109,8 @@ class Validator:
             )
             pixels = np.asarray(images * 255.0).round().clip(0, 255).astype(np.uint8)
             logs.append(ValidationLog(prompt, control_image, [Image.fromarray(p) for p in pixels]))
-        logger.info("validation at step %d: %d image(s) for %d pair(s)", step, self.count * len(logs), len(logs))
+        count = self.count * len(logs)
+        logger.info("validation at step %d: %d image(s) for %d pair(s), %s weights", step, count, len(logs), weights)
         self.logs = logs
         return logs
 

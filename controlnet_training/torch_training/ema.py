@@ -23,9 +23,7 @@ class WeightsEMA:
     def __init__(self, params: Sequence[torch.nn.Parameter], settings: EMASettings):
         self.params, self.settings = list(params), settings
         device = torch.device("cpu") if settings.on_cpu else None
-        self.shadow = [
-            p.detach().to(device=device or p.device, dtype=torch.float32, copy=True) for p in self.params
-        ]
+        self.shadow = [p.detach().to(device=device or p.device, dtype=torch.float32, copy=True) for p in self.params]
         self.updates = 0
         self._host: list[torch.Tensor] | None = None  # --ema_on_cpu: the weights copied out, not yet averaged in
         self._copied: torch.cuda.Event | None = None
@@ -73,8 +71,9 @@ class WeightsEMA:
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["shadow"]) != len(self.shadow):
-            raise ValueError(f"the checkpoint's EMA holds {len(state['shadow'])} tensors, this ControlNet has "
-                             f"{len(self.shadow)}")
+            raise ValueError(
+                f"the checkpoint's EMA holds {len(state['shadow'])} tensors, this ControlNet has {len(self.shadow)}"
+            )
         with torch.no_grad():
             for shadow, saved in zip(self.shadow, state["shadow"], strict=True):
                 shadow.copy_(saved)

@@ -13,6 +13,7 @@ import torch
 from ..checkpoints import prune_checkpoints, save_checkpoint
 from ..logs import Progress, logger
 from ..step_plan import LoopSettings, NonFiniteGuard, StepPlan, stops_on_nonfinite
+from .ema import WeightsEMA
 from .step import TrainStep
 from .streaming import StreamLoader
 
@@ -48,6 +49,7 @@ class TrainLoop:
     plan: StepPlan
     settings: LoopSettings
     validate: Validate | None = None
+    ema: WeightsEMA | None = None  # --use_ema: takes the weights after the optimizer steps it updates at
 
     def __post_init__(self):
         self.since_validation = DeviceMean()  # optimizer-step losses since the previous validation
@@ -156,6 +158,8 @@ class TrainLoop:
                     continue
 
                 global_step += 1
+                if self.ema is not None:
+                    self.ema.after_step(global_step)
                 step_loss = group.total / group.count
                 group = DeviceMean()
                 finite = self.step.finite(step_loss, grad_norm)

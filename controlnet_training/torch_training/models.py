@@ -192,7 +192,40 @@ def make_optimizer(
     mixed_precision: str | None = None,
     fused: bool | None = None,
 ):
-    """AdamW (bitsandbytes' 8-bit one with --use_8bit_adam); `fused`: None decides with use_fused_adamw."""
+    """The optimizer of `settings` (an OptimizerSettings; a plain AdamWSettings is AdamW): AdamW (bitsandbytes'
+    8-bit one with --use_8bit_adam), transformers' Adafactor or prodigyopt's Prodigy. `fused` (AdamW only): None
+    decides with use_fused_adamw."""
+    from ..optimizers import import_optional, optimizer_name, warn_prodigy_learning_rate
+
+    name = optimizer_name(settings)
+    if name == "adafactor":
+        # The LR schedule drives it: no relative (time-dependent) step, no scaling by the parameters' RMS, no
+        # warmup of its own; no first moment (beta1=None), as transformers' default.
+        optimization = import_optional(name, "transformers.optimization", "transformers")
+        return optimization.Adafactor(
+            params,
+            lr=settings.learning_rate,
+            weight_decay=settings.weight_decay,
+            relative_step=False,
+            scale_parameter=False,
+            warmup_init=False,
+        )
+    if name == "prodigy":
+        prodigyopt = import_optional(name, "prodigyopt", "prodigyopt")
+        warn_prodigy_learning_rate(settings.learning_rate)
+        return prodigyopt.Prodigy(
+            params,
+            lr=settings.learning_rate,
+            betas=(settings.beta1, settings.beta2),
+            beta3=settings.prodigy_beta3,
+            eps=settings.epsilon,
+            weight_decay=settings.weight_decay,
+            decouple=settings.prodigy_decouple,
+            use_bias_correction=settings.prodigy_use_bias_correction,
+            safeguard_warmup=settings.prodigy_safeguard_warmup,
+        )
+    if name != "adamw":
+        raise ValueError(f"unknown optimizer {name}")
     kwargs = dict(
         lr=settings.learning_rate,
         betas=(settings.beta1, settings.beta2),

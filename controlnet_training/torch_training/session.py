@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .. import export, hub, validation
-from ..arguments import AdamWSettings, InputError, exit_on_input_error
+from ..arguments import InputError, exit_on_input_error
 from ..checkpoints import read_state, save_final
 from ..control_signal import plot_metrics
 from ..data import (
@@ -30,12 +30,15 @@ from ..data import (
     stream_buckets,
     training_transform,
 )
+from ..ema import EMASettings
 from ..encodings import Workers, wants_cache
 from ..logs import logger, report_outputs, run_summary, setup_logging, tracker_config
 from ..objective import Objective
+from ..optimizers import OptimizerSettings
 from ..preflight import Preflight, Processes, run_preflight
 from ..step_plan import LoopSettings, StepPlan, effective_batch, plan_steps
 from .conditioning import Conditioning
+from .ema import WeightsEMA
 from .loop import TrainLoop
 from .models import make_optimizer
 from .step import StepSettings, TrainStep
@@ -309,6 +312,7 @@ class Training:
     lr_scheduler: Any
     plan: StepPlan
     global_step: int
+    ema: WeightsEMA | None = None  # --use_ema
 
 
 def prepare_training(session: Session, controlnet, transform: PairedTransform, conditioning: Conditioning) -> Training:
@@ -334,7 +338,7 @@ def prepare_training(session: Session, controlnet, transform: PairedTransform, c
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = make_optimizer(
-        AdamWSettings.from_args(args), controlnet.parameters(), accelerator.device, accelerator.mixed_precision
+        OptimizerSettings.from_args(args), controlnet.parameters(), accelerator.device, accelerator.mixed_precision
     )
     if args.streaming:  # this process's share of each pass, read here (accelerate does not split it again)
         steps_per_epoch = optimizer_steps_per_epoch(args, transform, None, session.effective_batch)
@@ -367,6 +371,10 @@ def prepare_training(session: Session, controlnet, transform: PairedTransform, c
         )
     args.max_train_steps, args.num_train_epochs = plan.max_train_steps, plan.num_epochs
 
+    ema = None
+    if args.use_ema:  # the average of the prepared model's parameters, in every checkpoint (custom_checkpoint_0)
+        ema = WeightsEMA([p for p in controlnet.parameters() if p.requires_grad], EMASettings.from_args(args))
+        accelerator.register_for_checkpointing(ema)
     global_step = 0
     if preflight.resume_from is not None:
         accelerator.load_state(str(preflight.resume_from))
@@ -387,10 +395,12 @@ def prepare_training(session: Session, controlnet, transform: PairedTransform, c
                 ("effective batch", session.effective_batch),
                 ("optimizer steps", plan.max_train_steps),
                 ("learning rate", f"{args.learning_rate:g} ({args.lr_scheduler}, warmup {args.lr_warmup_steps})"),
+                ("optimizer", OptimizerSettings.from_args(args).summary()),
                 ("mixed precision", f"{accelerator.mixed_precision} (frozen models in {session.weight_dtype})"),
                 ("gradient checkpointing", args.gradient_checkpointing),
                 ("min-SNR gamma", args.snr_gamma),
                 ("loss", Objective.from_args(args).summary()),
+                ("EMA", ema.settings.summary() if ema else "off"),
                 ("seed", preflight.seed),
                 *conditioning.summary,
                 ("resuming from", f"{preflight.resume_from} (step {global_step})" if preflight.resume_from else "no"),
@@ -404,6 +414,7 @@ def prepare_training(session: Session, controlnet, transform: PairedTransform, c
         lr_scheduler=lr_scheduler,
         plan=plan,
         global_step=global_step,
+        ema=ema,
     )
 
 
@@ -431,7 +442,24 @@ def make_loop(
         plan=training.plan,
         settings=LoopSettings.from_args(args, session.effective_batch),
         validate=validator,
+        ema=training.ema,
     )
+
+
+def final_writer(controlnet, ema: WeightsEMA | None, save_raw: bool) -> Callable[[Path], None]:
+    """write(folder): the final ControlNet, the average with --use_ema (and then the raw weights in folder/raw
+    with --save_raw_weights)."""
+
+    def write(folder: Path) -> None:
+        if ema is None:
+            controlnet.save_pretrained(folder)
+            return
+        with ema.weights_in():
+            controlnet.save_pretrained(folder)
+        if save_raw:
+            controlnet.save_pretrained(Path(folder) / export.RAW_FOLDER)
+
+    return write
 
 
 def finish_session(
@@ -448,10 +476,11 @@ def finish_session(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:  # through a hidden folder; a full disk ends the run with one line
         controlnet = accelerator.unwrap_model(training.controlnet)
+        weight_bytes = sum(p.numel() * p.element_size() for p in controlnet.parameters())
         save_final(  # the fp32 diffusers folder, then --save_dtype and --export_single_file (export.py)
             args.output_dir,
-            export.final_exports(controlnet.save_pretrained, args),
-            expected_bytes=export.final_bytes(sum(p.numel() * p.element_size() for p in controlnet.parameters()), args),
+            export.final_exports(final_writer(controlnet, training.ema, args.save_raw_weights), args),
+            expected_bytes=export.final_bytes(weight_bytes, args) * (1 + args.save_raw_weights),
         )
     signal = validator(global_step, True, loop.train_loss_since_validation()) if validator is not None else None
     if accelerator.is_main_process:

@@ -19,6 +19,7 @@ from .control_signal import ControlSignal
 
 if TYPE_CHECKING:
     from .conditioning import Conditioning
+    from .ema import WeightsEMA
     from .session import Session, Training
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ def run(
     seed: int | None,
     step: int,
     final: bool,
+    weights: str = "raw",
     **pipeline_kwargs: Any,
 ) -> list[ValidationLog]:
     """One validation on this process: generate for every pair, log to the trackers, return the images."""
@@ -120,7 +122,8 @@ def run(
     with outputs_cast_to(pipeline.controlnet, pipeline.unet.dtype):
         logs = generate(pipeline, pairs, transform, args.num_validation_images, seed, autocast, **pipeline_kwargs)
     log_to_trackers(accelerator, logs, step, final)
-    logger.info("validation at step %d: %d image(s) for %d pair(s)", step, sum(len(x.images) for x in logs), len(logs))
+    count = sum(len(x.images) for x in logs)
+    logger.info("validation at step %d: %d image(s) for %d pair(s), %s weights", step, count, len(logs), weights)
     return logs
 
 
@@ -136,6 +139,8 @@ class Validator:
     control: ControlSignal | None = None
     pipeline_kwargs: dict = field(default_factory=dict)
     logs: list = field(default_factory=list)
+    ema: WeightsEMA | None = None  # --use_ema: the signal is measured for the average too
+    images_with_ema: bool = False  # --validate_with_ema
 
     def start(self, global_step: int) -> None:
         """Before the first step: a fresh run measures the untrained ControlNet (gain 1); a resumed one drops
@@ -151,13 +156,18 @@ class Validator:
     def measure_control(self, step: int, train_loss: float | None) -> dict:
         accelerator = self.session.accelerator
         autocast = accelerator.autocast() if accelerator.mixed_precision != "no" else None
-        signal = self.control.measure(accelerator.unwrap_model(self.controlnet), accelerator.device, autocast)
+        controlnet = accelerator.unwrap_model(self.controlnet)
+        signal = self.control.measure(controlnet, accelerator.device, autocast)
+        message = f"step {step}: held-out loss {signal['heldout_loss']:.5f}, control gain {signal['control_gain']:.4f}"
+        if self.ema is not None:
+            with self.ema.weights_in():
+                averaged = self.control.measure(controlnet, accelerator.device, autocast)
+            signal.update({f"{name}_ema": value for name, value in averaged.items()})
+            message += f" (EMA: {signal['heldout_loss_ema']:.5f}, {signal['control_gain_ema']:.4f})"
         record = {"step": step, "train_loss": train_loss, **signal}
         append_metrics(self.session.args.output_dir, record)
         accelerator.log(signal, step=step)
-        logger.info(
-            "step %d: held-out loss %.5f, control gain %.4f", step, signal["heldout_loss"], signal["control_gain"]
-        )
+        logger.info(message)
         return record
 
     def __call__(self, step: int, final: bool, train_loss: float | None = None) -> dict | None:
@@ -170,16 +180,18 @@ class Validator:
             if args.validation_prompt:
                 pipeline = self.build_pipeline(accelerator.unwrap_model(self.controlnet))
                 pipeline.set_progress_bar_config(disable=True)
-                self.logs = run(
-                    accelerator,
-                    pipeline,
-                    args,
-                    self.transform,
-                    self.session.preflight.seed,
-                    step,
-                    final,
-                    **self.pipeline_kwargs,
-                )
+                with self.ema.weights_in() if self.images_with_ema else contextlib.nullcontext():
+                    self.logs = run(
+                        accelerator,
+                        pipeline,
+                        args,
+                        self.transform,
+                        self.session.preflight.seed,
+                        step,
+                        final,
+                        "EMA" if self.images_with_ema else "raw",
+                        **self.pipeline_kwargs,
+                    )
                 del pipeline
         accelerator.wait_for_everyone()
         return signal
@@ -217,7 +229,14 @@ def make_validator(
     if control is None and not args.validation_prompt:
         return None
     validator = Validator(
-        session, build_pipeline, training.controlnet, transform, control, dict(conditioning.pipeline_kwargs)
+        session,
+        build_pipeline,
+        training.controlnet,
+        transform,
+        control,
+        dict(conditioning.pipeline_kwargs),
+        ema=training.ema,
+        images_with_ema=args.validate_with_ema,
     )
     validator.start(training.global_step)
     return validator

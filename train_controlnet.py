@@ -14,6 +14,7 @@ import sys
 from controlnet_training.arguments import build_parser, parse_args
 from controlnet_training.preflight import SD_MODEL_FILES
 from controlnet_training.presets import exit_on_oom
+from controlnet_training.sanity import run_sanity_check
 from controlnet_training.torch_training.conditioning import sd_conditioning
 from controlnet_training.torch_training.models import (
     MemoryOptions,
@@ -38,7 +39,10 @@ TAGS = [
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(build_parser(__doc__), argv)
     with exit_on_oom(args, "sd"):  # out of device memory: name the next memory preset to try
-        train(args)
+        if args.sanity_check:  # a short fit of a few rows, and a report, instead of the run
+            run_sanity_check(args, train)
+        else:
+            train(args)
 
 
 def train(args) -> None:

@@ -16,6 +16,7 @@ import sys
 
 from controlnet_training.arguments import build_parser, parse_args
 from controlnet_training.presets import exit_on_oom
+from controlnet_training.sanity import run_sanity_check
 from controlnet_training.torch_training.conditioning import sdxl_conditioning
 from controlnet_training.torch_training.models import (
     MemoryOptions,
@@ -48,7 +49,10 @@ def main(argv: list[str] | None = None) -> None:
     add_sdxl_args(parser)
     args = parse_args(parser, argv)
     with exit_on_oom(args, "sdxl"):  # out of device memory: name the next memory preset to try
-        train(args)
+        if args.sanity_check:  # a short fit of a few rows, and a report, instead of the run
+            run_sanity_check(args, train)
+        else:
+            train(args)
 
 
 def train(args) -> None:

@@ -359,11 +359,13 @@ def build_parser(description: str) -> Parser:
     add_checkpoint_args(parser)
     add_validation_args(parser)
     add_logging_args(parser)
-    from .ema import add_ema_args  # (ema.py and export.py import InputError from here)
+    from .ema import add_ema_args  # (these modules import InputError from here)
     from .export import add_export_args
+    from .sanity import add_sanity_args
 
     add_ema_args(parser)
     add_export_args(parser)
+    add_sanity_args(parser)
     return parser
 
 
@@ -414,6 +416,9 @@ def check_args(args: argparse.Namespace) -> None:
 
     check_objective_args(args)
     check_ema_args(args)
+    from .sanity import check_sanity_args
+
+    check_sanity_args(args)
     check_optimizer_args(args)
     if args.lr_scheduler not in LR_SCHEDULERS:
         raise InputError(f"--lr_scheduler {args.lr_scheduler} is not one of: {', '.join(LR_SCHEDULERS)}")

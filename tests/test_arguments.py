@@ -167,7 +167,8 @@ OPTIMIZER_FLAGS = {
     "prodigy_safeguard_warmup",
 }
 SHARED_FLAGS = GEOMETRY_FLAGS | OBJECTIVE_FLAGS | EXPORT_FLAGS | EMA_FLAGS | OPTIMIZER_FLAGS  # ours, in all three
-OUR_FLAGS |= SHARED_FLAGS
+SANITY_FLAGS = {"sanity_check", "sanity_check_steps", "sanity_check_rows"}  # (PyTorch only: the control signal)
+OUR_FLAGS |= SHARED_FLAGS | SANITY_FLAGS
 
 
 def test_every_reference_flag_plus_ours():

@@ -360,6 +360,7 @@ def test_streaming_bf16_remat_schedule_and_exact_resume(tiny_sd, fill_data, tmp_
         use_ema=True,
         ema_decay=0.9,
         save_raw_weights=True,
+        optimizer="adafactor",
     )
     straight_out, resumed = tmp_path / "straight", tmp_path / "resumed"
     result = run(flax_args(tiny_sd, fill_data["parquet"], straight_out, checkpointing_steps=2, **common), flax_env)

@@ -33,6 +33,9 @@ PYTORCH_ONLY = (
     "torch_compile",
     "channels_last",
     "ema_on_cpu",
+    "sanity_check",  # (it measures the PyTorch control signal)
+    "sanity_check_steps",
+    "sanity_check_rows",
 )
 TRACKERS = ("tensorboard", "wandb", "all", "none")
 

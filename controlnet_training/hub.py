@@ -37,13 +37,18 @@ def training_details(rows: dict[str, object]) -> str:
     return "\n## Training details\n\n" + "\n".join(f"- {name}: {value}" for name, value in rows.items()) + "\n"
 
 
-def control_section(heldout_loss: float, control_gain: float, heldout_rows: int, plot_name: str) -> str:
-    """The control-adherence figures for the model card."""
+def control_section(
+    heldout_loss: float, control_gain: float, heldout_rows: int, plot_name: str, ema: tuple[float, float] | None = None
+) -> str:
+    """The control-adherence figures for the model card; `ema`: (held-out loss, gain) of the averaged weights."""
+    averaged = ""
+    if ema is not None:
+        averaged = f" The EMA weights (the ones published): held-out loss {ema[0]:.5f}, control gain {ema[1]:.4f}."
     return (
         f"\n## Control adherence\n\nOn {heldout_rows} held-out rows, at fixed timesteps and noise: held-out "
         f"denoising loss {heldout_loss:.5f}, control gain {control_gain:.4f} (the error with another row's "
-        f"control image divided by the error with the row's own; 1 means the control image is ignored).\n\n"
-        f"![control adherence](./{plot_name})\n"
+        f"control image divided by the error with the row's own; 1 means the control image is ignored).{averaged}"
+        f"\n\n![control adherence](./{plot_name})\n"
     )
 
 

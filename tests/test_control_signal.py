@@ -179,7 +179,9 @@ def test_short_run_writes_log_plot_and_card(tiny_sd, fill_data, tmp_path, capsys
     assert "(EMA: " in log and "1 pair(s), EMA weights" in log and "EMA : decay 0.5" in log
     average, raw = load_weights(tmp_path), load_weights(tmp_path / "raw")
     assert average.keys() == raw.keys() and any(not torch.equal(average[k], raw[k]) for k in raw)
-    assert "raw/ (raw weights, not averaged)" in (tmp_path / "README.md").read_text()
+    card = (tmp_path / "README.md").read_text()
+    assert "raw/ (raw weights, not averaged)" in card
+    assert f"The EMA weights (the ones published): held-out loss {records[-1]['heldout_loss_ema']:.5f}" in card
     from controlnet_training.control_signal import main
 
     main([str(tmp_path)])

@@ -489,8 +489,9 @@ def finish_session(
         control_section = ""
         if signal is not None:
             plot = plot_metrics(args.output_dir)
+            ema = (signal["heldout_loss_ema"], signal["control_gain_ema"]) if "control_gain_ema" in signal else None
             control_section = hub.control_section(
-                signal["heldout_loss"], signal["control_gain"], len(session.preflight.heldout), plot.name
+                signal["heldout_loss"], signal["control_gain"], len(session.preflight.heldout), plot.name, ema
             )
         details = hub.training_details(
             {
@@ -500,6 +501,9 @@ def finish_session(
                 "resolution": args.resolution,
                 "mixed precision": accelerator.mixed_precision,
                 "min-SNR gamma": args.snr_gamma,
+                "loss": Objective.from_args(args).summary(),
+                "optimizer": OptimizerSettings.from_args(args).summary(),
+                "EMA": training.ema.settings.summary() if training.ema else "off",
                 "seed": session.preflight.seed,
             }
         )

@@ -382,11 +382,14 @@ def test_resume_from_a_checkpoint_folder_with_another_name(tiny_sd, fill_data, t
     )
     saved = tmp_path / "kept-for-later"
     shutil.copytree(tmp_path / "a" / "checkpoint-2", saved)
-    result = run_script(
+    result = run_script(  # and with --use_ema, which the checkpoint was written without
         SCRIPT,
-        base_args(tiny_sd, fill_data["imagefolder"], tmp_path / "b", max_train_steps=3, resume_from_checkpoint=saved),
+        base_args(
+            tiny_sd, fill_data["imagefolder"], tmp_path / "b", max_train_steps=3, resume_from_checkpoint=saved, use_ema=True
+        ),
     )
     assert "(step 2)" in result.stderr
+    assert "holds no EMA (trained without --use_ema): the average starts from its weights" in result.stderr
     assert sorted(read_scalars(tmp_path / "b" / "logs", "loss")) == [3]
 
 

@@ -77,6 +77,7 @@ class TrainLoop:
             "processes": accelerator.num_processes,
             "deepspeed": accelerator.distributed_type == "DEEPSPEED",
             "effective_batch": settings.effective_batch,
+            "ema": self.ema is not None,
         }
         # A first checkpoint holds about 3× the trainable weights (fp32 weights + AdamW's two moments): the space
         # asked for if the disk fills up before any checkpoint exists to measure.

@@ -371,14 +371,32 @@ def prepare_training(session: Session, controlnet, transform: PairedTransform, c
         )
     args.max_train_steps, args.num_train_epochs = plan.max_train_steps, plan.num_epochs
 
-    ema = None
-    if args.use_ema:  # the average of the prepared model's parameters, in every checkpoint (custom_checkpoint_0)
-        ema = WeightsEMA([p for p in controlnet.parameters() if p.requires_grad], EMASettings.from_args(args))
+    # The average of the prepared model's parameters, in every checkpoint (accelerate's custom_checkpoint_0). A
+    # checkpoint written without one starts it from the resumed weights; one written with it, resumed without
+    # --use_ema, keeps its average on disk unread.
+    resume_from = preflight.resume_from
+    saved_ema = resume_from is not None and read_state(resume_from).get("ema", False)
+
+    def make_ema() -> WeightsEMA:
+        return WeightsEMA([p for p in controlnet.parameters() if p.requires_grad], EMASettings.from_args(args))
+
+    ema = make_ema() if args.use_ema and (resume_from is None or saved_ema) else None
+    if ema is not None:
         accelerator.register_for_checkpointing(ema)
     global_step = 0
-    if preflight.resume_from is not None:
-        accelerator.load_state(str(preflight.resume_from))
-        global_step = read_state(preflight.resume_from)["global_step"]  # the folder may have any name
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        global_step = read_state(resume_from)["global_step"]  # the folder may have any name
+        if args.use_ema and ema is None:
+            logger.warning(
+                "%s holds no EMA (trained without --use_ema): the average starts from its weights", resume_from
+            )
+            ema = make_ema()
+            accelerator.register_for_checkpointing(ema)
+        elif saved_ema and not args.use_ema:
+            logger.warning(
+                "%s holds an EMA, which this run (without --use_ema) neither continues nor exports", resume_from
+            )
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args))
     logger.info(

@@ -385,7 +385,12 @@ def test_resume_from_a_checkpoint_folder_with_another_name(tiny_sd, fill_data, t
     result = run_script(  # and with --use_ema, which the checkpoint was written without
         SCRIPT,
         base_args(
-            tiny_sd, fill_data["imagefolder"], tmp_path / "b", max_train_steps=3, resume_from_checkpoint=saved, use_ema=True
+            tiny_sd,
+            fill_data["imagefolder"],
+            tmp_path / "b",
+            max_train_steps=3,
+            resume_from_checkpoint=saved,
+            use_ema=True,
         ),
     )
     assert "(step 2)" in result.stderr

@@ -164,11 +164,16 @@ def optimizer_name(settings: AdamWSettings) -> str:
     return getattr(settings, "name", "adamw")
 
 
+def prodigy_rate_is_off(learning_rate: float) -> bool:
+    """Whether a --learning_rate is far from Prodigy's 1.0 (outside PRODIGY_LR_RANGE)."""
+    low, high = PRODIGY_LR_RANGE
+    return not low < learning_rate < high
+
+
 def warn_prodigy_learning_rate(learning_rate: float) -> None:
     """Prodigy learns its step size; --learning_rate multiplies it, so values far from 1.0 are most likely
     AdamW-sized rates carried over (diffusers' dreambooth scripts warn the same way)."""
-    low, high = PRODIGY_LR_RANGE
-    if not low < learning_rate < high:
+    if prodigy_rate_is_off(learning_rate):
         logger.warning(
             "--learning_rate %g with --optimizer prodigy: Prodigy learns its step size and the learning rate "
             "scales it; around 1.0 is generally better",

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .arguments import InputError
+from .optimizers import prodigy_rate_is_off
+from .step_plan import effective_batch
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +69,9 @@ def flag_warnings(args: argparse.Namespace, processes: int) -> list[str]:
             f"--learning_rate {lr:g} is high for AdamW on a pretrained model (recipes: 1e-5): the copy of the UNet "
             "encoder can drift from the base it must steer"
         )
-    elif optimizer == "prodigy" and not 0.1 <= lr <= 10:
+    elif optimizer == "prodigy" and prodigy_rate_is_off(lr):
         warnings.append(f"--learning_rate {lr:g} with Prodigy: it adapts the step itself, leave the rate near 1.0")
-    batch = args.train_batch_size * processes * args.gradient_accumulation_steps
+    batch = effective_batch(args.train_batch_size, processes, args.gradient_accumulation_steps)
     if batch < SMALLEST_BATCH:
         warnings.append(
             f"the effective batch is {batch} (batch x processes x accumulation): the recipes use at least "
@@ -116,7 +118,7 @@ def run_sanity_check(args: argparse.Namespace, train: Callable[[argparse.Namespa
     warnings = flag_warnings(args, processes)
     run = copy.copy(args)
     run.output_dir = str(Path(args.output_dir) / SANITY_FOLDER)
-    batch = args.train_batch_size * processes * args.gradient_accumulation_steps
+    batch = effective_batch(args.train_batch_size, processes, args.gradient_accumulation_steps)
     run.max_train_samples = max(args.sanity_check_rows, batch)  # the fitted rows are also the measured ones
     run.max_train_steps = args.sanity_check_steps
     run.validation_steps = max(1, args.sanity_check_steps // 3)

@@ -76,12 +76,17 @@ class BucketedLatents:
 
 
 def latent_cache(
-    session, transform: PairedTransform, vae_identity: dict, encode_pixels: Callable[[np.ndarray], tuple[Any, Any]]
+    session,
+    transform: PairedTransform,
+    vae_identity: dict,
+    encode_pixels: Callable[[np.ndarray], tuple[Any, Any]],
+    encode_control: Callable[[np.ndarray], Any] | None = None,
 ) -> TensorCache | BucketedLatents:
     """Posterior (mean, std), original size and crop of every training row, keyed by row number; with buckets, one
     cache per bucket, each at its bucket's shape.
     `encode_pixels(images in [-1, 1], N×3×H×W float32) -> (mean, std)` in the UNet's latent scale; `vae_identity`
-    is everything its output depends on (config, weights, dtype, framework)."""
+    is everything its output depends on (config, weights, dtype, framework). `encode_control(control images in
+    [0, 1]) -> posterior mean`: the families whose ControlNet takes the control image's latent (SD3, Flux)."""
     args, preflight = session.args, session.preflight
     if transform.augments:
         raise ValueError("random crops and flips change every epoch: their posteriors cannot be cached")
@@ -91,12 +96,15 @@ def latent_cache(
     def compute(indices: list[int]) -> dict[str, Any]:
         batch = collate([rows[i] for i in indices])
         mean, std = encode_pixels(batch["pixel_values"])
-        return {
+        encoded = {
             "latent_mean": mean,
             "latent_std": std,
             "original_sizes": batch["original_sizes"],
             "crops_top_left": batch["crops_top_left"],
         }
+        if encode_control is not None:
+            encoded["control_mean"] = encode_control(batch["conditioning_pixel_values"])
+        return encoded
 
     parts = {
         "kind": "vae-posterior",
@@ -109,6 +117,8 @@ def latent_cache(
         "revision": args.revision,
         "variant": getattr(args, "variant", None),
     }
+    if encode_control is not None:
+        parts.update(kind="vae-posterior+control", conditioning_image_column=preflight.columns.conditioning_image)
     table = transform.buckets
     if table is None:
         return _cache(session, parts, range(len(rows)), compute, "caching VAE posteriors")

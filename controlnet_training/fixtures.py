@@ -1,11 +1,14 @@
-"""Offline fixtures: a tiny (or SD1.5-size) random-weight SD 1.x pipeline and a synthetic fill-style dataset.
+"""Offline fixtures: tiny (or real-size) random-weight SD 1.x and SDXL pipelines, tiny SD3, SD3.5 and Flux ones,
+and a synthetic fill-style dataset.
 
 Nothing here touches the network. The pipeline folder is written in diffusers layout and loads with
-`StableDiffusionPipeline.from_pretrained`; the dataset mimics fusing/fill50k (a filled circle of one colour on a
-background of another, the control image its white outline on black) and is written as an imagefolder with
-`metadata.jsonl`, as parquet, and as a `save_to_disk` folder.
+`StableDiffusionPipeline.from_pretrained` (the SDXL sizes with `StableDiffusionXLPipeline`, tiny-sd3 and tiny-sd35
+with `StableDiffusion3Pipeline`, tiny-flux with `FluxPipeline`); the dataset mimics fusing/fill50k (a filled circle
+of one colour on a background of another, the control image its white outline on black) and is written as an
+imagefolder with `metadata.jsonl`, as parquet, and as a `save_to_disk` folder.
 
     python -m controlnet_training.fixtures pipeline fixtures/tiny-sd
+    python -m controlnet_training.fixtures pipeline fixtures/tiny-flux --size tiny-flux
     python -m controlnet_training.fixtures dataset fixtures/fill --rows 64 --resolution 64
 """
 
@@ -16,12 +19,18 @@ import gzip
 import json
 import math
 import random
+import string
 import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline, SD3ControlNetModel, SD3Transformer2DModel
+    from transformers import T5TokenizerFast
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -99,6 +108,45 @@ def make_tokenizer(real_vocab: str | Path | None = None):
 
     vocab, merges = real_clip_vocab(real_vocab) if real_vocab else small_clip_vocab()
     return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=77)
+
+
+T5_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # T5's ids 0, 1 and 2
+
+
+def small_t5_vocab(words: list[str] = CAPTION_WORDS) -> list[tuple[str, float]]:
+    """A SentencePiece-style Unigram vocabulary (piece, log-probability): T5's special tokens at ids 0-2, then
+    each of `words` as one word-initial piece ("▁red"), then the bare "▁" and single letters and digits, so any
+    other word still tokenizes, letter by letter, and not to <unk>."""
+    pieces = [(token, 0.0) for token in T5_SPECIAL_TOKENS]
+    pieces += [(f"▁{word}", -1.0) for word in dict.fromkeys(words)]
+    pieces += [("▁", -2.0)] + [(c, -10.0) for c in string.ascii_letters + string.digits]
+    return pieces
+
+
+def make_t5_tokenizer(model_max_length: int = 512) -> T5TokenizerFast:
+    """A T5 tokenizer without sentencepiece: a `tokenizers` Unigram model with T5's own pipeline (whitespace split,
+    "▁" word prefix, "</s>" appended), in transformers' `T5TokenizerFast` (no sentinel <extra_id_*> tokens)."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+    from transformers import T5TokenizerFast
+
+    backend = Tokenizer(Unigram(small_t5_vocab(), unk_id=T5_SPECIAL_TOKENS.index("<unk>"), byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
+    )
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    eos = T5_SPECIAL_TOKENS.index("</s>")
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", eos)]
+    )
+    return T5TokenizerFast(
+        tokenizer_object=backend,
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_ids=0,
+        model_max_length=model_max_length,
+    )
 
 
 # --------------------------------------------------------------------------------------------- pipeline
@@ -202,6 +250,98 @@ SDXL_TEXT_2 = dict(
 SIZES = {"tiny": TINY, "sd15": SD15, "tiny-sdxl": TINY_XL, "sdxl": SDXL}
 
 
+@dataclass(frozen=True)
+class TransformerPipelineSize:
+    """An SD3 or Flux pipeline: a diffusion transformer, a 16-channel VAE, CLIP text encoders and a T5 encoder."""
+
+    family: str  # "sd3" or "flux"
+    transformer: dict
+    vae: dict
+    text: dict  # CLIP: SD3's text_encoder (with projection), Flux's text_encoder
+    text_2: dict | None  # SD3's second CLIP (with projection); None for Flux
+    t5: dict
+    scheduler: dict
+
+
+# 4 blocks, as the real ones: a VAE scale factor of 8, so 64 px → 8×8 latents → 4×4 tokens in both families (SD3
+# patches 2×2, Flux packs 2×2); both pipelines need image sides divisible by 8 × 2 = 16. No quant_conv, as theirs.
+TINY_VAE_16 = dict(TINY.vae, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+TINY_T5 = dict(
+    d_model=96,  # ≥ SD3's 32 + 48 CLIP widths, which SD3 zero-pads to it (as 768 + 1280 to 4096)
+    d_kv=8,
+    d_ff=64,
+    num_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=32,
+    feed_forward_proj="gated-gelu",  # T5 v1.1 / XXL, the encoder SD3 and Flux use
+    dropout_rate=0.0,
+    tie_word_embeddings=False,
+)
+TINY_SD3 = TransformerPipelineSize(
+    family="sd3",
+    transformer=dict(
+        sample_size=32,
+        patch_size=2,
+        in_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=TINY_T5["d_model"],
+        caption_projection_dim=16,  # = inner dim (2 heads × 8)
+        pooled_projection_dim=80,  # 32 + 48, both CLIP projections concatenated
+        out_channels=16,
+        pos_embed_max_size=64,
+    ),
+    vae=dict(TINY_VAE_16, shift_factor=0.0609, scaling_factor=1.5305),  # SD3's VAE
+    text=TINY.text,
+    text_2=dict(
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        projection_dim=48,
+        hidden_act="gelu",
+    ),
+    t5=TINY_T5,
+    scheduler=dict(num_train_timesteps=1000, shift=3.0),
+)
+# SD3.5 large differs from SD3 medium in its transformer by RMS-normalised queries and keys; the SD3.5-large
+# ControlNets are another layout (no positional embedding of their own): see make_sd35_controlnet.
+TINY_SD35 = TransformerPipelineSize(
+    **{**TINY_SD3.__dict__, "transformer": dict(TINY_SD3.transformer, qk_norm="rms_norm")}
+)
+TINY_FLUX = TransformerPipelineSize(
+    family="flux",
+    transformer=dict(
+        patch_size=1,
+        in_channels=64,  # 16 latent channels × 2 × 2 packing
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=TINY_T5["d_model"],
+        pooled_projection_dim=TINY.text["hidden_size"],  # CLIP's pooled output
+        guidance_embeds=True,  # as FLUX.1-dev
+        axes_dims_rope=(2, 2, 4),  # sums to attention_head_dim
+    ),
+    vae=dict(TINY_VAE_16, shift_factor=0.1159, scaling_factor=0.3611),  # Flux's VAE
+    text=TINY.text,
+    text_2=None,
+    t5=TINY_T5,
+    scheduler=dict(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    ),
+)
+TRANSFORMER_SIZES = {"tiny-sd3": TINY_SD3, "tiny-sd35": TINY_SD35, "tiny-flux": TINY_FLUX}
+
+
 def _text_config(tokenizer, size: str, **spec):
     from transformers import CLIPTextConfig
 
@@ -217,7 +357,12 @@ def _text_config(tokenizer, size: str, **spec):
 
 
 def make_pipeline(size: str = "tiny", prediction_type: str = "epsilon", seed: int = 0, real_vocab=None):
-    """Build a random-weight StableDiffusionPipeline (no safety checker), or an SDXL one for the *sdxl sizes."""
+    """Build a random-weight StableDiffusionPipeline (no safety checker), an SDXL one for the *sdxl sizes, or an SD3
+    or Flux one for the TRANSFORMER_SIZES."""
+    if size in TRANSFORMER_SIZES:
+        if prediction_type != "epsilon":
+            raise ValueError(f"{size} is a flow-matching pipeline: it has no prediction_type ({prediction_type!r})")
+        return make_transformer_pipeline(size, seed, real_vocab)
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -262,6 +407,96 @@ def make_pipeline(size: str = "tiny", prediction_type: str = "epsilon", seed: in
     )
 
 
+def _t5_encoder(tokenizer, spec: dict):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+        is_encoder_decoder=False,
+        use_cache=False,
+        **spec,
+    )
+    return T5EncoderModel(config)
+
+
+def make_transformer_pipeline(
+    size: str = "tiny-sd3", seed: int = 0, real_vocab: str | Path | None = None
+) -> DiffusionPipeline:
+    """Build a random-weight StableDiffusion3Pipeline (tiny-sd3, tiny-sd35) or FluxPipeline (tiny-flux)."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    spec = TRANSFORMER_SIZES[size]
+    tokenizer, t5_tokenizer = make_tokenizer(real_vocab), make_t5_tokenizer()
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, **spec.vae)
+    scheduler = FlowMatchEulerDiscreteScheduler(**spec.scheduler)
+    if spec.family == "flux":
+        from diffusers import FluxPipeline, FluxTransformer2DModel
+
+        return FluxPipeline(
+            transformer=FluxTransformer2DModel(**spec.transformer),
+            vae=vae,
+            scheduler=scheduler,
+            text_encoder=CLIPTextModel(_text_config(tokenizer, size, **spec.text)),
+            tokenizer=tokenizer,
+            text_encoder_2=_t5_encoder(t5_tokenizer, spec.t5),
+            tokenizer_2=t5_tokenizer,
+        )
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(**spec.transformer),
+        vae=vae,
+        scheduler=scheduler,
+        text_encoder=CLIPTextModelWithProjection(_text_config(tokenizer, size, **spec.text)),
+        tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer, size, **spec.text_2)),
+        tokenizer_2=make_tokenizer(real_vocab),
+        text_encoder_3=_t5_encoder(t5_tokenizer, spec.t5),
+        tokenizer_3=t5_tokenizer,
+    )
+
+
+def make_sd35_controlnet(
+    transformer: SD3Transformer2DModel, num_layers: int | None = None, seed: int = 0
+) -> SD3ControlNetModel:
+    """A random-weight ControlNet in the layout of Stability AI's SD3.5-large ControlNets (blur, canny, depth), as
+    diffusers' scripts/convert_sd3_controlnet_to_diffusers.py writes them: single-stream blocks, no text input
+    (`joint_attention_dim=None`), the pooled text used as it is, and no positional embedding of its own
+    (`use_pos_embed=False`, `pos_embed_type=None`): its input is the transformer's patch tokens, as 3-D hidden
+    states, not 4-D latents. Half the transformer's layers, as 19 of 38."""
+    import torch
+    from diffusers import SD3ControlNetModel
+
+    config = transformer.config
+    torch.manual_seed(seed)
+    controlnet = SD3ControlNetModel(
+        sample_size=config.sample_size,
+        patch_size=config.patch_size,
+        in_channels=config.in_channels,
+        num_layers=num_layers or max(1, config.num_layers // 2),
+        attention_head_dim=config.attention_head_dim,
+        num_attention_heads=config.num_attention_heads,
+        joint_attention_dim=None,
+        caption_projection_dim=config.caption_projection_dim,
+        pooled_projection_dim=config.pooled_projection_dim,
+        out_channels=config.out_channels,
+        pos_embed_max_size=None,
+        pos_embed_type=None,
+        use_pos_embed=False,
+        force_zeros_for_pooled_projection=False,
+    )
+    # As a trained one, not a fresh one: non-zero output blocks and control input, so that it steers the transformer.
+    for module in [*controlnet.controlnet_blocks, controlnet.pos_embed_input.proj]:
+        module.reset_parameters()
+    return controlnet
+
+
 def write_pipeline(
     out_dir: str | Path,
     size: str = "tiny",
@@ -269,8 +504,13 @@ def write_pipeline(
     seed: int = 0,
     real_vocab: str | Path | None = None,
 ) -> Path:
+    """Write the pipeline of `size` to `out_dir`. tiny-sd35 also gets, in `out_dir/controlnet`, a ControlNet in
+    the SD3.5-large ControlNets' layout (make_sd35_controlnet), which the pipeline itself does not load."""
     out_dir = Path(out_dir)
-    make_pipeline(size, prediction_type, seed, real_vocab).save_pretrained(out_dir)
+    pipeline = make_pipeline(size, prediction_type, seed, real_vocab)
+    pipeline.save_pretrained(out_dir)
+    if size == "tiny-sd35":
+        make_sd35_controlnet(pipeline.transformer, seed=seed).save_pretrained(out_dir / "controlnet")
     return out_dir
 
 
@@ -391,14 +631,16 @@ def _load_images(data_dir: str | Path, resolution: int):
 
 def calibrate_vae(vae, log_std: float = -6.0) -> None:
     """Make the posterior near-deterministic: the log-variance half of quant_conv outputs a constant 2·log_std
-    (std = e^-6 ≈ 0.0025), so a sampled latent is its mean plus a whisper of noise, not mostly noise."""
+    (std = e^-6 ≈ 0.0025), so a sampled latent is its mean plus a whisper of noise, not mostly noise. A VAE
+    without quant_conv (SD3's, Flux's) gets this in the last layer of its encoder instead."""
     import torch
 
     channels = vae.config.latent_channels
+    conv = vae.quant_conv if vae.quant_conv is not None else vae.encoder.conv_out
     with torch.no_grad():
-        vae.quant_conv.weight[channels:].zero_()
-        vae.quant_conv.bias[channels:].fill_(2 * log_std)
-    vae.quant_conv.requires_grad_(False)
+        conv.weight[channels:].zero_()
+        conv.bias[channels:].fill_(2 * log_std)
+    conv.requires_grad_(False)
 
 
 def pretrain_base(
@@ -483,9 +725,9 @@ def pretrain_base(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    pipe = sub.add_parser("pipeline", help="write a random-weight SD 1.x pipeline folder")
+    pipe = sub.add_parser("pipeline", help="write a random-weight SD 1.x, SDXL, SD3 or Flux pipeline folder")
     pipe.add_argument("out_dir")
-    pipe.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    pipe.add_argument("--size", choices=sorted([*SIZES, *TRANSFORMER_SIZES]), default="tiny")
     pipe.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon")
     pipe.add_argument("--seed", type=int, default=0)
     pipe.add_argument(
@@ -540,6 +782,8 @@ def main(argv: list[str] | None = None) -> None:
             f"(VAE scaling factor {pipeline.vae.config.scaling_factor:.3f})"
         )
     elif args.command == "pipeline":
+        if args.size in TRANSFORMER_SIZES and args.prediction_type != "epsilon":
+            parser.error(f"--size {args.size} is a flow-matching pipeline: it takes no --prediction_type")
         vocab = args.clip_vocab
         if vocab == "open_clip":
             vocab = find_open_clip_vocab()

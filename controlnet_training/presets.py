@@ -15,9 +15,19 @@ from dataclasses import dataclass
 
 from .logs import logger
 
-FAMILIES = {"sd": "SD 1.x/2.x, 512 px", "sdxl": "SDXL, 1024 px"}
+FAMILIES = {
+    "sd": "SD 1.x/2.x, 512 px",
+    "sdxl": "SDXL, 1024 px",
+    "sd3": "SD3 medium, 1024 px",
+    "flux": "Flux.1, 1024 px",
+}
 DEEPSPEED_LAUNCH = "accelerate launch --config_file configs/deepspeed_zero2_offload.yaml"
-SCRIPTS = {"sd": "train_controlnet.py", "sdxl": "train_controlnet_sdxl.py"}
+SCRIPTS = {
+    "sd": "train_controlnet.py",
+    "sdxl": "train_controlnet_sdxl.py",
+    "sd3": "train_controlnet_sd3.py",
+    "flux": "train_controlnet_flux.py",
+}
 
 
 @dataclass(frozen=True)

@@ -271,3 +271,31 @@ def tiny_sdxl(tmp_path_factory) -> Path:
         write_pipeline(folder, size="tiny-sdxl")
 
     return copied_fixture("tiny-sdxl", {"size": "tiny-sdxl"}, build, tmp_path_factory)
+
+
+def _pipeline_fixture(size: str, tmp_path_factory) -> Path:
+    from controlnet_training.fixtures import write_pipeline
+
+    def build(folder: Path) -> None:
+        write_pipeline(folder, size=size)
+
+    return copied_fixture(size, {"size": size}, build, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> Path:
+    """A tiny random StableDiffusion3Pipeline folder (SD3-medium-like transformer)."""
+    return _pipeline_fixture("tiny-sd3", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd35(tmp_path_factory) -> Path:
+    """A tiny random SD3.5-large-like StableDiffusion3Pipeline folder, with a ControlNet in the layout of the
+    SD3.5-large ControlNets (no positional embedding of its own) in its `controlnet` subfolder."""
+    return _pipeline_fixture("tiny-sd35", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> Path:
+    """A tiny random FluxPipeline folder (FLUX.1-dev-like: guidance embedding)."""
+    return _pipeline_fixture("tiny-flux", tmp_path_factory)

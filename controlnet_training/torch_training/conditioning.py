@@ -17,14 +17,14 @@ import torch
 from ..cache import TensorCache, model_identity, tokenizer_identity
 from ..data import PairedTransform, token_ids
 from ..encodings import caption_cache, text_cache
-from .encodings import drop_encoders, posterior, row_by_row, vae_latent_cache
+from .encodings import control_posterior_mean, drop_encoders, posterior, row_by_row, vae_latent_cache
 from .sdxl import encode_prompts, time_ids
-from .step import Encode
+from .step import Encode, Encoded
 
 
 @dataclass
 class Conditioning:
-    encode: Encode  # batch -> (posterior mean, std, encoder_hidden_states, added_cond_kwargs)
+    encode: Encode  # batch -> Encoded (or SD's (posterior mean, std, encoder_hidden_states, added_cond_kwargs))
     tokenizers: list  # what the collator tokenizes captions with (none when the text cache supplies them)
     latents: TensorCache | None = None  # VAE posteriors of the training rows
     texts: TensorCache | None = None  # embeddings of every training / held-out caption variant
@@ -151,4 +151,64 @@ def sdxl_conditioning(session, models, transform: PairedTransform) -> Conditioni
             ("VAE posteriors", posterior_note(latents, transform)),
         ],
         release=lambda: drop_encoders(models.vae if cached else None, models.text_encoders if texts else []),
+    )
+
+
+def flow_conditioning(
+    session,
+    models,
+    transform: PairedTransform,
+    encode_captions: Callable[[list[str]], dict],
+    text_identity: dict,
+    control_latents: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    negative_prompt: bool,
+) -> Conditioning:
+    """SD3 and Flux: the text embeddings (sequence and pooled) of every caption cached, except for a stream; the
+    posteriors of the target and of the control image with --cache_encodings. The ControlNet takes
+    `control_latents(control posterior mean, control pixels)`. `negative_prompt`: the validation pipeline also gets
+    the "" embeddings (classifier-free guidance)."""
+    args, device, weight_dtype = session.args, session.accelerator.device, session.weight_dtype
+    base = Path(args.pretrained_model_name_or_path)
+    texts = None if args.streaming else caption_cache(session, text_identity, encode_captions)
+    prompts = None
+    if args.validation_prompt:
+        prompts = text_cache(session, [*args.validation_prompt, ""], text_identity, encode_captions)
+    cached = session.caches_encodings and not transform.augments
+    vae = models.vae
+    latents = vae_latent_cache(session, transform, vae, str(base / "vae"), with_control=True) if cached else None
+
+    def encode(batch: dict) -> Encoded:
+        mean, std = posterior(batch, vae)
+        control = (
+            batch["control_mean"]
+            if "control_mean" in batch
+            else control_posterior_mean(batch["conditioning_pixel_values"], vae)
+        )
+        control = control_latents(control.to(device), batch["conditioning_pixel_values"].to(device))
+        embeds = batch if texts is not None else encode_captions(batch["captions"])
+        added = {"pooled_projections": embeds["pooled_prompt_embeds"].to(device, weight_dtype)}
+        return Encoded(mean, std, embeds["prompt_embeds"].to(device, weight_dtype), added, control)
+
+    def prompt_inputs(prompt: str) -> dict[str, Any]:
+        found = prompts.lookup([prompt, ""])
+        inputs = {name: torch.from_numpy(found[name]).to(device, weight_dtype) for name in found}
+        chosen = {name: value[:1] for name, value in inputs.items()}
+        if negative_prompt:
+            chosen.update({f"negative_{name}": value[1:] for name, value in inputs.items()})
+        return chosen
+
+    return Conditioning(
+        encode=encode,
+        tokenizers=[],
+        latents=latents,
+        texts=texts,
+        pipeline_kwargs={"prompt_inputs": prompt_inputs} if prompts is not None else {},
+        summary=[
+            (
+                "text embeddings",
+                f"{len(texts.keys)} cached in {texts.path}" if texts else "encoded at every step (streamed captions)",
+            ),
+            ("VAE posteriors (target and control)", posterior_note(latents, transform)),
+        ],
+        release=lambda: drop_encoders(vae if cached else None, models.text_encoders if texts else []),
     )

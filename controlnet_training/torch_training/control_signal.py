@@ -17,8 +17,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .loss import prediction_target, stream_seed
+from ..objective import Objective
+from .loss import Denoising, stream_seed
 from .models import controlled_prediction
+from .step import Predict, encoded
 
 TIMESTEP_FRACTIONS = (0.05, 0.2, 0.4, 0.6, 0.8)  # t = 50, 200, 400, 600, 800 of 1000
 HELD_OUT_STREAM = 7919  # keeps the held-out noise apart from the training draws of the same seed
@@ -38,20 +40,23 @@ class ControlSignal:
     weight_dtype: torch.dtype
     seed: int
     device: Any = "cpu"
+    predict: Predict = controlled_prediction
+    denoising: Any = None  # the step's (loss.Denoising, flow.FlowMatching); default: DDPM from noise_scheduler
 
     def __post_init__(self):
-        num_train = self.noise_scheduler.config.num_train_timesteps
-        self.timesteps = [int(f * num_train) for f in TIMESTEP_FRACTIONS]
-        # Another row's control image: the held-out set's control images shifted by one row.
-        controls = torch.cat([b["conditioning_pixel_values"] for b in self.batches])
-        shifted = torch.roll(controls, shifts=-1, dims=0).split([len(b["index"]) for b in self.batches])
-        self.swapped_controls = list(shifted)
-        self.encoded = []
+        if self.denoising is None:
+            self.denoising = Denoising(self.noise_scheduler, Objective(), None, self.device)
+        self.timesteps = list(TIMESTEP_FRACTIONS)
+        self.encoded, controls = [], []
         with torch.no_grad():
             for batch in self.batches:
                 batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                mean, _, hidden, added = self.encode(batch)
-                self.encoded.append((mean.float(), hidden, added))  # the posterior mean: no sampling noise
+                inputs = encoded(batch, self.encode(batch))
+                self.encoded.append((inputs.mean.float(), inputs.encoder_hidden_states, inputs.added))  # no sampling
+                controls.append(inputs.control)
+        # Another row's control: the held-out set's controls (pixels, or their latents) shifted by one row.
+        shifted = torch.roll(torch.cat(controls), shifts=-1, dims=0).split([len(b["index"]) for b in self.batches])
+        self.own_controls, self.swapped_controls = controls, list(shifted)
 
     def _noise(self, shape, row: int, t: int, device) -> torch.Tensor:
         generator = torch.Generator(device="cpu").manual_seed(stream_seed(self.seed, HELD_OUT_STREAM, row, t))
@@ -67,16 +72,16 @@ class ControlSignal:
         swapped_sum = {t: 0.0 for t in self.timesteps}
         rows = 0
         with autocast or contextlib.nullcontext():
-            for batch, swapped, (latents, hidden, added) in zip(
-                self.batches, self.swapped_controls, self.encoded, strict=True
+            for batch, own, swapped, (latents, hidden, added) in zip(
+                self.batches, self.own_controls, self.swapped_controls, self.encoded, strict=True
             ):
                 for t in self.timesteps:
-                    noise = torch.stack([self._noise(latents.shape[1:], r, t, device) for r in batch["index"]])
-                    timesteps = torch.full((latents.shape[0],), t, device=device, dtype=torch.long)
-                    noisy = self.noise_scheduler.add_noise(latents, noise, timesteps).to(self.weight_dtype)
-                    target = prediction_target(self.noise_scheduler, latents, noise, timesteps).float()
-                    for control, sums in ((batch["conditioning_pixel_values"], own_sum), (swapped, swapped_sum)):
-                        pred = controlled_prediction(
+                    key = int(t * 1000)  # the noise stream of this fraction (t = 50, 200, ... of 1000)
+                    noise = torch.stack([self._noise(latents.shape[1:], r, key, device) for r in batch["index"]])
+                    noisy, timesteps, target = self.denoising.at_timestep(latents, noise, t)
+                    noisy, target = noisy.to(self.weight_dtype), target.float()
+                    for control, sums in ((own, own_sum), (swapped, swapped_sum)):
+                        pred = self.predict(
                             controlnet,
                             self.unet,
                             noisy,
@@ -86,7 +91,8 @@ class ControlSignal:
                             added,
                             self.weight_dtype,
                         )
-                        sums[t] += F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3)).sum().item()
+                        errors = F.mse_loss(pred.float(), target, reduction="none")
+                        sums[t] += errors.mean(dim=tuple(range(1, errors.ndim))).sum().item()
                 rows += latents.shape[0]
         controlnet.train(was_training)
         log_ratios = [math.log(swapped_sum[t] / own_sum[t]) for t in self.timesteps]

@@ -35,21 +35,37 @@ def posterior(batch: dict, vae, per_row: bool = True) -> tuple[torch.Tensor, tor
     encoded one row at a time (`per_row`; see row_by_row) or, as the reference does, the whole batch at once."""
     if "latent_mean" in batch:
         return batch["latent_mean"], batch["latent_std"]
-    scale = vae.config.scaling_factor
+    scale, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0  # SD3 / Flux: shift
 
     def encode(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         latent_dist = vae.encode(pixels).latent_dist
-        return latent_dist.mean * scale, latent_dist.std * scale
+        return (latent_dist.mean - shift) * scale, latent_dist.std * scale
 
     with torch.no_grad():
         pixels = torch.as_tensor(batch["pixel_values"]).to(vae.device, vae.dtype)
         return row_by_row(encode, pixels) if per_row else encode(pixels)
 
 
-def vae_latent_cache(session, transform: PairedTransform, vae, vae_folder: str | None) -> TensorCache:
-    """latent_cache filled by a diffusers AutoencoderKL (its weights in `vae_folder`)."""
+def control_posterior_mean(control_pixels, vae) -> torch.Tensor:
+    """The VAE posterior mean of control images given in [0, 1], encoded from [-1, 1] as the SD3 / Flux ControlNet
+    pipelines do, one row at a time; in the VAE's own units (the family applies shift and scale)."""
+    with torch.no_grad():
+        pixels = torch.as_tensor(control_pixels).to(vae.device, vae.dtype) * 2 - 1
+        return row_by_row(lambda rows: vae.encode(rows).latent_dist.mean, pixels)
+
+
+def vae_latent_cache(
+    session, transform: PairedTransform, vae, vae_folder: str | None, with_control: bool = False
+) -> TensorCache:
+    """latent_cache filled by a diffusers AutoencoderKL (its weights in `vae_folder`); `with_control`: the control
+    images' posterior means too (SD3, Flux)."""
+    encode_control = (lambda pixels: control_posterior_mean(pixels, vae)) if with_control else None
     return latent_cache(
-        session, transform, model_identity(vae, vae_folder), lambda pixels: posterior({"pixel_values": pixels}, vae)
+        session,
+        transform,
+        model_identity(vae, vae_folder),
+        lambda pixels: posterior({"pixel_values": pixels}, vae),
+        encode_control,
     )
 
 

@@ -166,7 +166,16 @@ class Denoising:
         noisy = self.scheduler.add_noise(latents, input_noise, timesteps)
         return noisy, prediction_target(self.scheduler, latents, noise, timesteps)
 
-    def loss(self, model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    def at_timestep(self, latents: torch.Tensor, noise: torch.Tensor, fraction: float):
+        """(noisy latents, timesteps, target) at a fixed fraction of the schedule (the control signal's)."""
+        t = int(fraction * self.scheduler.config.num_train_timesteps)
+        timesteps = torch.full((latents.shape[0],), t, device=latents.device, dtype=torch.long)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        return noisy, timesteps, prediction_target(self.scheduler, latents, noise, timesteps)
+
+    def loss(
+        self, model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, noisy: torch.Tensor | None = None
+    ) -> torch.Tensor:
         huber_c = None if self.huber_c is None else self.huber_c[timesteps.to(self.huber_c.device)]
         return diffusion_loss(
             model_pred, target, timesteps, self.scheduler, self.snr_gamma, self.objective.loss_type, huber_c

@@ -32,6 +32,7 @@ from ..data import (
 )
 from ..ema import EMASettings
 from ..encodings import Workers, wants_cache
+from ..flow_matching import flow_settings
 from ..logs import logger, report_outputs, run_summary, setup_logging, tracker_config
 from ..objective import Objective
 from ..optimizers import OptimizerSettings
@@ -40,8 +41,8 @@ from ..step_plan import LoopSettings, StepPlan, effective_batch, plan_steps
 from .conditioning import Conditioning
 from .ema import WeightsEMA
 from .loop import TrainLoop
-from .models import make_optimizer
-from .step import StepSettings, TrainStep
+from .models import controlled_prediction, make_optimizer
+from .step import Predict, StepSettings, TrainStep
 from .streaming import StreamLoader
 from .validation import Validator
 
@@ -315,9 +316,11 @@ class Training:
     ema: WeightsEMA | None = None  # --use_ema
 
 
-def prepare_training(session: Session, controlnet, transform: PairedTransform, conditioning: Conditioning) -> Training:
+def prepare_training(
+    session: Session, controlnet, transform: PairedTransform, conditioning: Conditioning, controlnet_cls=None
+) -> Training:
     """The training rows, optimizer, schedule and data loader through accelerate; resume; trackers; the
-    start-of-run summary.
+    start-of-run summary. `controlnet_cls`: what checkpoints load the ControlNet with (default ControlNetModel).
 
     Rows carry the target image only without a posterior cache; the collator tokenizes with
     `conditioning.tokenizers` and reads posteriors / text embeddings from its caches.
@@ -325,7 +328,7 @@ def prepare_training(session: Session, controlnet, transform: PairedTransform, c
     from diffusers import ControlNetModel
 
     args, accelerator, preflight = session.args, session.accelerator, session.preflight
-    register_controlnet_state_hooks(accelerator, ControlNetModel)
+    register_controlnet_state_hooks(accelerator, controlnet_cls or ControlNetModel)
     dataset = ControlNetDataset(
         preflight.dataset,
         preflight.columns,
@@ -416,8 +419,7 @@ def prepare_training(session: Session, controlnet, transform: PairedTransform, c
                 ("optimizer", OptimizerSettings.from_args(args).summary()),
                 ("mixed precision", f"{accelerator.mixed_precision} (frozen models in {session.weight_dtype})"),
                 ("gradient checkpointing", args.gradient_checkpointing),
-                ("min-SNR gamma", args.snr_gamma),
-                ("loss", Objective.from_args(args).summary()),
+                *loss_rows(args),
                 ("EMA", ema.settings.summary() if ema else "off"),
                 ("seed", preflight.seed),
                 *conditioning.summary,
@@ -436,8 +438,22 @@ def prepare_training(session: Session, controlnet, transform: PairedTransform, c
     )
 
 
+def loss_rows(args) -> list[tuple[str, object]]:
+    """The objective's rows of the summary and model card: Min-SNR and the loss, or the flow-matching settings."""
+    flow = flow_settings(args)
+    if flow is not None:
+        return [("loss", f"{Objective.from_args(args).summary()}, {flow.summary()}")]
+    return [("min-SNR gamma", args.snr_gamma), ("loss", Objective.from_args(args).summary())]
+
+
 def make_loop(
-    session: Session, training: Training, unet, noise_scheduler, conditioning: Conditioning, validator: Validator | None
+    session: Session,
+    training: Training,
+    unet,
+    noise_scheduler,
+    conditioning: Conditioning,
+    validator: Validator | None,
+    predict: Predict = controlled_prediction,
 ) -> TrainLoop:
     """The step (models, loss, update) and the loop around it, from the prepared training objects."""
     args = session.args
@@ -452,6 +468,7 @@ def make_loop(
         weight_dtype=session.weight_dtype,
         seed=session.preflight.seed,
         settings=StepSettings.from_args(args),
+        predict=predict,
     )
     return TrainLoop(
         accelerator=session.accelerator,
@@ -518,8 +535,7 @@ def finish_session(
                 "learning rate": f"{args.learning_rate:g} ({args.lr_scheduler})",
                 "resolution": args.resolution,
                 "mixed precision": accelerator.mixed_precision,
-                "min-SNR gamma": args.snr_gamma,
-                "loss": Objective.from_args(args).summary(),
+                **dict(loss_rows(args)),
                 "optimizer": OptimizerSettings.from_args(args).summary(),
                 "EMA": training.ema.settings.summary() if training.ema else "off",
                 "seed": session.preflight.seed,

@@ -10,17 +10,51 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from ..flow_matching import flow_settings
 from ..objective import Objective
 from .loss import Denoising
 from .models import controlled_prediction
 
-# encode(batch) -> (posterior mean, posterior std, encoder_hidden_states, added_cond_kwargs); latents are in the
-# UNet's scaled space. A latent/text-embedding cache only has to supply a different `encode`.
-Encode = Callable[[dict], tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict | None]]
+
+class Encoded(NamedTuple):
+    """What `encode(batch)` gives the step: the target's posterior (mean, std) in the denoiser's latent space, the
+    text conditioning, the family's added conditions, and the control input the ControlNet takes (the control
+    pixels for SD/SDXL, the control image's VAE latents for SD3/Flux)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    encoder_hidden_states: torch.Tensor
+    added: dict | None
+    control: torch.Tensor
+
+
+# encode(batch) -> Encoded, or the SD families' 4-tuple without the control (then the batch's control pixels). A
+# latent/text-embedding cache only has to supply a different `encode`.
+Encode = Callable[[dict], Encoded | tuple]
+
+# predict(controlnet, base, noisy, timesteps, encoder_hidden_states, control, added, weight_dtype) -> prediction:
+# how a family's ControlNet steers its frozen base (models.controlled_prediction for the UNet families).
+Predict = Callable[..., torch.Tensor]
+
+
+def encoded(batch: dict, output: Encoded | tuple) -> Encoded:
+    if isinstance(output, Encoded):
+        return output
+    return Encoded(*output, batch["conditioning_pixel_values"])
+
+
+def make_denoising(noise_scheduler, settings: StepSettings, device):
+    """The noise, target and loss of the base's objective: DDPM (epsilon / v) for the UNet families, flow matching
+    (SD3, Flux) for a FlowMatchEulerDiscreteScheduler."""
+    if type(noise_scheduler).__name__ == "FlowMatchEulerDiscreteScheduler":
+        from .flow import FlowMatching
+
+        return FlowMatching(noise_scheduler, settings.objective, settings.flow, device)
+    return Denoising(noise_scheduler, settings.objective, settings.snr_gamma, device)
 
 
 @dataclass(frozen=True)
@@ -29,6 +63,7 @@ class StepSettings:
     max_grad_norm: float = 1.0
     set_grads_to_none: bool = True
     objective: Objective = field(default_factory=Objective)  # noise offset, loss type, timestep bias, ...
+    flow: Any = None  # flow_matching.FlowSettings of the SD3 / Flux trainers (None: the default)
 
     @classmethod
     def from_args(cls, args) -> StepSettings:
@@ -37,6 +72,7 @@ class StepSettings:
             max_grad_norm=args.max_grad_norm,
             set_grads_to_none=args.set_grads_to_none,
             objective=Objective.from_args(args),
+            flow=flow_settings(args),
         )
 
 
@@ -46,7 +82,7 @@ class TrainStep:
 
     accelerator: Any
     controlnet: torch.nn.Module  # prepared by accelerate: trainable, fp32
-    unet: torch.nn.Module  # frozen, in the weight dtype
+    unet: torch.nn.Module  # the frozen base (UNet, or the SD3 / Flux transformer), in the weight dtype
     noise_scheduler: Any
     optimizer: Any
     lr_scheduler: Any
@@ -54,29 +90,29 @@ class TrainStep:
     weight_dtype: torch.dtype
     seed: int
     settings: StepSettings = field(default_factory=StepSettings)
+    predict: Predict = controlled_prediction
 
     def __post_init__(self):
         self.params = [p for p in self.controlnet.parameters() if p.requires_grad]
-        self.denoising = Denoising(
-            self.noise_scheduler, self.settings.objective, self.settings.snr_gamma, self.accelerator.device
-        )
+        self.denoising = make_denoising(self.noise_scheduler, self.settings, self.accelerator.device)
 
     def loss(self, batch: dict, epoch: int) -> torch.Tensor:
-        mean, std, encoder_hidden_states, added_cond_kwargs = self.encode(batch)
+        inputs = encoded(batch, self.encode(batch))
+        mean, std = inputs.mean, inputs.std
         draws = self.denoising.draws(self.seed, epoch, batch["index"], mean.shape[1:], mean.device)
         latents = mean.float() + std.float() * draws.posterior_noise  # a sample of the VAE posterior
         noisy_latents, target = self.denoising.noisy_and_target(latents, draws)
-        model_pred = controlled_prediction(
+        model_pred = self.predict(
             self.controlnet,
             self.unet,
             noisy_latents.to(self.weight_dtype),
             draws.timesteps,
-            encoder_hidden_states,
-            batch["conditioning_pixel_values"],
-            added_cond_kwargs,
+            inputs.encoder_hidden_states,
+            inputs.control,
+            inputs.added,
             self.weight_dtype,
         )
-        return self.denoising.loss(model_pred, target, draws.timesteps)
+        return self.denoising.loss(model_pred, target, draws.timesteps, noisy_latents)
 
     def __call__(self, batch: dict, epoch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forward, backward and, at the end of an accumulation group, gradient clipping, the optimizer and

@@ -16,6 +16,8 @@ from ..control_signal import METRICS_FILE, append_metrics, truncate_metrics
 from ..data import Collator, ControlNetDataset, PairedTransform
 from ..validation import ValidationLog, load_control_image, log_to_trackers, validation_pairs
 from .control_signal import ControlSignal
+from .models import controlled_prediction
+from .step import Predict, StepSettings, make_denoising
 
 if TYPE_CHECKING:
     from .conditioning import Conditioning
@@ -31,7 +33,7 @@ def decode_checked(pipeline, latents) -> Image.Image:
     import torch
 
     vae = pipeline.vae
-    scaled = latents / vae.config.scaling_factor
+    scaled = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
     with torch.no_grad():
         image = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
         if not torch.isfinite(image).all() and vae.dtype != torch.float32:
@@ -53,11 +55,15 @@ def generate(
     autocast: contextlib.AbstractContextManager | None = None,
     num_inference_steps: int = 20,
     prompt_inputs: Callable[[str], dict] | None = None,
+    control_argument: str = "image",
+    decode: Callable[[Any, Any, int, int], Image.Image] | None = None,
     **pipeline_kwargs: Any,
 ) -> list[ValidationLog]:
     """`num_images` images per pair, one generator for the whole call (seeded: identical at every validation).
 
-    `prompt_inputs(prompt)` gives the pipeline's prompt arguments (default: the prompt text itself).
+    `prompt_inputs(prompt)` gives the pipeline's prompt arguments (default: the prompt text itself);
+    `control_argument` names the pipeline's control image argument (SD3, Flux: control_image); `decode(pipeline,
+    latents, height, width)` makes the image from the pipeline's latents (default: decode_checked).
     """
     import torch
 
@@ -70,7 +76,7 @@ def generate(
             inputs = prompt_inputs(prompt) if prompt_inputs else {"prompt": prompt}
             for _ in range(num_images):
                 latents = pipeline(
-                    image=control,
+                    **{control_argument: control},
                     num_inference_steps=num_inference_steps,
                     generator=generator,
                     width=control.width,  # the nearest bucket's shape with buckets, else the square
@@ -79,7 +85,10 @@ def generate(
                     **inputs,
                     **pipeline_kwargs,
                 ).images
-                log.images.append(decode_checked(pipeline, latents))
+                if decode is None:
+                    log.images.append(decode_checked(pipeline, latents))
+                else:
+                    log.images.append(decode(pipeline, latents, control.height, control.width))
             logs.append(log)
     return logs
 
@@ -119,7 +128,8 @@ def run(
     pipeline.controlnet.eval()
     pairs = validation_pairs(args.validation_prompt, args.validation_image)
     autocast = accelerator.autocast() if accelerator.mixed_precision != "no" else None
-    with outputs_cast_to(pipeline.controlnet, pipeline.unet.dtype):
+    base = pipeline.unet if hasattr(pipeline, "unet") else pipeline.transformer
+    with outputs_cast_to(pipeline.controlnet, base.dtype):
         logs = generate(pipeline, pairs, transform, args.num_validation_images, seed, autocast, **pipeline_kwargs)
     log_to_trackers(accelerator, logs, step, final)
     count = sum(len(x.images) for x in logs)
@@ -205,6 +215,7 @@ def make_validator(
     conditioning: Conditioning,
     unet,
     noise_scheduler,
+    predict: Predict = controlled_prediction,
 ) -> Validator | None:
     """A Validator when there is something to validate: prompts/images, or held-out rows for the control signal
     (encoded here, once, while the encoders are still on the device)."""
@@ -225,6 +236,8 @@ def make_validator(
             session.weight_dtype,
             session.preflight.seed,
             session.accelerator.device,
+            predict=predict,
+            denoising=make_denoising(noise_scheduler, StepSettings.from_args(args), session.accelerator.device),
         )
     if control is None and not args.validation_prompt:
         return None

@@ -391,8 +391,14 @@ _NON_NEGATIVE = ("lr_warmup_steps", "dataloader_num_workers", "adam_weight_decay
 
 def check_args(args: argparse.Namespace) -> None:
     """The reference's parse-time rules plus range checks it lacked. Raises InputError."""
-    if args.dataset_name is None and args.train_data_dir is None:
-        raise InputError("give the training data with --dataset_name (hub id) or --train_data_dir (local folder)")
+    jsonl = getattr(args, "jsonl_for_train", None)  # train_controlnet_flux.py's third source
+    if args.dataset_name is None and args.train_data_dir is None and jsonl is None:
+        raise InputError(
+            "give the training data with --dataset_name (hub id) or --train_data_dir (local folder)"
+            + (" or --jsonl_for_train (JSON-lines file)" if hasattr(args, "jsonl_for_train") else "")
+        )
+    if jsonl is not None and (args.dataset_name or args.train_data_dir):
+        raise InputError("give only one of --jsonl_for_train and --dataset_name / --train_data_dir")
     if not 0 <= args.proportion_empty_prompts <= 1:
         raise InputError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
     for name in _POSITIVE:

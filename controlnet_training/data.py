@@ -37,7 +37,8 @@ def is_saved_to_disk(folder: str | Path) -> bool:
 
 
 def load_train_split(args, streaming: bool = False) -> Any:
-    """The train split named by --dataset_name / --train_data_dir (imagefolder, parquet or save_to_disk).
+    """The train split named by --dataset_name / --train_data_dir (imagefolder, parquet or save_to_disk) or
+    --jsonl_for_train.
 
     With `streaming`, a datasets.IterableDataset whose image columns are left undecoded (rows are decoded only
     by the process that trains on them).
@@ -45,7 +46,12 @@ def load_train_split(args, streaming: bool = False) -> Any:
     import datasets
 
     data_dir = args.train_data_dir
-    if data_dir is not None and args.dataset_name is None:
+    jsonl = getattr(args, "jsonl_for_train", None)  # the Flux reference's: image paths in a JSON-lines file
+    if jsonl is not None:
+        if not Path(jsonl).is_file():
+            raise InputError(f"--jsonl_for_train {jsonl}: no such file")
+        loaded = datasets.load_dataset("json", data_files=jsonl, cache_dir=args.cache_dir, streaming=streaming)
+    elif data_dir is not None and args.dataset_name is None:
         folder = Path(data_dir)
         if not folder.is_dir():
             raise InputError(f"--train_data_dir {data_dir}: no such folder")

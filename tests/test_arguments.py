@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from controlnet_training.arguments import InputError, build_parser, check_args
@@ -166,9 +168,9 @@ OPTIMIZER_FLAGS = {
     "prodigy_use_bias_correction",
     "prodigy_safeguard_warmup",
 }
-SHARED_FLAGS = GEOMETRY_FLAGS | OBJECTIVE_FLAGS | EXPORT_FLAGS | EMA_FLAGS | OPTIMIZER_FLAGS  # ours, in all three
-SANITY_FLAGS = {"sanity_check", "sanity_check_steps", "sanity_check_rows"}  # (PyTorch only: the control signal)
-OUR_FLAGS |= SHARED_FLAGS | SANITY_FLAGS
+SANITY_FLAGS = {"sanity_check", "sanity_check_steps", "sanity_check_rows"}
+SHARED_FLAGS = GEOMETRY_FLAGS | OBJECTIVE_FLAGS | EXPORT_FLAGS | EMA_FLAGS | OPTIMIZER_FLAGS | SANITY_FLAGS  # all three
+OUR_FLAGS |= SHARED_FLAGS
 
 
 def test_every_reference_flag_plus_ours():
@@ -247,3 +249,76 @@ def test_sdxl_flags_are_the_shared_ones_plus_its_own():
     args = parser.parse_args(["--pretrained_model_name_or_path", "m", "--dataset_name", "d"])
     assert args.tracker_project_name == "sd_xl_train_controlnet"
     assert args.image_interpolation_mode == "lanczos" and args.crops_coords_top_left_h == 0
+
+
+# The diffusers SD3 and Flux ControlNet scripts' own flags (beyond the SD script's); the SD3 script lacks
+# --enable_xformers_memory_efficient_attention and --tokenizer_name, the Flux one --train_data_dir: ours keep them.
+REFERENCE_SD3_OWN = {
+    "dataset_preprocess_batch_size",
+    "logit_mean",
+    "logit_std",
+    "max_sequence_length",
+    "mode_scale",
+    "num_extra_conditioning_channels",
+    "precondition_outputs",
+    "upcast_vae",
+    "weighting_scheme",
+}
+REFERENCE_FLUX_OWN = {
+    "crops_coords_top_left_h",
+    "crops_coords_top_left_w",
+    "enable_model_cpu_offload",
+    "enable_npu_flash_attention",
+    "guidance_scale",
+    "jsonl_for_train",
+    "logit_mean",
+    "logit_std",
+    "mode_scale",
+    "num_double_layers",
+    "num_single_layers",
+    "pretrained_vae_model_name_or_path",
+    "save_weight_dtype",
+    "use_adafactor",
+    "weighting_scheme",
+}
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_flow_trainer_flags_are_the_references_plus_ours(family):
+    from controlnet_training.torch_training.flux import add_flux_args
+    from controlnet_training.torch_training.sd3 import add_sd3_args
+
+    parser = build_parser("test")
+    (add_sd3_args if family == "sd3" else add_flux_args)(parser)
+    dests = {a.dest for a in parser._actions if a.dest != "help"}
+    own = REFERENCE_SD3_OWN if family == "sd3" else REFERENCE_FLUX_OWN | {"max_sequence_length"}
+    assert dests == REFERENCE_SD_FLAGS | own | OUR_FLAGS
+    args = parser.parse_args(["--pretrained_model_name_or_path", "m", "--dataset_name", "d"])
+    assert (args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale) == ("logit_normal", 0, 1, 1.29)
+    if family == "sd3":
+        assert (args.precondition_outputs, args.max_sequence_length, args.num_extra_conditioning_channels) == (1, 77, 0)
+        assert args.learning_rate == 5e-6 and args.tracker_project_name == "train_controlnet"
+    else:
+        assert (args.num_double_layers, args.num_single_layers, args.guidance_scale) == (4, 4, 3.5)
+        assert (args.save_weight_dtype, args.num_validation_images) == ("fp32", 2)
+        assert args.tracker_project_name == "flux_train_controlnet"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--snr_gamma", "5"], "--snr_gamma is not supported by the flow-matching trainers: Min-SNR"),
+        (["--noise_offset", "0.1"], "--noise_offset is not supported by the flow-matching trainers"),
+        (["--timestep_bias_strategy", "later"], "--timestep_bias_strategy is not supported"),
+        (["--loss_type", "huber", "--huber_schedule", "snr"], "--huber_schedule snr follows a DDPM's noise levels"),
+        (["--logit_std", "0"], "--logit_std must be > 0"),
+    ],
+)
+def test_flow_matching_refuses_ddpm_options_with_the_reason(flags, message):
+    from controlnet_training.flow_matching import check_flow_args
+    from controlnet_training.torch_training.sd3 import add_sd3_args
+
+    parser = build_parser("test")
+    add_sd3_args(parser)
+    with pytest.raises(InputError, match=re.escape(message)):
+        check_flow_args(parser.parse_args(["--pretrained_model_name_or_path", "m", "--dataset_name", "d", *flags]))

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import sys
 
+import jax
+
 from controlnet_training.data import load_tokenizer
 from controlnet_training.ema import EMASettings
 from controlnet_training.flax_training.args import parse_args
 from controlnet_training.flax_training.conditioning import make_conditioning
+from controlnet_training.flax_training.control_signal import make_control_recorder
 from controlnet_training.flax_training.encodings import HostEncoders
 from controlnet_training.flax_training.loop import TrainLoop
 from controlnet_training.flax_training.models import load_models, model_folders
-from controlnet_training.flax_training.runtime import replicate, start_processes
+from controlnet_training.flax_training.runtime import replicate, resolve_output_dir, start_processes
 from controlnet_training.flax_training.session import (
     checkpointer,
     finish_session,
@@ -41,6 +44,7 @@ from controlnet_training.flax_training.trackers import Trackers
 from controlnet_training.flax_training.validation import Validator
 from controlnet_training.objective import Objective
 from controlnet_training.optimizers import OptimizerSettings
+from controlnet_training.sanity import run_sanity_check
 from controlnet_training.step_plan import LoopSettings
 
 TAGS = [
@@ -57,6 +61,14 @@ TAGS = [
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(__doc__, argv)
     start_processes(args.multi_host)  # multi-host: before anything touches a device
+    if args.sanity_check:  # a short fit of a few rows, and a report, instead of the run
+        args.output_dir = resolve_output_dir(args.output_dir)  # {timestamp}: the report reads the run's folder
+        run_sanity_check(args, train, replicas=jax.device_count(), main_process=jax.process_index() == 0)
+    else:
+        train(args)
+
+
+def train(args) -> None:
     # Files, resume target, dataset and the global batch are checked before any model loads.
     session = start_session(args, "train_controlnet_flax.py")
     devices, seed = session.devices, session.preflight.seed
@@ -100,9 +112,12 @@ def main(argv: list[str] | None = None) -> None:
             seed,
             with_ema=args.validate_with_ema,
         )
+    # The held-out rows (--validation_split, or the fitted rows of --sanity_check), encoded while the encoders are
+    # still here, for the held-out loss and control gain at step 0, every validation and the end.
+    trackers = Trackers(args, enabled=session.is_main_process)
+    control = make_control_recorder(session, loaded.models, encoders, frozen, trackers)
     del encoders  # and its device copies of the encoders
     loaded.frozen = None  # the host copies: the devices hold what training needs
-    trackers = Trackers(args, enabled=session.is_main_process)
     log_summary(session, global_step, conditioning.encodings)
     if args.profile_memory:
         memory_profile(args.output_dir, "memory_initial")
@@ -119,11 +134,25 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint=checkpointer(session, loaded),
         seed=seed,
         validate=validator,
+        control=control,
         profile_steps=args.profile_steps,
     )
+    if control is not None:
+        control.start(global_step, state)
     state, global_step = loop.train(state, global_step)
 
-    finish_session(session, state, global_step, loaded, validator, trackers, TAGS, license="creativeml-openrail-m")
+    finish_session(
+        session,
+        state,
+        global_step,
+        loaded,
+        validator,
+        trackers,
+        TAGS,
+        license="creativeml-openrail-m",
+        control=control,
+        train_loss=loop.train_loss_since_validation() if control is not None else None,
+    )
 
 
 if __name__ == "__main__":

@@ -282,7 +282,7 @@ def run_preflight(
     pick_caption(first_row(dataset, columns.caption), random.Random(0), 0.0)
     if getattr(args, "sanity_check", False):  # sanity.py: the rows it fits are the ones it measures
         return Preflight(dataset, dataset, columns, resume_from, seed)
-    split = getattr(args, "validation_split", 0)  # the Flax trainer has no control signal
+    split = getattr(args, "validation_split", 0)
     if streaming or split == 0:
         return Preflight(dataset, None, columns, resume_from, seed)
     from .data import split_heldout

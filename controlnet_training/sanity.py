@@ -1,10 +1,11 @@
 """--sanity_check: minutes, not a day, to learn whether a run will learn its control.
 
-The PyTorch trainers then train --sanity_check_steps steps on --sanity_check_rows rows, into output_dir/sanity-check,
-measuring the control signal on those same rows (an overfit test: a ControlNet that can learn must fit them), and
-report whether the loss fell and the control gain moved, with warnings where the flags are far from the known-good
-ranges (ControlNet paper, diffusers recipes, the reports collected in user-needs: a learning rate of 2e-6 that never
-followed the control, a tiny effective batch, too few optimizer steps for the "sudden convergence").
+The trainers (SD, SDXL and Flax) then train --sanity_check_steps steps on --sanity_check_rows rows, into
+output_dir/sanity-check, measuring the control signal on those same rows (an overfit test: a ControlNet that can
+learn must fit them), and report whether the loss fell and the control gain moved, with warnings where the flags
+are far from the known-good ranges (ControlNet paper, diffusers recipes, the reports collected in user-needs: a
+learning rate of 2e-6 that never followed the control, a tiny effective batch, too few optimizer steps for the
+"sudden convergence").
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def flag_warnings(args: argparse.Namespace, processes: int) -> list[str]:
     batch = effective_batch(args.train_batch_size, processes, args.gradient_accumulation_steps)
     if batch < SMALLEST_BATCH:
         warnings.append(
-            f"the effective batch is {batch} (batch x processes x accumulation): the recipes use at least "
+            f"the effective batch is {batch} (batch x processes or devices x accumulation): the recipes use at least "
             f"{SMALLEST_BATCH}; raise --gradient_accumulation_steps for steadier steps"
         )
     if args.max_train_steps is not None and args.max_train_steps < CONVERGENCE_STEPS:
@@ -110,11 +111,22 @@ def verdict(records: list[dict]) -> tuple[bool, list[str]]:
     return fell and moved, lines
 
 
-def run_sanity_check(args: argparse.Namespace, train: Callable[[argparse.Namespace], None]) -> None:
-    """Train the sanity run with `train(args)` (the script's own), then report on the main process."""
+def run_sanity_check(
+    args: argparse.Namespace,
+    train: Callable[[argparse.Namespace], None],
+    replicas: int | None = None,
+    main_process: bool | None = None,
+) -> None:
+    """Train the sanity run with `train(args)` (the script's own), then report on the main process.
+
+    `replicas`: the data-parallel copies the global batch is spread over (batch x replicas x accumulation), and
+    `main_process`: whether this process reports. By default the PyTorch launchers' WORLD_SIZE and RANK == 0; the
+    Flax trainer passes its device count and jax.process_index() == 0."""
     from .control_signal import read_metrics
 
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    processes = int(os.environ.get("WORLD_SIZE", "1")) if replicas is None else replicas
+    if main_process is None:
+        main_process = int(os.environ.get("RANK", "0")) == 0
     warnings = flag_warnings(args, processes)
     run = copy.copy(args)
     run.output_dir = str(Path(args.output_dir) / SANITY_FOLDER)
@@ -128,7 +140,7 @@ def run_sanity_check(args: argparse.Namespace, train: Callable[[argparse.Namespa
     run.push_to_hub = False
     run.logging_steps = min(args.logging_steps, run.validation_steps)
     train(run)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not main_process:
         return
     ok, lines = verdict(read_metrics(run.output_dir))
     lines += [f"warning: {w}" for w in warnings]

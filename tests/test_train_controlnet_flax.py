@@ -386,6 +386,37 @@ def test_streaming_bf16_remat_schedule_and_exact_resume(tiny_sd, fill_data, tmp_
     assert read_scalars(resumed / "logs", "loss") == {3: losses[3], 4: losses[4]}
 
 
+@pytest.mark.e2e
+def test_a_sanity_run_measures_the_rows_it_fits_and_reports(tiny_sd, fill_data, tmp_path, flax_env):
+    """--sanity_check: 2 steps on 4 rows (one global batch of the 4 devices) into output_dir/sanity-check, the
+    control signal of those rows at step 0, at the validation of step 1 and at the end, then the report with the
+    flag warnings (the effective batch counts the devices); nothing is written to output_dir itself."""
+    from controlnet_training.control_signal import read_metrics
+
+    argv = flax_args(
+        tiny_sd,
+        fill_data["imagefolder"],
+        tmp_path,
+        sanity_check=True,
+        sanity_check_steps=2,
+        sanity_check_rows=4,
+        max_train_steps=100,
+    )
+    log = " ".join(run(argv, flax_env).stderr.split())
+    assert "Sanity check (2 steps on 4 rows" in log
+    assert "loss on the fitted rows:" in log and "control gain: 1.0000 ->" in log
+    assert "PASSED" in log or "FAILED" in log
+    assert "--learning_rate 0.001 is high" in log and "--max_train_steps 100" in log
+    assert "effective batch" not in log  # 1 per device x 4 devices
+    folder = tmp_path / "sanity-check"
+    records = read_metrics(folder)
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert records[0]["control_gain"] == 1.0 and records[0]["train_loss"] is None and records[-1]["train_loss"] > 0
+    assert "On 4 held-out rows" in (folder / "README.md").read_text()
+    assert (folder / "diffusion_pytorch_model.safetensors").exists() and not list(folder.glob("checkpoint-*"))
+    assert {p.name for p in tmp_path.iterdir()} == {"sanity-check"}  # no weights in output_dir itself
+
+
 # ------------------------------------------------------------------------------------------------ pieces
 REFERENCE_FLAX_FLAGS = {
     "pretrained_model_name_or_path",
@@ -453,6 +484,7 @@ ADDED_FLAGS = {
     "multi_host",
     "cache_encodings",
     "max_consecutive_nonfinite_steps",
+    "validation_split",
 }
 REFERENCE_FLAX_DEFAULTS = {
     "output_dir": "runs/{timestamp}",
@@ -516,12 +548,7 @@ def bad_input_cases() -> dict[str, tuple[dict, str]]:
     from test_preflight import CASES
 
     # flags (or a precision) only the PyTorch trainers refuse; the Flax trainer checks a stream's length per step
-    pytorch_only = {
-        "xformers",
-        "fp16 on the CPU",
-        "held-out rows of a stream",
-        "a pass of the stream shorter than a step",
-    }
+    pytorch_only = {"xformers", "fp16 on the CPU", "a pass of the stream shorter than a step"}
     cases = {k: v for k, v in CASES.items() if k not in pytorch_only}
     cases["tracker not installed"] = (dict(report_to="comet_ml"), "--report_to comet_ml: the Flax trainer supports")
     cases.update(

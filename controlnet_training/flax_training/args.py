@@ -21,21 +21,18 @@ from ..arguments import parse_args as parse_checked  # the shared parse-then-che
 from ..data import is_saved_to_disk
 from ..ema import add_ema_args
 from ..export import add_export_args
+from ..sanity import add_sanity_args
 
-# Shared flags that only make sense with PyTorch/accelerate (or need the PyTorch control signal).
+# Shared flags that only make sense with PyTorch/accelerate.
 PYTORCH_ONLY = (
     "variant",
     "use_8bit_adam",
     "allow_tf32",
     "enable_xformers_memory_efficient_attention",
     "set_grads_to_none",
-    "validation_split",
     "torch_compile",
     "channels_last",
     "ema_on_cpu",
-    "sanity_check",  # (it measures the PyTorch control signal)
-    "sanity_check_steps",
-    "sanity_check_rows",
 )
 TRACKERS = ("tensorboard", "wandb", "all", "none")
 
@@ -136,6 +133,7 @@ def build_parser(description: str) -> Parser:
     )
     add_ema_args(parser)
     add_export_args(parser)
+    add_sanity_args(parser)
     remove_flags(parser, PYTORCH_ONLY)
     parser.set_defaults(**FLAX_DEFAULTS)
     for action in parser._actions:

@@ -1,5 +1,6 @@
-"""The Flax training loop: one jitted step per global batch; metrics read back only at logging steps; checkpoint
-and validation checks after every step including the last; the JAX profiler around chosen steps."""
+"""The Flax training loop: one jitted step per global batch; metrics read back only at logging steps (and, with
+the control signal, at validations); checkpoint and validation checks after every step including the last; the JAX
+profiler around chosen steps."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ class TrainLoop:
     checkpoint: Callable[[TrainState, int], None]
     seed: int
     validate: Callable[[int, TrainState], list] | None = None  # (step, state): the images
+    control: Callable[[int, TrainState, float | None], dict | None] | None = None  # (step, state, train loss)
     profile_steps: int = 0  # --profile_steps: trace this many steps after the first (compiling) one
 
     def __post_init__(self):
@@ -45,6 +47,15 @@ class TrainLoop:
             self.settings.output_dir,
             "the update was skipped (weights and optimizer state as they were)",
         )
+        # (loss, finite) of the steps since the last control measurement
+        self._since_validation: list[tuple[jax.Array, jax.Array]] = []
+
+    def train_loss_since_validation(self) -> float | None:
+        """The mean loss of the finite steps since the previous control measurement (None without any); reads the
+        device, as a validation does anyway."""
+        values, self._since_validation = to_host(self._since_validation), []
+        losses = [float(loss) for loss, finite in values if finite]
+        return float(np.mean(losses)) if losses else None
 
     def log(self, pending: list[dict], global_step: int, progress: Progress) -> None:
         """The one host sync: mean loss and gradient norm since the last log (over its finite steps), the latest
@@ -88,6 +99,8 @@ class TrainLoop:
                 state, metrics = self.train_step(state, self.frozen, batch, epoch, seed_array(self.seed))
             global_step, steps_run = global_step + 1, steps_run + 1
             pending.append(metrics)
+            if self.control is not None:
+                self._since_validation.append((metrics["loss"], metrics["finite"]))
             in_flight.append(metrics["loss"])
             if len(in_flight) > IN_FLIGHT:
                 jax.block_until_ready(in_flight.popleft())
@@ -109,12 +122,21 @@ class TrainLoop:
                 self.log(pending, global_step, progress)
                 pending = []
             checkpoint = global_step % settings.checkpointing_steps == 0
-            validate = self.validate is not None and global_step % settings.validation_steps == 0 and not last
-            if checkpoint or validate:
+            validation_step = global_step % settings.validation_steps == 0 and not last  # the last: the final one
+            measure = self.control is not None and validation_step
+            validate = self.validate is not None and validation_step
+            if checkpoint or measure or validate:
                 progress.pause_started()
                 if checkpoint:
                     self.checkpoint(state, global_step)
-                if validate:  # the last step gets the final validation
+                if measure:
+                    signal = self.control(global_step, state, self.train_loss_since_validation())
+                    if signal:
+                        progress.latest_validation = {
+                            "held_out": signal["heldout_loss"],
+                            "gain": signal["control_gain"],
+                        }
+                if validate:
                     self.trackers.log_images(self.validate(global_step, state), global_step, final=False)
                 progress.pause_ended()
             if last:

@@ -36,6 +36,7 @@ from ..preflight import SD_MODEL_FILES, Preflight, run_preflight
 from ..step_plan import StepPlan, plan_steps
 from ..validation import save_images
 from . import checkpoints
+from .control_signal import ControlRecorder
 from .data import BatchLayout, MapBatches, StreamBatches
 from .encodings import CachedCollator, Encodings
 from .models import LoadedModels, check_configs, controlnet_shapes
@@ -288,9 +289,12 @@ def finish_session(
     trackers: Trackers,
     tags: list[str],
     license: str,
+    control: ControlRecorder | None = None,
+    train_loss: float | None = None,
 ) -> None:
-    """The trained ControlNet in diffusers layout in output_dir, the final validation, images, model card,
-    upload, and where everything went. Files are written by process 0."""
+    """The trained ControlNet in diffusers layout in output_dir, the final control signal (with `control`, of the
+    training loss `train_loss` since its last measurement) and validation, images, model card, upload, and where
+    everything went. Files are written by process 0."""
     args = session.args
     barrier("finish")
     if session.is_main_process:  # through a hidden folder; a full disk ends the run with one line
@@ -301,6 +305,7 @@ def finish_session(
             export.final_exports(final_writer(state, loaded.controlnet_config, save_raw), args),
             expected_bytes=export.final_bytes(weight_bytes, args) * (1 + save_raw),
         )
+    signal = control(global_step, state, train_loss) if control is not None else None
     logs = []
     if validator is not None:
         if args.profile_validation:
@@ -327,7 +332,8 @@ def finish_session(
                 "trainer": "JAX/Flax (train_controlnet_flax.py)",
             }
         )
-        hub.publish(args, session.repo_id, logs, tags, license, extra=details)
+        control_section = control.card_section(signal) if signal is not None else ""
+        hub.publish(args, session.repo_id, logs, tags, license, extra=control_section + details)
         report = report_outputs(args.output_dir, trackers.logging_dir)
         peak = peak_device_memory()
         if peak:

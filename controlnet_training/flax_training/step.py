@@ -32,7 +32,7 @@ from ..flax_models.schedule import NoiseSchedule, add_noise, min_snr_weights, pr
 from ..flax_models.vae import AutoencoderKL
 from ..objective import Objective
 
-TRAIN_STREAM, INIT_STREAM, VALIDATION_STREAM = 0, 1, 2  # independent key streams of one seed
+TRAIN_STREAM, INIT_STREAM, VALIDATION_STREAM, HELD_OUT_STREAM = 0, 1, 2, 3  # independent key streams of one seed
 POLYNOMIAL_LR_END = 1e-7  # diffusers' polynomial schedule decays to this
 
 

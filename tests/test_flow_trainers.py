@@ -83,3 +83,105 @@ def test_resume_is_exact_and_cached_equals_uncached(family, fill_data, tmp_path)
     assert "control_gain_ema" in records[-1]
     image = make_image(name, base, straight, fill_data["validation"] / "control_0.png")
     assert image.size == (64, 64)
+
+
+@pytest.mark.e2e
+def test_sd35_controlnet_without_positional_embedding_trains_and_resumes(tiny_sd35, fill_data, tmp_path):
+    """A ControlNet in the layout of Stability's SD3.5-large ones (no positional embedding or text input of its own),
+    fine-tuned: it trains on 4D latents, resumes exactly, and keeps its layout (diffusers#11068)."""
+    import shutil
+
+    from diffusers import SD3ControlNetModel
+
+    existing = tiny_sd35 / "controlnet"
+    assert SD3ControlNetModel.load_config(existing)["use_pos_embed"] is False
+    flags = dict(controlnet_model_name_or_path=existing, checkpointing_steps=1, cache_encodings="never")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_script(
+        SCRIPTS["sd3"], flow_args(tiny_sd35, fill_data, straight, tmp_path / "cache", "sd3", max_train_steps=2, **flags)
+    )
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-1", resumed / "checkpoint-1")
+    run_script(
+        SCRIPTS["sd3"],
+        flow_args(
+            tiny_sd35,
+            fill_data,
+            resumed,
+            tmp_path / "cache",
+            "sd3",
+            max_train_steps=2,
+            resume_from_checkpoint="latest",
+            **flags,
+        ),
+    )
+    a, b = load_weights(straight), load_weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    start = load_weights(existing)
+    assert a.keys() == start.keys() and not any(k.startswith("pos_embed.") for k in a)  # the layout is kept
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # and it trained
+    assert json.loads((straight / "config.json").read_text())["use_pos_embed"] is False
+    image = make_image("sd3", tiny_sd35, straight, fill_data["validation"] / "control_0.png")
+    assert image.size == (64, 64)
+
+
+FLOW_BAD_INPUTS = {
+    "sd3: SD pipeline": (
+        "sd3",
+        dict(pretrained_model_name_or_path="{sd}"),
+        "is a StableDiffusionPipeline, not for train_controlnet_sd3.py; use train_controlnet.py",
+    ),
+    "flux: SD3 pipeline": ("flux", dict(pretrained_model_name_or_path="{sd3}"), "use train_controlnet_sd3.py"),
+    "sd3: SD ControlNet": (
+        "sd3",
+        dict(controlnet_model_name_or_path="{sd_controlnet}"),
+        "is a ControlNetModel, not a SD3ControlNetModel",
+    ),
+    "sd3: min-SNR": ("sd3", dict(snr_gamma=5.0), "--snr_gamma is not supported by the flow-matching trainers"),
+    "flux: xformers": ("flux", dict(enable_xformers_memory_efficient_attention=True), "Flux attention needs rotary"),
+    "flux: jsonl and a folder": (
+        "flux",
+        dict(jsonl_for_train="{tmp}/rows.jsonl"),
+        "give only one of --jsonl_for_train",
+    ),
+    "flux: no jsonl file": ("flux", dict(jsonl_for_train="{tmp}/rows.jsonl", train_data_dir=None), "--jsonl_for_train"),
+    "sd3: extra channels": (
+        "sd3",
+        dict(num_extra_conditioning_channels=-1),
+        "--num_extra_conditioning_channels must be >= 0",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FLOW_BAD_INPUTS))
+def test_bad_inputs_specific_to_the_flow_trainers(
+    case, tiny_sd3, tiny_flux, fill_data, tmp_path, monkeypatch, capsys, request
+):
+    from test_preflight import expect_one_line_error
+
+    import train_controlnet_flux
+    import train_controlnet_sd3
+
+    name, overrides, expected = FLOW_BAD_INPUTS[case]
+    module = {"sd3": train_controlnet_sd3, "flux": train_controlnet_flux}[name]
+
+    def fail(*_args, **_kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(module, f"load_{name}_models", fail)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    places = {"{sd3}": str(tiny_sd3)}
+    overrides = {k: places.get(v, v) if isinstance(v, str) else v for k, v in overrides.items()}
+    expect_one_line_error(
+        module.main,
+        {"cache_dir": tmp_path / "cache", **FAMILY_FLAGS[name], **overrides},
+        expected,
+        {"sd3": tiny_sd3, "flux": tiny_flux}[name],
+        fill_data,
+        tmp_path,
+        out,
+        capsys,
+        request,
+    )

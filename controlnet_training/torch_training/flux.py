@@ -17,7 +17,7 @@ import torch
 from ..arguments import InputError
 from ..data import load_tokenizer
 from ..flow_matching import add_flow_args, check_flow_args
-from .sd3 import check_base_class
+from .sd3 import check_base_class, check_controlnet_class
 
 FLUX_MODEL_FILES = (
     "transformer/config.json",
@@ -82,6 +82,7 @@ def check_flux_args(args) -> None:
 
     check_flow_args(args)
     check_base_class(args.pretrained_model_name_or_path, ("FluxPipeline",), "train_controlnet_flux.py")
+    check_controlnet_class(args.controlnet_model_name_or_path, "FluxControlNetModel")
     for name in ("num_double_layers", "num_single_layers"):
         if getattr(args, name) < 0:
             raise InputError(f"--{name} must be >= 0, got {getattr(args, name)}")

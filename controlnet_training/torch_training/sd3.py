@@ -82,9 +82,23 @@ def check_base_class(base: str, expected: tuple[str, ...], script: str) -> None:
     raise InputError(f"--pretrained_model_name_or_path {base} is a {name}, not for {script}; use {trainer}")
 
 
+def check_controlnet_class(path: str | None, expected: str) -> None:
+    """A local --controlnet_model_name_or_path must hold a ControlNet of this family."""
+    config = Path(path or "") / "config.json"
+    if path is None or not looks_local(path) or not config.is_file():
+        return
+    name = json.loads(config.read_text()).get("_class_name")
+    if name != expected:
+        raise InputError(
+            f"--controlnet_model_name_or_path {path} is a {name}, not a {expected}: give a ControlNet trained for "
+            "this family, or leave the flag out to start one from the base"
+        )
+
+
 def check_sd3_args(args) -> None:
     check_flow_args(args)
     check_base_class(args.pretrained_model_name_or_path, ("StableDiffusion3Pipeline",), "train_controlnet_sd3.py")
+    check_controlnet_class(args.controlnet_model_name_or_path, "SD3ControlNetModel")
     if args.num_extra_conditioning_channels < 0:
         raise InputError(f"--num_extra_conditioning_channels must be >= 0, got {args.num_extra_conditioning_channels}")
     if args.max_sequence_length < 1:

@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def train(args) -> None:
     # Files, packages, resume target and dataset are checked before any model loads.
-    session = start_session(args, "train_controlnet_flux.py", FLUX_MODEL_FILES, extra_checks=check_flux_args)
+    session = start_session(
+        args, "train_controlnet_flux.py", FLUX_MODEL_FILES, extra_checks=check_flux_args, find_unused_parameters=True
+    )
     accelerator, weight_dtype = session.accelerator, session.weight_dtype
 
     # Models: frozen text encoders / VAE / transformer in the weight dtype; a trainable fp32 ControlNet from the

@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def train(args) -> None:
     # Files, packages, resume target and dataset are checked before any model loads.
-    session = start_session(args, "train_controlnet_sd3.py", SD3_MODEL_FILES, extra_checks=check_sd3_args)
+    session = start_session(
+        args, "train_controlnet_sd3.py", SD3_MODEL_FILES, extra_checks=check_sd3_args, find_unused_parameters=True
+    )
     accelerator, weight_dtype = session.accelerator, session.weight_dtype
 
     # Models: frozen text encoders / VAE / transformer in the weight dtype (the VAE in fp32 with --upcast_vae); a

@@ -69,9 +69,16 @@ def register_controlnet_state_hooks(accelerator, controlnet_cls) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def make_accelerator(args):
+def make_accelerator(args, find_unused_parameters: bool = False):
+    """`find_unused_parameters`: DDP looks for parameters without a gradient at every step (the SD3 and Flux
+    ControlNets' last block computes a text stream that none of their outputs reads)."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, parse_flag_from_env
+    from accelerate.utils import (
+        DataLoaderConfiguration,
+        DistributedDataParallelKwargs,
+        ProjectConfiguration,
+        parse_flag_from_env,
+    )
 
     # Checked before the Accelerator too: its state is built once per process, and a later precision is refused.
     on_cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not has_accelerator_device()
@@ -85,6 +92,9 @@ def make_accelerator(args):
         ),
         # Batches (pinned by the DataLoader on CUDA) are copied to the device without waiting for it.
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]
+        if find_unused_parameters
+        else None,
     )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and accelerator.num_processes == 1:
         raise InputError(
@@ -229,6 +239,7 @@ def start_session(
     model_files: tuple[str, ...],
     extra_checks: Callable[[Any], None] = lambda a: None,
     interpolation: str = "bilinear",
+    find_unused_parameters: bool = False,
 ) -> Session:
     """Check everything that can be checked without models (and place every row in its bucket), then create the
     accelerator and the output folder."""
@@ -236,7 +247,7 @@ def start_session(
     try:
         extra_checks(args)
         preflight = run_preflight(args, model_files, accelerate_processes)
-        accelerator = make_accelerator(args)
+        accelerator = make_accelerator(args, find_unused_parameters)
         check_resume_topology(
             args,
             preflight.resume_from,

@@ -1,4 +1,6 @@
-"""Memory presets: exact flag sets for SD 1.x/2.x at 512 px and SDXL at 1024 px by GPU memory, kept here as data.
+"""Memory presets: exact flag sets for SD 1.x/2.x at 512 px, SDXL and SD3 at 1024 px and Flux at 512 px by GPU
+memory, kept here as data. The SD3 and Flux presets are estimates from the models' sizes until the GPU check has
+measured them (docs/performance.md says which figures are measured).
 
 The table in docs/performance.md (`python -m controlnet_training.presets`), the out-of-memory message of the
 trainers and the GPU check (benchmarks/gpu_check.sh, which measures each preset's peak memory) all read this one
@@ -19,7 +21,7 @@ FAMILIES = {
     "sd": "SD 1.x/2.x, 512 px",
     "sdxl": "SDXL, 1024 px",
     "sd3": "SD3 medium, 1024 px",
-    "flux": "Flux.1, 1024 px",
+    "flux": "Flux.1, 512 px",
 }
 DEEPSPEED_LAUNCH = "accelerate launch --config_file configs/deepspeed_zero2_offload.yaml"
 SCRIPTS = {
@@ -97,14 +99,43 @@ PRESETS: tuple[Preset, ...] = (
         needs=("deepspeed",),
         note="ZeRO-2 keeps the fp32 weights and AdamW state in host RAM, ~25 GB",
     ),
+    # SD3 medium: a 2B transformer (4 GB in bf16); its 12-block ControlNet ~1.1B parameters (fp32 weights,
+    # gradients and AdamW state ~17 GB).
+    Preset("sd3", 80, (*_XL, ("train_batch_size", 4), ("gradient_checkpointing", True))),
+    Preset("sd3", 40, (*_XL, *_SMALL)),
+    Preset("sd3", 24, (*_XL, *_SMALL, ("use_8bit_adam", True)), needs=("bitsandbytes",)),
+    # Flux.1: a 12B transformer (24 GB in bf16); the diffusers recipe's ControlNet of 4 double-stream blocks.
+    Preset(
+        "flux",
+        80,
+        (
+            ("resolution", 512),
+            *_BF16,
+            *_SMALL,
+            ("num_double_layers", 4),
+            ("num_single_layers", 0),
+            ("use_8bit_adam", True),
+        ),
+        needs=("bitsandbytes",),
+        note="diffusers reports ~58 GB at batch 1 for its script",
+    ),
 )
 # What does not fit at all, for the table: the frozen SDXL UNet (5.1 GB in bf16) and the ControlNet's weights and
 # gradients in 16-bit (5 GB) leave nothing for activations on 12 GB and less.
 NOT_POSSIBLE = {
     ("sdxl", 12): "no preset: frozen UNet + ControlNet weights and gradients alone take ~10 GB",
     ("sdxl", 8): "no preset: the frozen UNet and the ControlNet weights alone take ~7.6 GB",
+    **{
+        ("sd3", size): "no preset yet: the ControlNet's fp32 weights and gradients alone take ~9 GB"
+        for size in (16, 12, 8)
+    },
+    **{
+        ("flux", size): "no preset: the frozen 12B transformer takes 24 GB in bf16, the ControlNet's weights, "
+        "gradients and optimizer state ~15 GB more"
+        for size in (40, 24, 16, 12, 8)
+    },
 }
-SIZES_GB = (40, 24, 16, 12, 8)
+SIZES_GB = (80, 40, 24, 16, 12, 8)
 
 
 def presets_for(family: str) -> list[Preset]:

@@ -33,15 +33,20 @@ def run_flags(**flags) -> Namespace:
 def test_presets_are_exact_flag_sets_the_trainers_accept():
     from controlnet_training.arguments import build_parser
     from controlnet_training.presets import PRESETS, SIZES_GB, markdown_table
+    from controlnet_training.torch_training.flux import add_flux_args
+    from controlnet_training.torch_training.sd3 import add_sd3_args
     from controlnet_training.torch_training.sdxl import add_sdxl_args
 
-    parser = build_parser("t")
-    add_sdxl_args(parser)
-    for preset in PRESETS:
-        args = parser.parse_args(["--pretrained_model_name_or_path", "m", *preset.cli().split()])
+    parsers = {}
+    for family, add_args in {"sd": None, "sdxl": add_sdxl_args, "sd3": add_sd3_args, "flux": add_flux_args}.items():
+        parsers[family] = build_parser("t")
+        if add_args is not None:
+            add_args(parsers[family])
+    for preset in PRESETS:  # each preset parses with its own trainer's flags
+        args = parsers[preset.family].parse_args(["--pretrained_model_name_or_path", "m", *preset.cli().split()])
         assert preset.matches(args), preset.name
         assert preset.memory_gb in SIZES_GB
-    for family in ("sd", "sdxl"):
+    for family in ("sd", "sdxl", "sd3", "flux"):
         table = markdown_table(family)
         assert all(f"| {size} GB |" in table for size in SIZES_GB)
     assert "--use_8bit_adam" in markdown_table("sd") and "deepspeed_zero2_offload.yaml" in markdown_table("sdxl")

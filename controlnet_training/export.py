@@ -206,11 +206,17 @@ def controlnet_folder(folder: str | os.PathLike) -> Path:
     raise ExportError(f"{folder}: no ControlNet weights ({DIFFUSERS_WEIGHTS} and {CONFIG}) in it or in controlnet/")
 
 
-def read_config(folder: Path) -> dict:
+DIFFUSERS_CONTROLNETS = ("ControlNetModel", "SD3ControlNetModel", "FluxControlNetModel")
+
+
+def read_config(folder: Path, any_family: bool = False) -> dict:
+    """The ControlNet's config: an SD / SDXL ControlNetModel's, or (`any_family`) any diffusers ControlNet's."""
     try:
         config = json.loads((folder / CONFIG).read_text())
     except (OSError, ValueError) as error:
         raise ExportError(f"{folder / CONFIG}: not a readable JSON config ({error})") from None
+    if any_family and config.get("_class_name") in DIFFUSERS_CONTROLNETS:
+        return config
     if config.get("_class_name") not in (None, "ControlNetModel") or "layers_per_block" not in config:
         raise ExportError(f"{folder / CONFIG}: not a ControlNetModel config (_class_name {config.get('_class_name')})")
     return config
@@ -227,7 +233,7 @@ def export_single_file(folder: str | os.PathLike, output: str | os.PathLike, dty
 def export_diffusers(folder: str | os.PathLike, output: str | os.PathLike, dtype: str) -> Path:
     """The diffusers ControlNet in `folder` rewritten in `dtype` into `output` (the same folder, or another)."""
     folder = controlnet_folder(folder)
-    read_config(folder)
+    read_config(folder, any_family=True)
     output = Path(output)
     write_weights(output / DIFFUSERS_WEIGHTS, cast(read_weights(folder / DIFFUSERS_WEIGHTS), dtype), {})
     if output.resolve() != folder.resolve():

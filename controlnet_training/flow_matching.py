@@ -60,6 +60,11 @@ def check_flow_args(args: argparse.Namespace) -> None:
             f"--huber_schedule {args.huber_schedule} follows a DDPM's noise levels; use --huber_schedule constant "
             "with flow matching"
         )
+    if getattr(args, "export_single_file", False):
+        raise InputError(
+            "--export_single_file writes the original SD / SDXL ControlNet layout; SD3 and Flux ControlNets have "
+            "none (ComfyUI and diffusers load this trainer's folder as it is): drop the flag"
+        )
     if args.logit_std <= 0:
         raise InputError(f"--logit_std must be > 0, got {args.logit_std:g}")
 

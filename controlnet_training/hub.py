@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,18 +55,25 @@ def control_section(
 
 TORCH_DTYPES = {"fp32": "torch.float32", "fp16": "torch.float16", "bf16": "torch.bfloat16"}
 LOADS_WITH = {
-    "diffusers": "diffusers `ControlNetModel.from_pretrained`",
+    "diffusers": "diffusers `{cls}.from_pretrained`",
     "single_file": "ComfyUI, AUTOMATIC1111 sd-webui-controlnet, diffusers `from_single_file` (SD 1.x/2.x)",
 }
 
 
-def _loading_snippet(row: WeightsFile, repo_id: str) -> str:
+def controlnet_class(output_dir: str | Path) -> str:
+    """The diffusers class of the ControlNet in output_dir (ControlNetModel, SD3ControlNetModel, ...)."""
+    config = Path(output_dir) / "config.json"
+    name = json.loads(config.read_text()).get("_class_name") if config.is_file() else None
+    return name or "ControlNetModel"
+
+
+def _loading_snippet(row: WeightsFile, repo_id: str, cls: str = "ControlNetModel") -> str:
     torch_dtype = TORCH_DTYPES.get(row.dtype, "torch.float32")
     if row.loads_with == "diffusers":
         subfolder = f', subfolder="{RAW_FOLDER}"' if row.path.startswith(RAW_FOLDER) else ""
         return (
-            f"\n{row.path} (diffusers):\n\n```python\nimport torch\nfrom diffusers import ControlNetModel\n\n"
-            f'controlnet = ControlNetModel.from_pretrained("{repo_id}"{subfolder}, torch_dtype={torch_dtype})\n```\n'
+            f"\n{row.path} (diffusers):\n\n```python\nimport torch\nfrom diffusers import {cls}\n\n"
+            f'controlnet = {cls}.from_pretrained("{repo_id}"{subfolder}, torch_dtype={torch_dtype})\n```\n'
         )
     return (
         f"\n{row.path} (one file, original ControlNet layout):\n\n"
@@ -82,8 +90,10 @@ def weights_section(output_dir: str | Path, repo_id: str) -> str:
     if not rows:
         return ""
     table = "| file | layout | dtype | loads with |\n|---|---|---|---|\n"
-    table += "".join(f"| `{r.path}` | {r.layout} | {r.dtype} | {LOADS_WITH[r.loads_with]} |\n" for r in rows)
-    return "\n## Weights files\n\n" + table + "".join(_loading_snippet(r, repo_id) for r in rows)
+    cls = controlnet_class(output_dir)
+    loads = {name: text.format(cls=cls) for name, text in LOADS_WITH.items()}
+    table += "".join(f"| `{r.path}` | {r.layout} | {r.dtype} | {loads[r.loads_with]} |\n" for r in rows)
+    return "\n## Weights files\n\n" + table + "".join(_loading_snippet(r, repo_id, cls) for r in rows)
 
 
 def write_model_card(

@@ -312,6 +312,7 @@ def test_flow_trainer_flags_are_the_references_plus_ours(family):
         (["--timestep_bias_strategy", "later"], "--timestep_bias_strategy is not supported"),
         (["--loss_type", "huber", "--huber_schedule", "snr"], "--huber_schedule snr follows a DDPM's noise levels"),
         (["--logit_std", "0"], "--logit_std must be > 0"),
+        (["--export_single_file"], "--export_single_file writes the original SD / SDXL ControlNet layout"),
     ],
 )
 def test_flow_matching_refuses_ddpm_options_with_the_reason(flags, message):

@@ -88,14 +88,22 @@ def test_resume_is_exact_and_cached_equals_uncached(family, fill_data, tmp_path)
 @pytest.mark.e2e
 def test_sd35_controlnet_without_positional_embedding_trains_and_resumes(tiny_sd35, fill_data, tmp_path):
     """A ControlNet in the layout of Stability's SD3.5-large ones (no positional embedding or text input of its own),
-    fine-tuned: it trains on 4D latents, resumes exactly, and keeps its layout (diffusers#11068)."""
+    fine-tuned in bf16 with gradient checkpointing and Adafactor: it trains on 4D latents, resumes exactly, and keeps
+    its layout (diffusers#11068)."""
     import shutil
 
     from diffusers import SD3ControlNetModel
 
     existing = tiny_sd35 / "controlnet"
     assert SD3ControlNetModel.load_config(existing)["use_pos_embed"] is False
-    flags = dict(controlnet_model_name_or_path=existing, checkpointing_steps=1, cache_encodings="never")
+    flags = dict(
+        controlnet_model_name_or_path=existing,
+        checkpointing_steps=1,
+        cache_encodings="never",
+        mixed_precision="bf16",  # and the memory options of the presets
+        gradient_checkpointing=True,
+        optimizer="adafactor",
+    )
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_script(
         SCRIPTS["sd3"], flow_args(tiny_sd35, fill_data, straight, tmp_path / "cache", "sd3", max_train_steps=2, **flags)

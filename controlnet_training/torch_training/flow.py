@@ -47,7 +47,10 @@ class FlowMatching:
             rows.append((posterior_noise, noise, u))
         posterior_noise, noise, u = (torch.stack(column) for column in zip(*rows, strict=True))
         u = u.flatten()
-        index = (u * self.num_train_timesteps).long().clamp(0, self.num_train_timesteps - 1)
+        # The schedule's σ falls with the index, so the index of u is taken from the end: σ ≈ u (before the shift),
+        # and a positive --logit_mean draws noisier timesteps, as in the SD3 paper (diffusers' scripts index from the
+        # start: σ ≈ 1 − u, which inverts --logit_mean).
+        index = ((1 - u) * self.num_train_timesteps).long().clamp(0, self.num_train_timesteps - 1)
         return RowDraws(posterior_noise, noise, self.sigmas[index.to(self.sigmas.device)] * self.num_train_timesteps)
 
     def sigma(self, timesteps: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -60,8 +63,9 @@ class FlowMatching:
         return noisy, target
 
     def at_timestep(self, latents: torch.Tensor, noise: torch.Tensor, fraction: float):
-        """(noisy latents, timesteps, velocity target) at σ = `fraction` of the schedule (the control signal's)."""
-        index = min(int(fraction * self.num_train_timesteps), self.num_train_timesteps - 1)
+        """(noisy latents, timesteps, velocity target) at the noise level `fraction` (σ = fraction before the base's
+        shift; the control signal's, low noise to high as the DDPM fractions)."""
+        index = min(round((1 - fraction) * self.num_train_timesteps), self.num_train_timesteps - 1)
         timesteps = self.sigmas[index].expand(latents.shape[0]).to(latents.device) * self.num_train_timesteps
         sigma = self.sigma(timesteps, latents.ndim)
         return (1.0 - sigma) * latents + sigma * noise, timesteps, noise - latents

@@ -15,10 +15,9 @@ from __future__ import annotations
 import sys
 
 from controlnet_training.arguments import build_parser, parse_args
-from controlnet_training.cache import model_identity, tokenizer_identity
 from controlnet_training.presets import exit_on_oom
 from controlnet_training.sanity import run_sanity_check
-from controlnet_training.torch_training.conditioning import flow_conditioning
+from controlnet_training.torch_training.conditioning import flow_conditioning, prompt_identity
 from controlnet_training.torch_training.models import MemoryOptions, enable_memory_options, place_frozen
 from controlnet_training.torch_training.sd3 import (
     SD3_MODEL_FILES,
@@ -70,15 +69,7 @@ def train(args) -> None:
     # target and control images: once, into the on-disk cache. Then the encoders leave the device.
     transform = session.transform
     prompts = text_pipeline(models)
-    identity = {
-        "kind": "sd3-prompt-embeds",
-        "max_sequence_length": args.max_sequence_length,
-        "encoders": [
-            model_identity(encoder, f"{args.pretrained_model_name_or_path}/{sub}")
-            for encoder, sub in zip(models.text_encoders, SD3_TEXT_ENCODERS, strict=True)
-        ],
-        "tokenizers": [tokenizer_identity(t) for t in models.tokenizers],
-    }
+    identity = prompt_identity("sd3-prompt-embeds", args, models, SD3_TEXT_ENCODERS)
     conditioning = flow_conditioning(
         session,
         models,

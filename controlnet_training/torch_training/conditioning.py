@@ -212,3 +212,17 @@ def flow_conditioning(
         ],
         release=lambda: drop_encoders(vae if cached else None, models.text_encoders if texts else []),
     )
+
+
+def prompt_identity(kind: str, args, models, subfolders: tuple[str, ...]) -> dict:
+    """What a family's cached prompt embeddings depend on: the encoders' weights, the tokenizers, the T5 length."""
+    base = Path(args.pretrained_model_name_or_path)
+    return {
+        "kind": kind,
+        "max_sequence_length": args.max_sequence_length,
+        "encoders": [
+            model_identity(encoder, str(base / sub))
+            for encoder, sub in zip(models.text_encoders, subfolders, strict=True)
+        ],
+        "tokenizers": [tokenizer_identity(t) for t in models.tokenizers],
+    }

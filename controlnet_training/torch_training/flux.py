@@ -17,6 +17,7 @@ import torch
 from ..arguments import InputError
 from ..data import load_tokenizer
 from ..flow_matching import add_flow_args, check_flow_args
+from .models import as_trainable, freeze
 from .sd3 import check_base_class, check_controlnet_class
 
 FLUX_MODEL_FILES = (
@@ -121,9 +122,7 @@ def load_flux_models(args) -> SimpleNamespace:
         vae=AutoencoderKL.from_pretrained(base, subfolder="vae", **weights),
         transformer=FluxTransformer2DModel.from_pretrained(base, subfolder="transformer", **weights),
     )
-    for module in (*models.text_encoders, models.vae, models.transformer):
-        module.requires_grad_(False)
-        module.eval()
+    freeze((*models.text_encoders, models.vae, models.transformer))
     return models
 
 
@@ -143,11 +142,7 @@ def make_flux_controlnet(args, transformer):
             attention_head_dim=config.attention_head_dim,
             num_attention_heads=config.num_attention_heads,
         )
-    dtypes = {p.dtype for p in controlnet.parameters()}
-    if dtypes != {torch.float32}:
-        raise InputError(f"the ControlNet loaded as {dtypes}; trainable weights must be float32")
-    controlnet.train()
-    return controlnet
+    return as_trainable(controlnet)
 
 
 def text_pipeline(models):

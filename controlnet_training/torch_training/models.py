@@ -44,9 +44,7 @@ def load_sd_models(args) -> SimpleNamespace:
         vae=AutoencoderKL.from_pretrained(base, subfolder="vae", **weights),
         unet=UNet2DConditionModel.from_pretrained(base, subfolder="unet", **weights),
     )
-    for module in (models.text_encoder, models.vae, models.unet):
-        module.requires_grad_(False)
-        module.eval()
+    freeze((models.text_encoder, models.vae, models.unet))
     return models
 
 
@@ -65,11 +63,24 @@ def make_controlnet(args, unet):
         controlnet = ControlNetModel.from_pretrained(args.controlnet_model_name_or_path)
     else:
         controlnet = ControlNetModel.from_unet(unet)
+    return as_trainable(controlnet)
+
+
+def as_trainable(controlnet):
+    """The ControlNet in training mode, refused unless its weights are fp32 (the optimizer's master weights; mixed
+    precision is autocast)."""
     dtypes = {p.dtype for p in controlnet.parameters()}
-    if dtypes != {torch.float32}:  # the optimizer needs fp32 master weights; mixed precision is autocast
+    if dtypes != {torch.float32}:
         raise InputError(f"the ControlNet loaded as {dtypes}; trainable weights must be float32")
     controlnet.train()
     return controlnet
+
+
+def freeze(modules) -> None:
+    """No gradients, eval mode (dropout off) for the frozen models."""
+    for module in modules:
+        module.requires_grad_(False)
+        module.eval()
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from ..arguments import InputError
 from ..data import load_tokenizer
 from ..flow_matching import add_flow_args, check_flow_args
 from ..preflight import looks_local
+from .models import as_trainable, freeze
 
 SD3_MODEL_FILES = (
     "transformer/config.json",
@@ -130,9 +131,7 @@ def load_sd3_models(args) -> SimpleNamespace:
         vae=AutoencoderKL.from_pretrained(base, subfolder="vae", **weights),
         transformer=SD3Transformer2DModel.from_pretrained(base, subfolder="transformer", **weights),
     )
-    for module in (*models.text_encoders, models.vae, models.transformer):
-        module.requires_grad_(False)
-        module.eval()
+    freeze((*models.text_encoders, models.vae, models.transformer))
     return models
 
 
@@ -151,11 +150,7 @@ def make_sd3_controlnet(args, transformer):
             num_layers=min(12, transformer.config.num_layers - 1),
             num_extra_conditioning_channels=args.num_extra_conditioning_channels,
         )
-    dtypes = {p.dtype for p in controlnet.parameters()}
-    if dtypes != {torch.float32}:
-        raise InputError(f"the ControlNet loaded as {dtypes}; trainable weights must be float32")
-    controlnet.train()
-    return controlnet
+    return as_trainable(controlnet)
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ import torch
 
 from ..arguments import INTERPOLATION_NAMES, InputError
 from ..data import load_tokenizer, token_ids
-from .models import text_encoder_class
+from .models import freeze, text_encoder_class
 
 SDXL_MODEL_FILES = (
     "unet/config.json",
@@ -86,9 +86,7 @@ def load_sdxl_models(args) -> SimpleNamespace:
         vae=vae,
         unet=UNet2DConditionModel.from_pretrained(base, subfolder="unet", **weights),
     )
-    for module in (*models.text_encoders, models.vae, models.unet):
-        module.requires_grad_(False)
-        module.eval()
+    freeze((*models.text_encoders, models.vae, models.unet))
     return models
 
 

@@ -266,17 +266,33 @@ def test_zero2_offload_matches_ddp_and_loads_in_the_pipeline(zero2_offload, ddp_
     assert image.shape == (RESOLUTION, RESOLUTION, 3) and bool(torch.isfinite(torch.from_numpy(image)).all())
 
 
+# SDXL with AdamW; Flux (flow matching, packed latents) with Adafactor.
+ZERO2_FAMILIES = {
+    "sdxl": ("train_controlnet_sdxl.py", "tiny_sdxl", {}, "controlnet_mid_block.weight"),
+    "flux": (
+        "train_controlnet_flux.py",
+        "tiny_flux",
+        {"num_double_layers": 1, "num_single_layers": 1, "max_sequence_length": 16, "optimizer": "adafactor"},
+        "controlnet_blocks.0.weight",
+    ),
+}
+
+
 @pytest.mark.e2e
-def test_sdxl_zero2_without_offload_trains_checkpoints_and_resumes_exactly(tiny_sdxl, fill_data, tmp_path, op_errors):
-    """SDXL, and ZeRO-2 without optimizer offload: torch's AdamW steps the ZeRO partitions, so the resume is exact;
-    with an EMA, whose checkpointed average continues exactly too (final weights: the average; raw/: the raw)."""
+@pytest.mark.parametrize("family", sorted(ZERO2_FAMILIES))
+def test_zero2_without_offload_trains_checkpoints_and_resumes_exactly(family, fill_data, tmp_path, op_errors, request):
+    """SDXL and Flux, and ZeRO-2 without optimizer offload: torch's optimizer steps the ZeRO partitions, so the
+    resume is exact; with an EMA, whose checkpointed average continues exactly too (final weights: the average;
+    raw/: the raw)."""
     needs(op_errors, "ShareMemCommBuilder")
-    run = {**RUN, "max_train_steps": 2, "use_ema": True, "ema_decay": 0.5, "save_raw_weights": True}
+    script, fixture, flags, trained = ZERO2_FAMILIES[family]
+    base = request.getfixturevalue(fixture)
+    run = {**RUN, **flags, "max_train_steps": 2, "use_ema": True, "ema_decay": 0.5, "save_raw_weights": True}
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     summary = check(
         launch(
-            "train_controlnet_sdxl.py",
-            base_args(tiny_sdxl, fill_data["imagefolder"], straight, checkpointing_steps=1, **run),
+            script,
+            base_args(base, fill_data["imagefolder"], straight, checkpointing_steps=1, **run),
             offload=False,
         )
     )
@@ -294,8 +310,8 @@ def test_sdxl_zero2_without_offload_trains_checkpoints_and_resumes_exactly(tiny_
     copy_checkpoint(straight / "checkpoint-1", resumed)
     check(
         launch(
-            "train_controlnet_sdxl.py",
-            base_args(tiny_sdxl, fill_data["imagefolder"], resumed, resume_from_checkpoint="latest", **run),
+            script,
+            base_args(base, fill_data["imagefolder"], resumed, resume_from_checkpoint="latest", **run),
             offload=False,
         )
     )
@@ -305,7 +321,7 @@ def test_sdxl_zero2_without_offload_trains_checkpoints_and_resumes_exactly(tiny_
     assert max_difference(load_weights(resumed / "raw"), load_weights(straight / "raw")) == 0
     assert max_difference(load_weights(straight / "raw"), load_weights(straight)) > 0
     # and it trained: the zero-initialised output convolution moved
-    assert load_weights(straight / "raw")["controlnet_mid_block.weight"].abs().max() > 1e-4
+    assert load_weights(straight / "raw")[trained].abs().max() > 1e-4
 
 
 def ds_config_env(monkeypatch) -> None:

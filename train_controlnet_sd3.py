@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import sys
 
+import torch
+
 from controlnet_training.arguments import build_parser, parse_args
 from controlnet_training.presets import exit_on_oom
 from controlnet_training.sanity import run_sanity_check
@@ -63,7 +65,7 @@ def train(args) -> None:
     controlnet = make_sd3_controlnet(args, models.transformer)
     enable_memory_options(MemoryOptions.from_args(args), controlnet, models.transformer, accelerator.device)
     place_frozen((models.transformer, *models.text_encoders), accelerator.device, weight_dtype)
-    place_frozen((models.vae,), accelerator.device, torch_dtype("no") if args.upcast_vae else weight_dtype)
+    place_frozen((models.vae,), accelerator.device, torch.float32 if args.upcast_vae else weight_dtype)
 
     # Text embeddings of every caption, "" and the validation prompts; with --cache_encodings the posteriors of the
     # target and control images: once, into the on-disk cache. Then the encoders leave the device.
@@ -109,12 +111,6 @@ def train(args) -> None:
     global_step = loop.train(training.global_step)
 
     finish_session(session, training, loop, global_step, validator, TAGS, license="other")
-
-
-def torch_dtype(mixed_precision: str):
-    import torch
-
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
 if __name__ == "__main__":

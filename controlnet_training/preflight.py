@@ -147,6 +147,40 @@ def check_model_family(args, sdxl: bool) -> None:
         )
 
 
+def pipeline_class_name(base: str) -> str | None:
+    index = Path(base) / "model_index.json"
+    if not looks_local(base) or not index.is_file():
+        return None
+    return json.loads(index.read_text()).get("_class_name")
+
+
+def check_base_class(base: str, expected: tuple[str, ...], script: str) -> None:
+    """A local base pipeline of another family is refused with the script that trains it."""
+    name = pipeline_class_name(base)
+    if name is None or name.replace("ControlNet", "") in expected:
+        return
+    trainer = {
+        "StableDiffusionPipeline": "train_controlnet.py",
+        "StableDiffusionXLPipeline": "train_controlnet_sdxl.py",
+        "StableDiffusion3Pipeline": "train_controlnet_sd3.py",
+        "FluxPipeline": "train_controlnet_flux.py",
+    }.get(name.replace("ControlNet", ""), "another trainer")
+    raise InputError(f"--pretrained_model_name_or_path {base} is a {name}, not for {script}; use {trainer}")
+
+
+def check_controlnet_class(path: str | None, expected: str) -> None:
+    """A local --controlnet_model_name_or_path must hold a ControlNet of this family."""
+    config = Path(path or "") / "config.json"
+    if path is None or not looks_local(path) or not config.is_file():
+        return
+    name = json.loads(config.read_text()).get("_class_name")
+    if name != expected:
+        raise InputError(
+            f"--controlnet_model_name_or_path {path} is a {name}, not a {expected}: give a ControlNet trained for "
+            "this family, or leave the flag out to start one from the base"
+        )
+
+
 def config_mismatch(controlnet: dict, unet: dict) -> str:
     """The fields in which a ControlNet config does not fit a UNet config ("" when it fits)."""
     return "; ".join(

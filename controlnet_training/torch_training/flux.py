@@ -17,8 +17,8 @@ import torch
 from ..arguments import InputError
 from ..data import load_tokenizer
 from ..flow_matching import add_flow_args, check_flow_args
+from ..preflight import check_base_class, check_controlnet_class
 from .models import as_trainable, freeze
-from .sd3 import check_base_class, check_controlnet_class
 
 FLUX_MODEL_FILES = (
     "transformer/config.json",

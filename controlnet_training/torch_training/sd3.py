@@ -12,8 +12,6 @@ Fixed against the reference script, so that what is trained is what the pipeline
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -21,7 +19,7 @@ import torch
 from ..arguments import InputError
 from ..data import load_tokenizer
 from ..flow_matching import add_flow_args, check_flow_args
-from ..preflight import looks_local
+from ..preflight import check_base_class, check_controlnet_class
 from .models import as_trainable, freeze
 
 SD3_MODEL_FILES = (
@@ -60,40 +58,6 @@ def add_sd3_args(parser) -> None:
         help="Accepted for the reference's command lines; captions are encoded into the on-disk cache one at a time.",
     )
     add_flow_args(parser, precondition_outputs=True)
-
-
-def pipeline_class_name(base: str) -> str | None:
-    index = Path(base) / "model_index.json"
-    if not looks_local(base) or not index.is_file():
-        return None
-    return json.loads(index.read_text()).get("_class_name")
-
-
-def check_base_class(base: str, expected: tuple[str, ...], script: str) -> None:
-    """A local base pipeline of another family is refused with the script that trains it."""
-    name = pipeline_class_name(base)
-    if name is None or name.replace("ControlNet", "") in expected:
-        return
-    trainer = {
-        "StableDiffusionPipeline": "train_controlnet.py",
-        "StableDiffusionXLPipeline": "train_controlnet_sdxl.py",
-        "StableDiffusion3Pipeline": "train_controlnet_sd3.py",
-        "FluxPipeline": "train_controlnet_flux.py",
-    }.get(name.replace("ControlNet", ""), "another trainer")
-    raise InputError(f"--pretrained_model_name_or_path {base} is a {name}, not for {script}; use {trainer}")
-
-
-def check_controlnet_class(path: str | None, expected: str) -> None:
-    """A local --controlnet_model_name_or_path must hold a ControlNet of this family."""
-    config = Path(path or "") / "config.json"
-    if path is None or not looks_local(path) or not config.is_file():
-        return
-    name = json.loads(config.read_text()).get("_class_name")
-    if name != expected:
-        raise InputError(
-            f"--controlnet_model_name_or_path {path} is a {name}, not a {expected}: give a ControlNet trained for "
-            "this family, or leave the flag out to start one from the base"
-        )
 
 
 def check_sd3_args(args) -> None:
@@ -237,9 +201,3 @@ def sd3_control_latents(controlnet_config, vae_config, extra_channels: int):
         return torch.cat([latents, grey.expand(-1, extra_channels, -1, -1)], dim=1)
 
     return control_latents
-
-
-def sd3_decode(pipeline, latents, height: int, width: int):
-    from .validation import decode_checked
-
-    return decode_checked(pipeline, latents)

@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# GPU check (issue #5): every speed and memory figure in one run of at most ~8 minutes on one H100/H200, with
-# random-weight SD1.5-size and SDXL-size models from the fixture tool (numbers are speed and memory only).
+# GPU check (issue #5): every speed and memory figure in one run of at most ~9.5 minutes on one H100/H200, with
+# random-weight SD1.5-size and SDXL-size models from the fixture tool, and SD3-medium-size and FLUX.1-dev-size
+# transformers from benchmarks/benchmark.py's configs (numbers are speed and memory only).
 #
 #   A1 benchmark SD1.5-size, 512 px, batch 8, bf16: reference path vs optimized path (eager)
 #   A2 the same with --torch_compile (reference vs compiled optimized path)
 #   C  memory presets, SD 1.x at 512 px: peak memory of each (the 8 GB one: batch 1, no DeepSpeed)
 #   D  benchmark SDXL-size, 1024 px, batch 1, bf16: reference vs optimized (eager)
 #   E  memory presets, SDXL at 1024 px (the 24 GB one: batch 1)
+#   I  benchmark SD3-medium-size, 1024 px, batch 1, bf16, gradient checkpointing (8-bit Adam if bitsandbytes
+#      imports): optimized path, peak memory and MFU
+#   J  the same for FLUX.1-dev-size at 512 px (ControlNet: 4 double-stream blocks, the diffusers recipe)
+#   K  memory presets, SD3 at 1024 px;  L  memory presets, Flux at 512 px
 #   B  the real trainer on CUDA (tiny fixtures): --torch_compile, bf16, fused AdamW, non-blocking loader, logging
 #      every 2 steps, checkpoint at step 2 and an exact resume to step 4
 #   F  the DeepSpeed ZeRO-2 CPU-offload config (configs/deepspeed_zero2_offload.yaml) with the real trainer,
@@ -23,10 +28,10 @@
 #   benchmarks/gpu_check.sh                                   # on the GPU machine
 #   TINY=1 PYTHON=.venv/bin/python benchmarks/gpu_check.sh    # the same logic on the CPU with tiny fixtures
 # Environment: PYTHON (python3), WORK (/tmp/gpu_check: fixtures and run folders), OUT (logs, JSON; $WORK/out),
-#   BUDGET_S (seconds for the whole script, 470), CAP_SCALE (multiplies each step's time cap: 1, 10 with TINY=1,
-#   whose CPU compiles are slow), SITE (/tmp/site). Wheels in .whl/*.whl, if any, are installed
-#   into $SITE first (and .whl/optional/pyarrow-*.whl if the machine's pyarrow is older than 24), unless
-#   SKIP_WHEELS=1 (the default with TINY=1).
+#   BUDGET_S (seconds for the whole script, 570: under a 10-minute command limit), CAP_SCALE (multiplies each
+#   step's time cap: 1, 10 with TINY=1, whose CPU compiles are slow), SITE (/tmp/site). Wheels in .whl/*.whl, if
+#   any, are installed into $SITE first (and .whl/optional/pyarrow-*.whl if the machine's pyarrow is older than
+#   24), unless SKIP_WHEELS=1 (the default with TINY=1).
 set -u
 cd "$(dirname "$0")/.."
 
@@ -34,7 +39,7 @@ PY=${PYTHON:-python3}
 WORK=${WORK:-/tmp/gpu_check}
 OUT=${OUT:-$WORK/out}
 SITE=${SITE:-/tmp/site}
-BUDGET_S=${BUDGET_S:-470}
+BUDGET_S=${BUDGET_S:-570}
 TINY=${TINY:-0}
 START=$(date +%s)
 mkdir -p "$WORK" "$OUT"
@@ -43,9 +48,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 if [ "$TINY" = 1 ]; then  # CPU dry run: tiny models, 64 px, few steps, one thread
   SD=tiny XL=tiny-sdxl RES=64 XL_RES=64 STEPS=3 WARMUP=1 XL_STEPS=2 THREADS=(--threads 1) CAP_SCALE=${CAP_SCALE:-10}
+  S3=tiny-sd3 FX=tiny-flux S3_RES=64 FX_RES=64 FLOW_STEPS=2
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-1}
 else
   SD=sd15 XL=sdxl RES=512 XL_RES=1024 STEPS=10 WARMUP=3 XL_STEPS=6 THREADS=() CAP_SCALE=${CAP_SCALE:-1}
+  S3=sd3 FX=flux S3_RES=1024 FX_RES=512 FLOW_STEPS=5
 fi
 
 left() { echo $((BUDGET_S - ($(date +%s) - START))); }
@@ -129,6 +136,19 @@ step C 80 30 "${BENCH[@]}" --model "$SD" --resolution "$RES" --mixed_precision b
 step D 120 45 "${BENCH[@]}" --model "$XL" --resolution "$XL_RES" --batch_size 1 --mixed_precision bf16 \
   --steps "$XL_STEPS" --warmup 2 --paths reference,optimized --json "$OUT/D.json"
 step E 90 30 "${BENCH[@]}" --model "$XL" --resolution "$XL_RES" --mixed_precision bf16 --presets --json "$OUT/E.json"
+
+# ------------------------------------------------------------------------------------------- SD3 and Flux
+# Random weights built on the GPU (the frozen transformer directly in bf16) and random prompt embeddings instead
+# of the text encoders; about 3 minutes for the four steps.
+EIGHT_BIT=()
+"$PY" -c 'import bitsandbytes' >/dev/null 2>&1 && EIGHT_BIT=(--use_8bit_adam)
+say "SD3 / Flux benchmarks with ${EIGHT_BIT[*]:-torch AdamW (bitsandbytes does not import)}"
+step I 60 35 "${BENCH[@]}" --model "$S3" --resolution "$S3_RES" --batch_size 1 --mixed_precision bf16 \
+  --gradient_checkpointing "${EIGHT_BIT[@]}" --steps "$FLOW_STEPS" --warmup 2 --paths optimized --json "$OUT/I.json"
+step J 75 45 "${BENCH[@]}" --model "$FX" --resolution "$FX_RES" --batch_size 1 --mixed_precision bf16 \
+  --gradient_checkpointing "${EIGHT_BIT[@]}" --steps "$FLOW_STEPS" --warmup 2 --paths optimized --json "$OUT/J.json"
+step K 50 30 "${BENCH[@]}" --model "$S3" --resolution "$S3_RES" --mixed_precision bf16 --presets --json "$OUT/K.json"
+step L 60 40 "${BENCH[@]}" --model "$FX" --resolution "$FX_RES" --mixed_precision bf16 --presets --json "$OUT/L.json"
 
 # ------------------------------------------------------------------------------------------- the trainer on CUDA
 trainer_check() {
@@ -233,13 +253,14 @@ def fmt(value, spec=".2f"):
 
 
 print("\nfigures (targets below; figures, not tests)")
-for name in ("A1", "A2", "D", "G"):
+for name in ("A1", "A2", "D", "G", "I", "J"):
     report = load(name)
     if report is None:
         continue
     a = report["args"]
     label = (f"{a['model']} {a['resolution']} px b{a['batch_size']} {a['mixed_precision']}, "
-             f"{'--torch_compile' if a['torch_compile'] else 'eager'}")
+             f"{'--torch_compile' if a['torch_compile'] else 'eager'}"
+             f"{', ckpt' if a['gradient_checkpointing'] else ''}{', 8-bit' if a['use_8bit_adam'] else ''}")
     for path, r in paths(name).items():
         if "error" in r:
             print(f"  {name:<3}{label:<40} {path:<10} {r['error']}")
@@ -253,13 +274,14 @@ for name in ("A1", "A2", "D", "G"):
                  f"vs reference" if ratio else ""))
 print("  targets: SD1.5 optimized >= 2x reference samples/s at <= its peak memory; SD1.5 >= 175 samples/s "
       "(40% MFU on H100); SDXL 1024 px >= 20 samples/s")
-for name in ("C", "E"):
+for name in ("C", "E", "K", "L"):
     report = load(name)
     for row in (report or {}).get("presets", []):
         status = row.get("skipped") and f"skipped: {row['skipped']}" or row.get("verdict")
         print(f"  {name:<3}preset {row['preset']:<16} peak {fmt(row.get('peak_memory_gib'))} GiB allocated, "
               f"{fmt(row.get('peak_reserved_gib'))} GiB reserved; {status}")
-print("  targets: SD1.5 512 px batch 1 <= 8 GB without DeepSpeed (sd-8gb); SDXL 1024 px batch 1 <= 24 GB (sdxl-24gb)")
+print("  targets: SD1.5 512 px batch 1 <= 8 GB without DeepSpeed (sd-8gb); SDXL 1024 px batch 1 <= 24 GB (sdxl-24gb);"
+      " SD3 1024 px and Flux 512 px: each preset within its budget (sd3-*, flux-80gb)")
 print(f"  F  DeepSpeed ZeRO-2 offload, SD1.5 512 px b1 x4 fp16: peak {ds_peak or 'n/a'} GiB")
 EOF
 } | tee "$OUT/summary.txt"

@@ -50,6 +50,9 @@ def add_flow_args(parser: argparse.ArgumentParser, precondition_outputs: bool) -
         )
 
 
+PIXELS_PER_PATCH = 16
+
+
 def check_flow_args(args: argparse.Namespace) -> None:
     for name, reason in DDPM_ONLY.items():
         value = getattr(args, name, None)
@@ -67,6 +70,17 @@ def check_flow_args(args: argparse.Namespace) -> None:
         )
     if args.logit_std <= 0:
         raise InputError(f"--logit_std must be > 0, got {args.logit_std:g}")
+    # The transformers take latents in 2×2 patches (Flux packs them), so image sides are multiples of 8 × 2.
+    if args.resolution % PIXELS_PER_PATCH:
+        raise InputError(
+            f"--resolution must be divisible by {PIXELS_PER_PATCH} for SD3 and Flux (the VAE downsamples by 8 and the "
+            f"transformer takes 2x2 latent patches), got {args.resolution}"
+        )
+    if getattr(args, "aspect_ratio_buckets", False) and args.bucket_step % PIXELS_PER_PATCH:
+        raise InputError(
+            f"--bucket_step must be a multiple of {PIXELS_PER_PATCH} for SD3 and Flux (2x2 latent patches), got "
+            f"{args.bucket_step}"
+        )
 
 
 @dataclass(frozen=True)

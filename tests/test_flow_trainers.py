@@ -133,6 +133,70 @@ def test_sd35_controlnet_without_positional_embedding_trains_and_resumes(tiny_sd
     assert image.size == (64, 64)
 
 
+BUCKETS = dict(aspect_ratio_buckets=True, bucket_step=16, validation_split=0, learning_rate=1e-3)
+
+
+def trained(weights: dict) -> bool:
+    """The ControlNet's zero-initialised output projections have moved."""
+    return max(v.abs().max().item() for k, v in weights.items() if k.startswith("controlnet_blocks.")) > 1e-6
+
+
+@pytest.mark.e2e
+def test_bucketed_cached_equals_uncached_and_validates_at_the_bucket_shape(family, mixed_data, tmp_path):
+    """Non-square rows in aspect-ratio buckets: the target and control posteriors are cached per bucket, and a cached
+    run ends bit for bit where an uncached one does; a wide validation control image is generated in its bucket."""
+    from PIL import Image
+
+    name, base = family
+    common = dict(
+        BUCKETS,
+        max_train_steps=4,
+        validation_prompt=["red circle with blue background"],
+        validation_image=[mixed_data["validation"]],
+        num_validation_images=1,
+        validation_steps=1000,
+    )
+    data, cache = {"imagefolder": mixed_data["imagefolder"]}, tmp_path / "cache"
+    runs = {}
+    for mode in ("never", "always"):
+        out = tmp_path / mode
+        args = flow_args(base, data, out, cache, name, cache_encodings=mode, **common)
+        runs[mode] = run_script(SCRIPTS[name], args).stderr
+    assert "caching VAE posteriors" not in runs["never"]
+    for shape in ("48x96", "64x64", "96x48"):
+        assert f"bucket {shape}" in runs["never"]
+        assert f"caching VAE posteriors ({shape}): cached" in runs["always"], runs["always"][-3000:]
+    a, b = load_weights(tmp_path / "never"), load_weights(tmp_path / "always")
+    assert trained(a) and [k for k in a if not torch.equal(a[k], b[k])] == []
+    losses = read_scalars(tmp_path / "never" / "logs", "loss")
+    assert sorted(losses) == [1, 2, 3, 4] and losses == read_scalars(tmp_path / "always" / "logs", "loss")
+    assert Image.open(tmp_path / "always" / "image_control_0.png").size == (96, 48)
+    assert Image.open(tmp_path / "always" / "images_0.png").size == (2 * 96, 48)
+
+
+@pytest.mark.e2e
+def test_a_bucketed_stream_encodes_captions_every_step_and_resumes_exactly(family, mixed_data, tmp_path):
+    """--streaming with buckets: the captions are not known up front, so the text encoders stay and encode each
+    batch's; 5 steps straight == 2 steps, then resumed to 5 (an epoch is (16 - 3) // 2 = 6 steps)."""
+    name, base = family
+    common = dict(BUCKETS, streaming=True, max_train_samples=16, max_buckets=3, proportion_empty_prompts=0.3)
+    data, cache = {"imagefolder": mixed_data["imagefolder"]}, tmp_path / "cache"
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    first = run_script(SCRIPTS[name], flow_args(base, data, straight, cache, name, max_train_steps=5, **common))
+    summary = " ".join(first.stderr.split())
+    assert "encoded at every step (streamed captions)" in summary and "caching text" not in summary
+    assert "buckets (streamed) : 3: 48x96, 64x64, 96x48" in summary, summary[-3000:]
+    run_script(
+        SCRIPTS[name], flow_args(base, data, split, cache, name, max_train_steps=2, checkpointing_steps=2, **common)
+    )
+    resumed = flow_args(base, data, split, cache, name, max_train_steps=5, resume_from_checkpoint="latest", **common)
+    run_script(SCRIPTS[name], resumed)
+    a, b = load_weights(straight), load_weights(split)
+    assert trained(a) and [k for k in a if not torch.equal(a[k], b[k])] == []
+    la, lb = read_scalars(straight / "logs", "loss"), read_scalars(split / "logs", "loss")
+    assert sorted(la) == [1, 2, 3, 4, 5] and [la[s] for s in (3, 4, 5)] == [lb[s] for s in (3, 4, 5)]
+
+
 FLOW_BAD_INPUTS = {
     "sd3: SD pipeline": (
         "sd3",
@@ -153,6 +217,12 @@ FLOW_BAD_INPUTS = {
         "give only one of --jsonl_for_train",
     ),
     "flux: no jsonl file": ("flux", dict(jsonl_for_train="{tmp}/rows.jsonl", train_data_dir=None), "--jsonl_for_train"),
+    "flux: resolution": ("flux", dict(resolution=72), "--resolution must be divisible by 16 for SD3 and Flux"),
+    "sd3: bucket step": (
+        "sd3",
+        dict(aspect_ratio_buckets=True, bucket_step=8),
+        "--bucket_step must be a multiple of 16 for SD3 and Flux",
+    ),
     "sd3: extra channels": (
         "sd3",
         dict(num_extra_conditioning_channels=-1),

@@ -210,7 +210,10 @@ def flow_conditioning(
             ),
             ("VAE posteriors (target and control)", posterior_note(latents, transform)),
         ],
-        release=lambda: drop_encoders(vae if cached else None, models.text_encoders if texts else []),
+        # The validation pipelines VAE-encode their control images, so the VAE encoder stays for them.
+        release=lambda: drop_encoders(
+            vae if cached and not args.validation_prompt else None, models.text_encoders if texts else []
+        ),
     )
 
 

@@ -132,6 +132,44 @@ def test_gain_is_clearly_above_one_when_the_control_image_is_used(fill_data):
     assert result["heldout_loss"] == pytest.approx(0.25, rel=0.15)
 
 
+def test_flow_matching_gain_is_clearly_above_one_when_the_control_latents_are_used(fill_data):
+    """SD3 / Flux: the control is the control image's latents (`Encoded.control`), swapped between rows as latents,
+    and the noise levels are the flow schedule's (SD3's shifted σ). An oracle that reads the clean latent off its
+    control latents and predicts half of the true velocity scores 0.25·|v|² with its own row's and more with
+    another's."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from controlnet_training.fixtures import TINY_SD3
+    from controlnet_training.flow_matching import FlowSettings
+    from controlnet_training.objective import Objective
+    from controlnet_training.torch_training.flow import FlowMatching
+    from controlnet_training.torch_training.step import Encoded
+
+    scheduler = FlowMatchEulerDiscreteScheduler(**TINY_SD3.scheduler)
+    flow = FlowMatching(scheduler, Objective(), FlowSettings(), torch.device("cpu"))
+    batches = heldout_batches(fill_data, None, rows=6)
+
+    def encode(batch):
+        latents = latent_of(batch["conditioning_pixel_values"])
+        return Encoded(latents, torch.zeros_like(latents), None, None, latents)
+
+    seen_sigmas = set()
+
+    def oracle(controlnet, transformer, noisy, timesteps, hidden, control, added, dtype):
+        sigma = (timesteps / scheduler.config.num_train_timesteps).view(-1, 1, 1, 1)
+        seen_sigmas.update(round(s, 4) for s in sigma.flatten().tolist())
+        return 0.5 * (noisy - control) / sigma  # (x_σ − x) / σ = n − x, the velocity, if control is x
+
+    signal = ControlSignal(batches, encode, None, scheduler, torch.float32, seed=0, predict=oracle, denoising=flow)
+    result = signal.measure(torch.nn.Identity(), torch.device("cpu"))
+    assert result["control_gain"] > 1.3
+    mean_square = torch.cat([latent_of(b["conditioning_pixel_values"]) for b in batches]).pow(2).mean().item()
+    assert result["heldout_loss"] == pytest.approx(0.25 * (1 + mean_square), rel=0.15)  # |n − x|² ≈ 1 + |x|²
+    shift = TINY_SD3.scheduler["shift"]
+    expected = {round(shift * f / (1 + (shift - 1) * f), 4) for f in (0.05, 0.2, 0.4, 0.6, 0.8)}
+    assert len(seen_sigmas) == 5 and all(min(abs(s - e) for e in expected) < 2e-3 for s in seen_sigmas)
+
+
 def test_heldout_split():
     assert heldout_count(None, 12) == 0 and heldout_count(None, 512) == 25 and heldout_count(None, 50000) == 32
     assert heldout_count(0.25, 12) == 3 and heldout_count(5, 12) == 5 and heldout_count(0, 1000) == 0

@@ -310,6 +310,23 @@ def default_dtype(dtype):
         torch.set_default_dtype(previous)
 
 
+def freeze_and_count(controlnet, **frozen) -> dict[str, int]:
+    """The frozen models (None: absent) in eval mode without gradients; the ControlNet on the CPU in fp32 (the master
+    copy: each path trains a copy of it). Returns the parameter counts: the base first, then the ControlNet."""
+    import torch
+
+    frozen = {name: module for name, module in frozen.items() if module is not None}
+    for module in frozen.values():
+        module.requires_grad_(False)
+        module.eval()
+    place((controlnet,), torch.device("cpu"), torch.float32)
+    base, *others = frozen.items()
+    return {
+        name: sum(p.numel() for p in module.parameters())
+        for name, module in (base, ("controlnet", controlnet), *others)
+    }
+
+
 def build_on(device, make, meta: bool = False):
     """make() on the meta device, on the GPU (random initialisation there is much faster than on the CPU for the
     full-size models; the CPU is the fallback) or on the CPU."""
@@ -346,18 +363,7 @@ def build_models(name: str, device, weight_dtype, seed: int, meta: bool = False)
     family = FAMILY[name]
     unet, vae = pipe.unet, pipe.vae
     text_encoder = pipe.text_encoder if family == "sd" else None
-    for module in (unet, vae, text_encoder):
-        if module is not None:
-            module.requires_grad_(False)
-            module.eval()
-    place((controlnet,), torch.device("cpu"), torch.float32)  # the master copy; each path trains a copy of it
-    counts = {
-        "unet": sum(p.numel() for p in unet.parameters()),
-        "controlnet": sum(p.numel() for p in controlnet.parameters()),
-        "vae": sum(p.numel() for p in vae.parameters()),
-    }
-    if text_encoder is not None:
-        counts["text_encoder"] = sum(p.numel() for p in text_encoder.parameters())
+    counts = freeze_and_count(controlnet, unet=unet, vae=vae, text_encoder=text_encoder)
     place((unet,), device, weight_dtype)
     place((vae, text_encoder), torch.device("cpu"), torch.float32)
     noise_scheduler = pipe.scheduler
@@ -424,15 +430,7 @@ def build_flow_models(name: str, device, weight_dtype, seed: int, meta: bool = F
         return transformer, vae, make_flow_controlnet(family, transformer)
 
     transformer, vae, controlnet = build_on(device, make, meta)
-    for module in (transformer, vae):
-        module.requires_grad_(False)
-        module.eval()
-    place((controlnet,), torch.device("cpu"), torch.float32)  # the master copy; each path trains a copy of it
-    counts = {
-        "transformer": sum(p.numel() for p in transformer.parameters()),
-        "controlnet": sum(p.numel() for p in controlnet.parameters()),
-        "vae": sum(p.numel() for p in vae.parameters()),
-    }
+    counts = freeze_and_count(controlnet, transformer=transformer, vae=vae)
     place((transformer,), device, weight_dtype)
     place((vae,), torch.device("cpu"), torch.float32)
     scheduler = FlowMatchEulerDiscreteScheduler(**spec.scheduler)

@@ -144,12 +144,15 @@ def trained(weights: dict) -> bool:
 @pytest.mark.e2e
 def test_bucketed_cached_equals_uncached_and_validates_at_the_bucket_shape(family, mixed_data, tmp_path):
     """Non-square rows in aspect-ratio buckets: the target and control posteriors are cached per bucket, and a cached
-    run ends bit for bit where an uncached one does; a wide validation control image is generated in its bucket."""
+    run ends bit for bit where an uncached one does; a wide validation control image is generated in its bucket.
+    With the presets' gradient checkpointing and 8-bit Adam."""
     from PIL import Image
 
     name, base = family
     common = dict(
         BUCKETS,
+        gradient_checkpointing=True,
+        use_8bit_adam=True,
         max_train_steps=4,
         validation_prompt=["red circle with blue background"],
         validation_image=[mixed_data["validation"]],
@@ -162,7 +165,7 @@ def test_bucketed_cached_equals_uncached_and_validates_at_the_bucket_shape(famil
         out = tmp_path / mode
         args = flow_args(base, data, out, cache, name, cache_encodings=mode, **common)
         runs[mode] = run_script(SCRIPTS[name], args).stderr
-    assert "caching VAE posteriors" not in runs["never"]
+    assert "caching VAE posteriors" not in runs["never"] and "8-bit AdamW" in runs["never"]
     for shape in ("48x96", "64x64", "96x48"):
         assert f"bucket {shape}" in runs["never"]
         assert f"caching VAE posteriors ({shape}): cached" in runs["always"], runs["always"][-3000:]

@@ -14,7 +14,8 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from .arguments import InputError
@@ -152,15 +153,31 @@ def remove_debris(output_dir: str | os.PathLike) -> list[Path]:
 FINAL_TMP = ".final-weights.tmp"
 
 
-def save_final(output_dir: str | os.PathLike, write: Callable[[Path], None], expected_bytes: int | None = None) -> None:
+def save_final(
+    output_dir: str | os.PathLike,
+    write: Callable[[Path], None],
+    expected_bytes: int | None = None,
+    replaces: Collection[str] = (),
+) -> None:
     """The final weights: `write(folder)` into a hidden temporary folder, then its files moved into output_dir, so
     a crash or a full disk never leaves a half-written weights file there (a full disk: the one-line error, the
-    temporary folder removed, the weights of any earlier run left as they were)."""
+    temporary folder removed, the weights of any earlier run left as they were).
+
+    `replaces`: the names an earlier run's final outputs may have (its single file, its raw/ folder). Those this
+    write does not produce are moved into `superseded-<time>/`, not deleted, so that output_dir, its model card
+    and its upload hold one run's weights, never a new folder beside an old single file."""
     output_dir = Path(output_dir)
     tmp = output_dir / FINAL_TMP
     shutil.rmtree(tmp, ignore_errors=True)
     with exit_on_disk_full(output_dir, expected_bytes, lambda: shutil.rmtree(tmp, ignore_errors=True), written_in=tmp):
         write(tmp)
+    stale = sorted(name for name in replaces if (output_dir / name).exists() and not (tmp / name).exists())
+    if stale:
+        aside = output_dir / time.strftime("superseded-%Y%m%d-%H%M%S")
+        aside.mkdir(exist_ok=True)
+        for name in stale:
+            os.replace(output_dir / name, aside / name)
+        logger.warning("%s of an earlier run, which this run did not write, moved to %s", ", ".join(stale), aside)
     # weights before config.json: an interrupted move leaves new weights beside the same model's config
     for path in sorted(tmp.iterdir(), key=lambda p: (p.name == "config.json", p.name)):
         target = output_dir / path.name

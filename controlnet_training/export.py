@@ -35,6 +35,7 @@ DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 CONFIG = "config.json"
 SINGLE_FILE = "controlnet.safetensors"  # output_dir/controlnet.safetensors: the original-layout export
 RAW_FOLDER = "raw"  # output_dir/raw: with --use_ema --save_raw_weights, the weights that were averaged
+FINAL_OUTPUTS = (DIFFUSERS_WEIGHTS, CONFIG, SINGLE_FILE, RAW_FOLDER)  # what save_final replaces
 PREFIX = "control_model."
 DTYPES = ("fp32", "fp16", "bf16")
 _SAFETENSORS_DTYPES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "F64": "fp64"}

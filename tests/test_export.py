@@ -271,3 +271,27 @@ def test_model_card_lists_the_weights_files_on_disk(sd_controlnet, tmp_path):
     assert "stable-diffusion-webui/extensions/sd-webui-controlnet/models/" in text
     assert "controlnet.safetensors" in hub.UPLOAD_PATTERNS
     assert hub.weights_section(tmp_path / "nothing", "x") == ""
+
+
+def test_a_later_run_without_the_exports_sets_the_earlier_ones_aside(sd_controlnet, tmp_path):
+    """A run into an output_dir where an earlier run left a single file and raw/: its final save moves those into
+    superseded-<time>/ (kept, not deleted), so the card and the upload list only this run's weights."""
+    from controlnet_training.checkpoints import save_final
+
+    folder, _ = sd_controlnet
+    out = tmp_path / "out"
+    earlier = Namespace(save_dtype="fp32", export_single_file=True)
+    save_final(out, export.final_exports(lambda f: shutil.copytree(folder, f), earlier), replaces=export.FINAL_OUTPUTS)
+    shutil.copytree(folder, out / export.RAW_FOLDER)
+    old_single = (out / export.SINGLE_FILE).read_bytes()
+
+    later = Namespace(save_dtype="fp16", export_single_file=False)
+    save_final(out, export.final_exports(lambda f: shutil.copytree(folder, f), later), replaces=export.FINAL_OUTPUTS)
+    [aside] = [p for p in out.iterdir() if p.name.startswith("superseded-")]
+    assert sorted(p.name for p in out.iterdir()) == sorted([aside.name, export.CONFIG, export.DIFFUSERS_WEIGHTS])
+    assert sorted(p.name for p in aside.iterdir()) == [export.SINGLE_FILE, export.RAW_FOLDER]
+    assert (aside / export.SINGLE_FILE).read_bytes() == old_single
+    assert [(r.path, r.dtype) for r in export.weights_files(out)] == [
+        ("diffusion_pytorch_model.safetensors + config.json", "fp16")
+    ]
+    assert not any(aside.name in pattern or pattern.startswith("superseded") for pattern in hub.UPLOAD_PATTERNS)

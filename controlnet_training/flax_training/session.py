@@ -304,6 +304,7 @@ def finish_session(
             args.output_dir,
             export.final_exports(final_writer(state, loaded.controlnet_config, save_raw), args),
             expected_bytes=export.final_bytes(weight_bytes, args) * (1 + save_raw),
+            replaces=export.FINAL_OUTPUTS,
         )
     signal = control(global_step, state, train_loss) if control is not None else None
     logs = []

@@ -527,6 +527,7 @@ def finish_session(
             args.output_dir,
             export.final_exports(final_writer(controlnet, training.ema, args.save_raw_weights), args),
             expected_bytes=export.final_bytes(weight_bytes, args) * (1 + args.save_raw_weights),
+            replaces=export.FINAL_OUTPUTS,
         )
     signal = validator(global_step, True, loop.train_loss_since_validation()) if validator is not None else None
     if accelerator.is_main_process:

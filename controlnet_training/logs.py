@@ -92,6 +92,13 @@ class Progress:
         self.bar.close()
 
 
+def learning_rate_line(args) -> str:
+    """The summary's learning-rate row. The warmup is named only where the schedule has one: diffusers' and optax's
+    `constant` ignore --lr_warmup_steps (default 500), which the summary must not suggest."""
+    warmup = "no warmup" if args.lr_scheduler == "constant" else f"warmup {args.lr_warmup_steps}"
+    return f"{args.learning_rate:g} ({args.lr_scheduler}, {warmup})"
+
+
 def report_outputs(output_dir: str | Path, logging_dir: str | Path, peak_memory_bytes: int | None = None) -> str:
     output_dir = Path(output_dir)
     from .checkpoints import list_checkpoints

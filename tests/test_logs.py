@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from controlnet_training.logs import Progress, report_outputs, run_summary, tracker_config
+from controlnet_training.logs import Progress, learning_rate_line, report_outputs, run_summary, tracker_config
 
 
 def test_summary_aligns_the_names():
@@ -55,3 +55,21 @@ def test_report_names_every_output(tmp_path):
 def test_tracker_config_never_holds_the_token_or_lists():
     args = argparse.Namespace(hub_token="hf_secret", learning_rate=1e-5, validation_prompt=["a"], resolution=512)
     assert tracker_config(args) == {"learning_rate": 1e-5, "resolution": 512}
+
+
+def test_the_learning_rate_row_names_a_warmup_only_where_the_schedule_has_one():
+    """diffusers' `constant` ignores --lr_warmup_steps (its default 500 would otherwise be reported as a warmup)."""
+    from argparse import Namespace
+
+    import torch
+    from diffusers.optimization import get_scheduler
+
+    def first_lr(name: str) -> float:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+        return get_scheduler(name, optimizer, num_warmup_steps=500, num_training_steps=1000).get_last_lr()[0]
+
+    assert first_lr("constant") == 1e-4 and first_lr("constant_with_warmup") == 0.0
+    args = Namespace(learning_rate=1e-4, lr_scheduler="constant", lr_warmup_steps=500)
+    assert learning_rate_line(args) == "0.0001 (constant, no warmup)"
+    args.lr_scheduler = "constant_with_warmup"
+    assert learning_rate_line(args) == "0.0001 (constant_with_warmup, warmup 500)"

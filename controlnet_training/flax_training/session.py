@@ -29,7 +29,7 @@ from ..data import (
 )
 from ..ema import EMASettings
 from ..encodings import Workers, cache_root, wants_cache
-from ..logs import report_outputs, run_summary, setup_logging
+from ..logs import learning_rate_line, report_outputs, run_summary, setup_logging
 from ..objective import Objective
 from ..optimizers import OptimizerSettings
 from ..preflight import SD_MODEL_FILES, Preflight, run_preflight
@@ -223,7 +223,7 @@ def log_summary(session: Session, global_step: int, encodings: Encodings | None)
                 ("steps per epoch", plan.updates_per_epoch),
                 ("epochs", plan.num_epochs),
                 ("optimizer steps", plan.max_train_steps),
-                ("learning rate", f"{args.learning_rate:g} ({args.lr_scheduler}, warmup {args.lr_warmup_steps})"),
+                ("learning rate", learning_rate_line(args)),
                 ("optimizer", OptimizerSettings.from_args(args).summary()),
                 ("mixed precision", args.mixed_precision),
                 ("gradient checkpointing", args.gradient_checkpointing),

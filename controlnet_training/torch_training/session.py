@@ -33,7 +33,7 @@ from ..data import (
 from ..ema import EMASettings
 from ..encodings import Workers, wants_cache
 from ..flow_matching import flow_settings
-from ..logs import logger, report_outputs, run_summary, setup_logging, tracker_config
+from ..logs import learning_rate_line, logger, report_outputs, run_summary, setup_logging, tracker_config
 from ..objective import Objective
 from ..optimizers import OptimizerSettings
 from ..preflight import Preflight, Processes, run_preflight
@@ -426,7 +426,7 @@ def prepare_training(
                 ("gradient accumulation", args.gradient_accumulation_steps),
                 ("effective batch", session.effective_batch),
                 ("optimizer steps", plan.max_train_steps),
-                ("learning rate", f"{args.learning_rate:g} ({args.lr_scheduler}, warmup {args.lr_warmup_steps})"),
+                ("learning rate", learning_rate_line(args)),
                 ("optimizer", OptimizerSettings.from_args(args).summary()),
                 ("mixed precision", f"{accelerator.mixed_precision} (frozen models in {session.weight_dtype})"),
                 ("gradient checkpointing", args.gradient_checkpointing),

@@ -22,12 +22,15 @@ from controlnet_training import export, hub
 pytestmark = pytest.mark.xdist_group("test_export")  # the module's ControlNets are built once
 
 
-def make_controlnet(base: Path, folder: Path):
-    """A ControlNet from the fixture's UNet, with every weight moved off its initial value (the zero
-    convolutions too), saved in diffusers layout in `folder`."""
+def make_controlnet(base: Path, folder: Path, **unet_changes):
+    """A ControlNet from the fixture's UNet (its config changed by `unet_changes`), with every weight moved off its
+    initial value (the zero convolutions too), saved in diffusers layout in `folder`."""
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    controlnet = ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(base, subfolder="unet"))
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    if unet_changes:
+        unet = UNet2DConditionModel.from_config({**unet.config, **unet_changes})
+    controlnet = ControlNetModel.from_unet(unet)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for parameter in controlnet.parameters():
@@ -40,6 +43,13 @@ def make_controlnet(base: Path, folder: Path):
 def sd_controlnet(tiny_sd, tmp_path_factory):
     folder = tmp_path_factory.mktemp("export") / "sd"
     return folder, make_controlnet(tiny_sd, folder)
+
+
+@pytest.fixture(scope="module")
+def sd2_controlnet(tiny_sd, tmp_path_factory):
+    """SD 2.x's differences from 1.x in the ControlNet: Linear proj_in/proj_out and a head size per block."""
+    folder = tmp_path_factory.mktemp("export") / "sd2"
+    return folder, make_controlnet(tiny_sd, folder, use_linear_projection=True, attention_head_dim=(2, 4))
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +75,19 @@ def assert_equal_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 
 # ------------------------------------------------------------------------------------------------ key layout
-def test_sd_single_file_loads_in_diffusers_with_equal_weights_and_the_same_image(sd_controlnet, tiny_sd, tmp_path):
+@pytest.mark.parametrize("family", ["sd", "sd2"])
+def test_sd_single_file_loads_in_diffusers_with_equal_weights_and_the_same_image(family, request, tiny_sd, tmp_path):
     """diffusers' own loader reads our file (offline: config= the diffusers folder) into the same tensors, and the
-    pipeline makes the same image with either ControlNet."""
+    pipeline makes the same image with either ControlNet. SD 2.x's Linear projections keep their 2D shape, as in
+    the original SD 2.x ControlNets."""
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
-    folder, controlnet = sd_controlnet
+    folder, controlnet = request.getfixturevalue(f"{family}_controlnet")
     path = single_file(folder, tmp_path)
-    keys = torch_file(path).keys()
+    tensors = torch_file(path)
+    keys = tensors.keys()
+    proj_in = tensors["control_model.input_blocks.1.1.proj_in.weight"]
+    assert proj_in.ndim == (2 if family == "sd2" else 4)
     assert all(k.startswith("control_model.") for k in keys)
     for name in (
         "time_embed.0.weight",
@@ -109,7 +124,7 @@ def test_sd_single_file_loads_in_diffusers_with_equal_weights_and_the_same_image
     assert np.array_equal(images[0], images[1]) and np.abs(images[0]).max() > 0
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl"])
+@pytest.mark.parametrize("family", ["sd", "sd2", "sdxl"])
 def test_diffusers_forward_converter_gives_back_the_diffusers_weights(family, request, tmp_path):
     """diffusers' original->diffusers converter, on our file, gives back exactly the diffusers state dict. For SDXL
     it has no entry for the added (time_ids + pooled text) embedding (its SDXL ControlNet loader reads

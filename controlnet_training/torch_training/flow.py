@@ -10,7 +10,7 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 
 from ..flow_matching import FlowSettings
 from ..objective import Objective
-from .loss import RowDraws, element_loss, stream_seed
+from .loss import RowDraws, element_loss, per_row_draws
 
 
 class FlowMatching:
@@ -27,14 +27,13 @@ class FlowMatching:
         self.huber_c = None if objective.loss_type == "l2" else torch.tensor([objective.huber_c], device=device)
 
     def draws(self, seed: int, epoch: int, indices: Sequence[int], latent_shape, device) -> RowDraws:
-        """(posterior noise, noise, timesteps), each row from its own (seed, epoch, row) stream."""
+        """(posterior noise, noise, timesteps), each row from its own (seed, epoch, row) stream (per_row_draws)."""
         settings = self.settings
-        rows = []
-        generator = torch.Generator(device=device)
-        for index in indices:
-            generator.manual_seed(stream_seed(seed, epoch, index))
-            posterior_noise = torch.randn(tuple(latent_shape), generator=generator, device=device)
-            noise = torch.randn(tuple(latent_shape), generator=generator, device=device)
+        shape = tuple(latent_shape)
+
+        def draw(generator: torch.Generator) -> list[torch.Tensor]:
+            posterior_noise = torch.randn(shape, generator=generator, device=device)
+            noise = torch.randn(shape, generator=generator, device=device)
             u = compute_density_for_timestep_sampling(
                 settings.weighting_scheme,
                 1,
@@ -44,8 +43,9 @@ class FlowMatching:
                 device=device,
                 generator=generator,
             )
-            rows.append((posterior_noise, noise, u))
-        posterior_noise, noise, u = (torch.stack(column) for column in zip(*rows, strict=True))
+            return [posterior_noise, noise, u]
+
+        posterior_noise, noise, u = per_row_draws(seed, epoch, indices, device, draw)
         u = u.flatten()
         # The schedule's σ falls with the index, so the index of u is taken from the end: σ ≈ u (before the shift),
         # and a positive --logit_mean draws noisier timesteps, as in the SD3 paper (diffusers' scripts index from the

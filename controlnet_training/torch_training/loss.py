@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -29,6 +29,21 @@ class RowDraws(NamedTuple):
     perturbation: torch.Tensor | None = None  # --input_perturbation's extra noise
 
 
+def per_row_draws(
+    seed: int, epoch: int, indices: Sequence[int], device: torch.device, draw: Callable[[torch.Generator], list]
+) -> list[torch.Tensor]:
+    """`draw(generator)` for each row, the generator seeded from its (seed, epoch, row) stream; the columns stacked.
+
+    Keying the draws by row rather than by step makes them independent of batch size, gradient accumulation,
+    the number of processes and resumption: the same row in the same epoch always gets the same noise."""
+    generator = torch.Generator(device=device)
+    rows = []
+    for index in indices:
+        generator.manual_seed(stream_seed(seed, epoch, index))
+        rows.append(draw(generator))
+    return [torch.stack(column) for column in zip(*rows, strict=True)]
+
+
 def sample_draws(
     seed: int,
     epoch: int,
@@ -40,35 +55,30 @@ def sample_draws(
     offset: bool = False,
     perturbation: bool = False,
 ) -> RowDraws:
-    """(posterior noise, diffusion noise, timesteps[, offset, perturbation]) for each row, each drawn from its own
-    (seed, epoch, row) stream; timesteps from `timestep_weights` when given, else uniform.
+    """(posterior noise, diffusion noise, timesteps[, offset, perturbation]) for each row (per_row_draws);
+    timesteps from `timestep_weights` when given, else uniform. The optional draws come last, so runs without them
+    keep their draws."""
+    shape = tuple(latent_shape)
 
-    Keying the draws by row rather than by step makes them independent of batch size, gradient accumulation,
-    the number of processes and resumption: the same row in the same epoch always gets the same noise. The
-    optional draws come last, so runs without them keep their draws.
-    """
-    rows = []
-    generator = torch.Generator(device=device)
-    for index in indices:
-        generator.manual_seed(stream_seed(seed, epoch, index))
+    def draw(generator: torch.Generator) -> list[torch.Tensor]:
         row = [
-            torch.randn(tuple(latent_shape), generator=generator, device=device),
-            torch.randn(tuple(latent_shape), generator=generator, device=device),
+            torch.randn(shape, generator=generator, device=device),
+            torch.randn(shape, generator=generator, device=device),
             torch.randint(0, num_train_timesteps, (1,), generator=generator, device=device)
             if timestep_weights is None
             else torch.multinomial(timestep_weights, 1, generator=generator),
         ]
         if offset:
-            row.append(torch.randn((latent_shape[0], 1, 1), generator=generator, device=device))
+            row.append(torch.randn((shape[0], 1, 1), generator=generator, device=device))
         if perturbation:
-            row.append(torch.randn(tuple(latent_shape), generator=generator, device=device))
-        rows.append(row)
-    columns = [torch.stack(column) if k != 2 else torch.cat(column) for k, column in enumerate(zip(*rows, strict=True))]
-    posterior_noise, noise, timesteps, *optional = columns
+            row.append(torch.randn(shape, generator=generator, device=device))
+        return row
+
+    posterior_noise, noise, timesteps, *optional = per_row_draws(seed, epoch, indices, device, draw)
     return RowDraws(
         posterior_noise,
         noise,
-        timesteps,
+        timesteps.flatten(),
         optional.pop(0) if offset else None,
         optional.pop(0) if perturbation else None,
     )

@@ -27,9 +27,11 @@ def make_controlnet(base: Path, folder: Path, **unet_changes):
     initial value (the zero convolutions too), saved in diffusers layout in `folder`."""
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
     if unet_changes:
-        unet = UNet2DConditionModel.from_config({**unet.config, **unet_changes})
+        config = UNet2DConditionModel.load_config(base, subfolder="unet")
+        unet = UNet2DConditionModel.from_config({**config, **unet_changes})
+    else:
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
     controlnet = ControlNetModel.from_unet(unet)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
